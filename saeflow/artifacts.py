@@ -1,0 +1,132 @@
+"""Artifact folders: ``<root>/<stage>/<fingerprint>/`` with ``config.json`` beside the data.
+
+A folder is *complete* once ``_COMPLETE.json`` exists; it is written last, atomically. Stages never
+delete or overwrite a complete folder; resumable stages (activations, training) keep their partial
+state inside the folder and continue from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from saeflow.config import Frozen
+
+COMPLETE_MARKER = "_COMPLETE.json"
+ENV_ROOT = "SAEFLOW_ARTIFACTS"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact that is missing, partial, corrupt or of the wrong shape."""
+
+
+class ArtifactRef(BaseModel):
+    """Small reference a task returns: which stage, its fingerprint and where it lives."""
+
+    model_config = ConfigDict(frozen=True)
+
+    stage: str
+    fingerprint: str
+    path: str
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.path)
+
+    def is_complete(self) -> bool:
+        return is_complete(self.dir, self.fingerprint)
+
+
+def default_root() -> Path:
+    return Path(os.environ.get(ENV_ROOT, "artifacts"))
+
+
+def fingerprint(stage: str, config: Frozen | dict[str, Any] | None, *upstream: ArtifactRef | str) -> str:
+    """Hash of the stage name, its config (operational fields excluded) and upstream fingerprints."""
+    payload = {
+        "stage": stage,
+        "config": config.fingerprint_payload() if isinstance(config, Frozen) else config,
+        "upstream": [u.fingerprint if isinstance(u, ArtifactRef) else str(u) for u in upstream],
+    }
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def artifact_ref(root: str | Path, stage: str, fp: str) -> ArtifactRef:
+    return ArtifactRef(stage=stage, fingerprint=fp, path=str(Path(root) / stage / fp))
+
+
+def ensure_writable_root(root: str | Path) -> Path:
+    """Create the artifacts root if needed and check it can be written to."""
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ArtifactError(
+            f"artifacts root {root} is not writable ({exc.strerror}); pass --artifacts DIR or set "
+            f"{ENV_ROOT} to a folder you can write to"
+        ) from exc
+    return root
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def begin(ref: ArtifactRef, config: Frozen | dict[str, Any] | None, upstream: list[ArtifactRef] | None = None) -> Path:
+    """Create the artifact folder and write ``config.json`` (idempotent)."""
+    d = ref.dir
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = config.model_dump(mode="json") if isinstance(config, Frozen) else config
+    write_json_atomic(
+        d / "config.json",
+        {"stage": ref.stage, "fingerprint": ref.fingerprint, "config": cfg,
+         "upstream": {u.stage: u.fingerprint for u in (upstream or [])}},
+    )
+    return d
+
+
+def mark_complete(ref: ArtifactRef, **meta: Any) -> None:
+    write_json_atomic(ref.dir / COMPLETE_MARKER, {"fingerprint": ref.fingerprint, **meta})
+
+
+def is_complete(path: str | Path, fp: str | None = None) -> bool:
+    """True when the folder's completion marker exists (and names ``fp``, when given)."""
+    marker = Path(path) / COMPLETE_MARKER
+    if not marker.is_file():
+        return False
+    if fp is None:
+        return True
+    try:
+        return json.loads(marker.read_text()).get("fingerprint") == fp
+    except (OSError, ValueError):
+        return False
+
+
+def completion_meta(path: str | Path) -> dict[str, Any]:
+    p = Path(path) / COMPLETE_MARKER
+    if not p.is_file():
+        raise ArtifactError(f"{path} is not a complete artifact (no {COMPLETE_MARKER}); re-run the pipeline to rebuild it")
+    return json.loads(p.read_text())
+
+
+def require_complete(ref: ArtifactRef) -> Path:
+    if not ref.is_complete():
+        raise ArtifactError(
+            f"{ref.stage} artifact {ref.path} is missing or partial; re-run the pipeline, which rebuilds it"
+        )
+    return ref.dir

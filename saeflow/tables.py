@@ -1,0 +1,39 @@
+"""Result tables: pandas frames written as parquet + markdown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+CORE_COLUMNS = [
+    "l0", "explained_variance", "explained_variance_legacy", "mse", "cossim", "l1", "l2_ratio",
+    "relative_reconstruction_bias", "ce_clean", "ce_with_sae", "ce_with_ablation", "ce_loss_score", "ce_delta",
+    "kl_with_sae", "kl_with_ablation", "kl_div_score", "frac_alive", "frac_dead", "frac_dense",
+    "freq_over_1_percent", "freq_over_10_percent", "average_max_decoder_cosine_sim",
+    "average_max_encoder_cosine_sim", "n_tokens",
+]
+
+
+def core_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per SAE: identity columns, then every scalar core metric."""
+    records = []
+    for r in rows:
+        sae = r["sae"]
+        rec = {"profile": r["profile"], "model": r["model"], "hook": r["hook"], "architecture": sae.get("architecture"),
+               "width": sae.get("width"), "k": sae.get("k"), "sae_fingerprint": r["sae_fingerprint"]}
+        metrics = r["metrics"]
+        rec.update({c: metrics.get(c) for c in CORE_COLUMNS})
+        rec.update({k: v for k, v in metrics.items() if k not in rec and isinstance(v, (int, float))})
+        records.append(rec)
+    return pd.DataFrame.from_records(records)
+
+
+def write_table(df: pd.DataFrame, folder: str | Path, name: str) -> list[Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pq, md = folder / f"{name}.parquet", folder / f"{name}.md"
+    df.to_parquet(pq, index=False)
+    md.write_text(df.to_markdown(index=False, floatfmt=".4g") + "\n")
+    return [pq, md]

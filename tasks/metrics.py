@@ -1,0 +1,84 @@
+"""Stage ``metrics``: core SAE quality metrics (SPEC 4) on held-out activations and contexts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from prefect import task
+
+from saeflow.artifacts import ArtifactRef, artifact_ref, begin, completion_meta, fingerprint, mark_complete, require_complete
+from saeflow.config import MetricsConfig, ModelConfig
+from saeflow.corpus import special_token_ids
+from saeflow.device import pick_device
+from saeflow.metrics import ce_metrics, reconstruction_metrics
+from saeflow.models import load_model
+from saeflow.sae import load_sae
+from saeflow.store import ActivationStore
+from tasks.common import stage_logger, timed
+from tasks.corpus import load_tokens
+
+STAGE = "metrics"
+
+
+class SAEMismatchError(ValueError):
+    """An SAE that does not fit the activations it is evaluated on."""
+
+
+def ref(model: ArtifactRef, model_cfg: ModelConfig, corpus: ArtifactRef, acts: ArtifactRef, sae: ArtifactRef,
+        cfg: MetricsConfig, root: str, **_) -> ArtifactRef:
+    return artifact_ref(root, STAGE, fingerprint(STAGE, cfg, model, corpus, acts, sae, f"dtype={model_cfg.dtype}"))
+
+
+def check_sae_fits(sae, sae_dir, store: ActivationStore) -> None:
+    if sae.d_in != store.d_model:
+        raise SAEMismatchError(
+            f"SAE at {sae_dir} has d_in={sae.d_in} but the activations at {store.root} have width {store.d_model}: "
+            "evaluate it on activations of the model and hook it was trained on"
+        )
+    meta_file = sae_dir / "cfg.json"
+    hook = json.loads(meta_file.read_text()).get("metadata", {}).get("hook_name") if meta_file.exists() else None
+    if hook and store.attrs.get("hook") and hook != store.attrs["hook"]:
+        raise SAEMismatchError(f"SAE at {sae_dir} was trained on hook {hook} but the activations are from {store.attrs['hook']}")
+
+
+@task(name="metrics")
+def metrics_task(model: ArtifactRef, model_cfg: ModelConfig, corpus: ArtifactRef, acts: ArtifactRef, sae: ArtifactRef,
+                 cfg: MetricsConfig, root: str, device: str = "auto") -> ArtifactRef:
+    out = ref(model, model_cfg, corpus, acts, sae, cfg, root)
+    if out.is_complete():
+        return out
+    logger = stage_logger()
+    dev = pick_device(device)
+    store = ActivationStore.open(require_complete(acts))
+    sae_dir = require_complete(sae)
+    sae_model = load_sae(sae_dir, device=dev)
+    check_sae_fits(sae_model, sae_dir, store)
+    start = store.train_rows
+    end = min(store.n_rows, start + cfg.n_variance_tokens)
+    if end <= start:
+        raise SAEMismatchError(f"activation store at {store.root} has no held-out rows; raise corpus.eval_contexts")
+    with timed("reconstruction metrics"):
+        rec = reconstruction_metrics(sae_model, store.iter_rows(start, end, 4096), dev, cfg.dense_threshold)
+    result = {k: v for k, v in rec.items() if not isinstance(v, (np.ndarray, list))}
+    if cfg.ce_batches > 0:
+        tokens = load_tokens(corpus)
+        train_contexts = int(completion_meta(corpus.dir)["train_contexts"])
+        eval_tokens = torch.from_numpy(tokens[train_contexts:train_contexts + cfg.ce_batches * cfg.ce_batch_size].astype(np.int64))
+        lm = load_model(model_cfg, require_complete(model), dev)
+        with timed("CE / KL metrics"):
+            ce = ce_metrics(lm, sae_model, store.attrs["hook"], eval_tokens, cfg.ce_batch_size, special_token_ids(lm.tokenizer))
+        result.update(ce)
+    begin(out, cfg, [model, corpus, acts, sae])
+    np.save(out.dir / "density.npy", np.asarray(rec["density"]))
+    hist = {"counts": np.asarray(rec["density_hist_counts"]).tolist(), "edges": np.asarray(rec["density_hist_edges"]).tolist()}
+    (out.dir / "density_hist.json").write_text(json.dumps(hist))
+    (out.dir / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True))
+    mark_complete(out, **{k: v for k, v in result.items() if isinstance(v, (int, float))})
+    logger.info("metrics: %s", json.dumps({k: round(v, 4) for k, v in result.items() if isinstance(v, float)}))
+    return out
+
+
+def load_metrics(ref_: ArtifactRef) -> dict:
+    return json.loads((require_complete(ref_) / "metrics.json").read_text())

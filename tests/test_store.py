@@ -1,0 +1,112 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from saeflow.store import ActivationStore, ShuffledLoader, StoreError
+
+
+def _fill(root, n=1000, d=8, chunk=128, batch=100, dtype="float32", finish=True):
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(n, d)).astype(np.float32)
+    store = ActivationStore.open_for_write(root, d, chunk, dtype, {"hook": "blocks.0.hook_resid_post"})
+    for s in range(0, n, batch):
+        e = min(n, s + batch)
+        store.append(data[s:e], np.arange(s, e), np.arange(s, e) % 7, np.arange(s, e) // 10, contexts_done=e // 10)
+    if finish:
+        store.finish(train_rows=800)
+    return data, store
+
+
+def test_roundtrip_and_attrs(tmp_path):
+    data, _ = _fill(tmp_path)
+    store = ActivationStore.open(tmp_path)
+    assert store.n_rows == 1000 and store.d_model == 8 and store.train_rows == 800
+    np.testing.assert_array_equal(store.read(0, 1000), data)
+    np.testing.assert_array_equal(store.read_rows("token_ids", 10, 20), np.arange(10, 20))
+    assert store.attrs["hook"] == "blocks.0.hook_resid_post"
+
+
+def test_bfloat16_storage_roundtrips_bf16_values(tmp_path):
+    data, _ = _fill(tmp_path, dtype="bfloat16")
+    store = ActivationStore.open(tmp_path)
+    expect = torch.from_numpy(data).to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(store.read(0, 1000), expect)
+
+
+def test_partial_store_refuses_to_open_and_resumes(tmp_path):
+    data, store = _fill(tmp_path, n=500, finish=False)
+    with pytest.raises(StoreError, match="partial"):
+        ActivationStore.open(tmp_path)
+    # simulate a kill after resize+write but before the progress file was updated
+    store.acts.resize((650, 8))
+    store.acts[500:650] = np.ones((150, 8), np.float32)
+    reopened = ActivationStore.open_for_write(tmp_path, 8, 128, "float32", {})
+    assert reopened.n_rows == 500 and reopened.progress() == {"rows": 500, "contexts": 50}
+    np.testing.assert_array_equal(reopened.read(0, 500), data)
+
+
+def test_truncated_or_modified_store_is_detected(tmp_path):
+    _fill(tmp_path)
+    chunk_files = sorted((tmp_path / "acts.zarr" / "acts" / "c").rglob("*"))
+    chunk_files = [p for p in chunk_files if p.is_file()]
+    chunk_files[-1].unlink()
+    with pytest.raises(StoreError, match="missing 1 of 8 chunks"):
+        ActivationStore.open(tmp_path)
+
+
+def test_wrong_row_count_is_detected(tmp_path):
+    _, store = _fill(tmp_path)
+    store.acts.resize((900, 8))
+    with pytest.raises(StoreError, match="truncated or modified"):
+        ActivationStore.open(tmp_path)
+
+
+def test_nan_rows_are_refused(tmp_path):
+    store = ActivationStore.open_for_write(tmp_path, 4, 64, "float32", {})
+    bad = np.zeros((3, 4), np.float32)
+    bad[1, 2] = np.nan
+    with pytest.raises(StoreError, match="NaN/inf"):
+        store.append(bad, np.zeros(3), np.zeros(3), np.zeros(3), contexts_done=1)
+    assert store.n_rows == 0
+
+
+def test_loader_is_a_permutation_per_epoch_and_excludes_heldout(tmp_path):
+    data, _ = _fill(tmp_path)
+    store = ActivationStore.open(tmp_path)
+    loader = ShuffledLoader(store, batch_size=100, seed=1, buffer_chunks=2)
+    it = iter(loader)
+    epoch = torch.cat([next(it) for _ in range(8)]).numpy()  # 800 training rows
+    assert sorted(map(tuple, epoch)) == sorted(map(tuple, data[:800]))
+    assert not np.array_equal(epoch, data[:800])  # actually shuffled
+
+
+def test_loader_resume_is_exact(tmp_path):
+    _fill(tmp_path)
+    store = ActivationStore.open(tmp_path)
+    ref = ShuffledLoader(store, batch_size=96, seed=3, buffer_chunks=3)
+    it = iter(ref)
+    full = [next(it) for _ in range(30)]  # crosses epoch boundaries (800 rows / 96)
+    a = ShuffledLoader(store, batch_size=96, seed=3, buffer_chunks=3)
+    it_a = iter(a)
+    for _ in range(13):
+        next(it_a)
+    state = json.loads(json.dumps(a.state_dict()))
+    b = ShuffledLoader(store, batch_size=96, seed=3, buffer_chunks=3)
+    b.load_state_dict(state)
+    it_b = iter(b)
+    for i in range(13, 30):
+        assert torch.equal(next(it_b), full[i])
+
+
+def test_loader_batches_are_copies(tmp_path):
+    _fill(tmp_path)
+    store = ActivationStore.open(tmp_path)
+    loader = ShuffledLoader(store, batch_size=50, seed=0)
+    start = loader.state_dict()
+    first = next(iter(loader))
+    kept = first.clone()
+    first.mul_(0)  # a caller scaling its batch in place must not corrupt the loader's buffer
+    loader.load_state_dict(start)
+    assert torch.equal(next(iter(loader)), kept)
