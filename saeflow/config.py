@@ -136,21 +136,42 @@ class ActivationsConfig(Frozen):
     """Storage dtype (bfloat16 is stored as uint16 with the real dtype in attrs)."""
 
 
+#: Architectures whose sparsity is set by ``k`` (the ``k <= width`` check applies to these only).
+K_ARCHITECTURES = frozenset({"topk", "batchtopk", "matryoshka"})
+
+
+def _registered_architectures() -> list[str] | None:
+    """Names in ``saeflow.sae.REGISTRY``, or ``None`` while that module is still being imported.
+
+    Imported lazily because ``saeflow.sae`` imports this module (so no ``SAEConfig`` is built at
+    import time here: ``PipelineConfig.sae`` uses a default factory). Should a config be validated
+    while ``saeflow.sae`` is still half-imported, the check is skipped; ``build_sae`` repeats it
+    before any SAE is built.
+    """
+    try:
+        from saeflow.sae import REGISTRY
+    except ImportError:
+        return None
+    return sorted(REGISTRY) or None
+
+
 class SAEConfig(Frozen):
     architecture: str = "topk"
-    """Registered SAE architecture (see ``saeflow.sae.REGISTRY``)."""
+    """Registered SAE architecture (see ``saeflow.sae.REGISTRY``): ``topk``, ``batchtopk``,
+    ``matryoshka`` (Matryoshka BatchTopK), ``relu`` (standard ReLU + L1) or ``jumprelu``."""
 
     width: int = Field(4096, ge=1)
     """Number of latents (d_sae)."""
 
     k: int = Field(32, ge=1)
-    """TopK: active latents per token."""
+    """TopK: active latents per token. BatchTopK / Matryoshka: average active latents per token
+    (the batch keeps its ``k * batch`` largest activations). Unused by ``relu`` and ``jumprelu``."""
 
     aux_k: int | None = None
-    """TopK aux loss: number of dead latents used (default d_in // 2)."""
+    """TopK / BatchTopK / Matryoshka aux loss: number of dead latents used (default d_in // 2)."""
 
     aux_coefficient: float = Field(1.0, ge=0.0)
-    """TopK aux loss coefficient."""
+    """TopK / BatchTopK / Matryoshka aux loss coefficient."""
 
     dead_feature_window: int = Field(1000, ge=1)
     """A latent is dead after this many steps without firing."""
@@ -159,16 +180,94 @@ class SAEConfig(Frozen):
     """Decoder rows initialised to this norm, encoder = decoder transpose."""
 
     rescale_acts_by_decoder_norm: bool = True
-    """Multiply pre-activations by decoder row norms (SAELens TopK training default)."""
+    """TopK / BatchTopK / Matryoshka: multiply pre-activations by decoder row norms (SAELens
+    training default). ``relu`` and ``jumprelu`` never rescale (as in SAELens)."""
 
     normalize_activations: Literal["none", "expected_average_only_in"] = "expected_average_only_in"
     """Scale inputs to mean norm sqrt(d_in) during training; folded into the weights at the end."""
 
+    l1_coefficient: float = Field(1.0, ge=0.0)
+    """``relu``: weight of the sparsity penalty ``mean_batch ||f * ||W_dec_i|| ||_p`` (SAELens
+    ``l1_coefficient``)."""
+
+    l1_warm_up_steps: int = Field(0, ge=0)
+    """``relu``: the L1 coefficient rises linearly from 0 over this many steps (step ``t`` uses
+    ``l1_coefficient * min(t / l1_warm_up_steps, 1)``, as SAELens' ``CoefficientScheduler``)."""
+
+    lp_norm: float = Field(1.0, gt=0.0)
+    """``relu``: p of the sparsity penalty's norm (1 = L1)."""
+
+    l0_coefficient: float = Field(1.0, ge=0.0)
+    """``jumprelu``: weight of the sparsity loss (SAELens ``l0_coefficient``)."""
+
+    l0_warm_up_steps: int = Field(0, ge=0)
+    """``jumprelu``: linear warm-up of ``l0_coefficient`` from 0 over this many steps."""
+
+    jumprelu_bandwidth: float = Field(0.05, gt=0.0)
+    """``jumprelu``: width ε of the rectangle kernel of the straight-through estimator."""
+
+    jumprelu_init_threshold: float = Field(0.01, ge=0.0)
+    """``jumprelu``: initial threshold of every latent."""
+
+    jumprelu_sparsity_loss_mode: Literal["step", "tanh"] = "step"
+    """``jumprelu``: ``step`` = L0 through the step function's STE (DeepMind), ``tanh`` =
+    ``sum_i tanh(jumprelu_tanh_scale * f_i * ||W_dec_i||)`` (Anthropic)."""
+
+    jumprelu_tanh_scale: float = Field(4.0, gt=0.0)
+    """``jumprelu`` with ``tanh`` sparsity loss: scale inside the tanh."""
+
+    jumprelu_ste_to_input: bool = False
+    """``jumprelu``: also pass the STE gradient to the pre-activations (Anthropic); ``False``
+    sends it to the threshold only (DeepMind, SAELens default)."""
+
+    pre_act_loss_coefficient: float | None = Field(None, ge=0.0)
+    """``jumprelu``: coefficient of Anthropic's pre-activation loss on dead latents
+    (``mean_batch sum_i relu(θ_i - h_i) * dead_i * ||W_dec_i||``); ``None`` disables it
+    (Anthropic uses 3e-6)."""
+
+    topk_threshold_lr: float = Field(0.01, ge=0.0, le=1.0)
+    """``batchtopk`` / ``matryoshka``: rate of the moving inference threshold
+    ``θ <- (1 - lr) θ + lr * min(positive batch activations)``, updated after every step."""
+
+    matryoshka_widths: tuple[int, ...] | None = None
+    """``matryoshka``: strictly increasing nested prefix widths, each <= ``width``; ``width`` is
+    appended when the last one is smaller. Required for ``matryoshka``."""
+
+    use_matryoshka_aux_loss: bool = False
+    """``matryoshka``: a separate TopK aux loss per nested level, each reconstructing the residual of
+    its own prefix (SAELens ``use_matryoshka_aux_loss``); ``False`` uses the plain TopK aux loss."""
+
     @model_validator(mode="after")
     def _check(self) -> "SAEConfig":
-        if self.k > self.width:
+        registered = _registered_architectures()
+        if registered is not None and self.architecture not in registered:
+            raise ValueError(
+                f"unknown SAE architecture {self.architecture!r}; registered architectures: "
+                f"{', '.join(registered)} (set sae.architecture to one of them)"
+            )
+        if self.architecture in K_ARCHITECTURES and self.k > self.width:
             raise ValueError(f"k={self.k} exceeds width={self.width}: choose k <= width")
+        if self.matryoshka_widths is not None:
+            w = list(self.matryoshka_widths)
+            if not w:
+                raise ValueError("matryoshka_widths must not be empty (or null when unused)")
+            if any(v < 1 for v in w):
+                raise ValueError(f"matryoshka_widths={w} must hold positive widths")
+            if any(a >= b for a, b in zip(w, w[1:])):
+                raise ValueError(f"matryoshka_widths={w} must be strictly increasing")
+            if w[-1] > self.width:
+                raise ValueError(f"matryoshka_widths={w} ends at {w[-1]}, beyond width={self.width}")
+        elif self.architecture == "matryoshka":
+            raise ValueError(
+                "architecture 'matryoshka' needs sae.matryoshka_widths (strictly increasing prefix widths, "
+                f"e.g. [{max(1, self.width // 8)}, {max(1, self.width // 2)}, {self.width}])"
+            )
         return self
+
+    def effective_matryoshka_widths(self) -> tuple[int, ...]:
+        """``matryoshka_widths`` with ``width`` appended when missing (SAELens semantics)."""
+        w = tuple(self.matryoshka_widths or ())
+        return w if w and w[-1] == self.width else (*w, self.width)
 
 
 class TrainConfig(Frozen):
@@ -228,7 +327,7 @@ class PipelineConfig(Frozen):
     vocab: VocabConfig = VocabConfig()
     corpus: CorpusConfig = CorpusConfig()
     activations: ActivationsConfig = ActivationsConfig()
-    sae: SAEConfig = SAEConfig()
+    sae: SAEConfig = Field(default_factory=SAEConfig)  # a factory: validating it imports saeflow.sae
     train: TrainConfig = TrainConfig()
     metrics: MetricsConfig = MetricsConfig()
 

@@ -306,7 +306,11 @@ def train_sae(
 
     - steps = ``training_tokens // batch_size``; Adam(0.9, 0.999), :func:`lr_at_step` schedule,
       gradient-norm clip ``grad_clip``; dead latents = no activation for more than
-      ``dead_feature_window`` steps (they feed the TopK auxiliary loss).
+      ``dead_feature_window`` steps (they feed the TopK auxiliary loss / JumpReLU pre-act loss).
+    - each step runs ``sae.training_forward(x, dead, step=step)`` (0-based ``step``: L1 / L0
+      coefficient warm-ups), the backward pass, the optimiser step, then ``sae.after_step(out)``
+      (BatchTopK / Matryoshka moving threshold, JumpReLU threshold projection). That state is part
+      of ``sae.state_dict()``, so checkpoints carry it and a resumed run stays bit-identical.
     - ``normalize_activations="expected_average_only_in"``: batches are multiplied by
       ``scaling_factor`` (when ``None`` it is estimated as ``sqrt(d_in)/mean||x||`` from the first
       :data:`NORM_ESTIMATE_BATCHES` batches of ``loader``, which training then continues after)
@@ -404,7 +408,7 @@ def train_sae(
             group["lr"] = lr
 
         dead = since_fired > window
-        out = sae.training_forward(x, dead, return_feature_acts=False)
+        out = sae.training_forward(x, dead, return_feature_acts=False, step=step)
         loss = out["loss"]
         assert isinstance(loss, torch.Tensor)
 
@@ -421,6 +425,7 @@ def train_sae(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
         optimizer.step()
+        sae.after_step(out)  # BatchTopK moving threshold, JumpReLU threshold >= 0
         with torch.no_grad():
             since_fired.add_(1)
             since_fired.masked_fill_(out["fired"], 0)  # type: ignore[arg-type]

@@ -10,8 +10,10 @@ returned as is, a partial one is resumed.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +28,7 @@ for _k, _v in {
 }.items():
     os.environ.setdefault(_k, _v)
 
+import psutil  # noqa: E402
 from prefect.cache_policies import INPUTS, TASK_SOURCE  # noqa: E402
 from prefect.context import TaskRunContext  # noqa: E402
 from prefect.exceptions import MissingContextError  # noqa: E402
@@ -46,11 +49,74 @@ def stage_logger() -> logging.Logger | logging.LoggerAdapter:
         return log
 
 
+class ProcessLockManager(FileSystemLockManager):
+    """A file lock manager whose locks die with the process that took them.
+
+    Prefect's file locks have no owner process: a run killed while it holds one (SIGKILL, OOM,
+    power loss) would make every later run of that stage wait forever. Each lock here gets an
+    ``.owner`` file (host, pid, process start time); a lock whose owner process on this host is gone
+    is broken. A lock without an owner file older than ``orphan_after_s`` (the owner died between
+    the two writes) is broken too.
+    """
+
+    orphan_after_s = 60.0
+
+    def _owner_path(self, key: str) -> Path:
+        return self._lock_path_for_key(key).with_suffix(".owner")
+
+    def _write_owner(self, key: str) -> None:
+        me = psutil.Process()
+        self._owner_path(key).write_text(json.dumps({"host": socket.gethostname(), "pid": me.pid, "started": me.create_time()}))
+
+    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None) -> bool:
+        ok = super().acquire_lock(key, holder, acquire_timeout, hold_timeout)
+        if ok:
+            self._write_owner(key)
+        return ok
+
+    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None) -> bool:
+        ok = await super().aacquire_lock(key, holder, acquire_timeout, hold_timeout)
+        if ok:
+            self._write_owner(key)
+        return ok
+
+    def release_lock(self, key: str, holder: str) -> None:
+        super().release_lock(key, holder)
+        self._owner_path(key).unlink(missing_ok=True)
+
+    def _stale(self, key: str) -> bool:
+        lock, owner = self._lock_path_for_key(key), self._owner_path(key)
+        try:
+            info = json.loads(owner.read_text())
+        except (OSError, ValueError):
+            try:
+                return time.time() - lock.stat().st_mtime > self.orphan_after_s
+            except OSError:
+                return False
+        if info.get("host") != socket.gethostname():
+            return False  # another machine's process: cannot tell, trust it
+        try:
+            return abs(psutil.Process(int(info["pid"])).create_time() - float(info["started"])) > 1e-3
+        except psutil.NoSuchProcess:
+            return True
+
+    def is_locked(self, key: str, use_cache: bool = False) -> bool:
+        if not super().is_locked(key, use_cache=use_cache):
+            return False
+        if self._stale(key):
+            log.warning("breaking a stale lock for cache key %s (its run was killed)", key)
+            self._lock_path_for_key(key).unlink(missing_ok=True)
+            self._owner_path(key).unlink(missing_ok=True)
+            self._locks.pop(key, None)
+            return False
+        return True
+
+
 def cache_policy(root: str | Path):
     root = Path(root).resolve()
     return (INPUTS + TASK_SOURCE - "device").configure(
         key_storage=LocalFileSystem(basepath=str(root / ".prefect" / "cache")),
-        lock_manager=FileSystemLockManager(lock_files_directory=root / ".prefect" / "locks"),
+        lock_manager=ProcessLockManager(lock_files_directory=root / ".prefect" / "locks"),
         isolation_level="SERIALIZABLE",
     )
 
