@@ -763,9 +763,9 @@ class BatchTopKSAE(TopKSAE):
             rows, cols = _batch_topk_select(hidden_pre, self._n_keep(x.shape[0]))
         sel = _GatherPreActsCOO.apply(pre[rows, cols], sae_in, self.W_enc, self.b_enc, self.b_dec, rows, cols)
         if self.rescale:
-            sel = sel * n[cols]
+            sel = sel * n.index_select(0, cols)
         vals = sel.relu()  # == SAELens' feature_acts at (rows, cols)
-        w = vals * inv_n[cols] if self.rescale else vals
+        w = vals * inv_n.index_select(0, cols) if self.rescale else vals
         sp = _COO(rows, cols, x.shape[0], self.d_sae)
         x_hat = _COODecode.apply(w, sp, self.W_dec) + self.b_dec
 
@@ -808,7 +808,7 @@ class BatchTopKSAE(TopKSAE):
             with torch.no_grad():
                 hp = parts.pre.index_select(1, dead_ids)
                 if self.rescale:
-                    hp = hp * n.detach()[dead_ids]
+                    hp = hp * n.detach().index_select(0, dead_ids)
             _, local = _sorted_topk(hp, k_aux)
             a_idx = dead_ids[local]
             a = _GatherPreActs.apply(parts.pre.gather(1, a_idx), parts.sae_in, self.W_enc, self.b_enc, self.b_dec, a_idx)

@@ -107,9 +107,9 @@ def final_state(out: Path) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]
     return load_file(str(out / SAE_WEIGHTS_FILENAME)), [{k: v for k, v in e.items() if k != "tokens_per_s"} for e in logs]
 
 
-def assert_same_result(a: Path, b: Path) -> None:
+def assert_same_result(a: Path, b: Path, names: set[str] = frozenset({"W_enc", "b_enc", "W_dec", "b_dec"})) -> None:
     (wa, la), (wb, lb) = final_state(a), final_state(b)
-    assert set(wa) == set(wb) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    assert set(wa) == set(wb) == set(names)
     for name in wa:
         assert torch.equal(wa[name], wb[name]), f"{name} differs after resume"
     assert la == lb
@@ -228,6 +228,37 @@ def test_resume_is_bit_exact(tmp_path, reference, stops):
     summary = run(tmp_path)
     assert summary["completed"] and summary["resumed_from_step"] == ((stops[-1] // 7) * 7 or None)
     assert_same_result(tmp_path, reference)
+
+
+# the other architectures: their extra state (BatchTopK / Matryoshka moving threshold buffer, JumpReLU
+# threshold parameter, warm-up coefficients that depend on the step) must survive a resume too
+OTHER_ARCHITECTURES = {
+    "batchtopk": SAEConfig(architecture="batchtopk", width=64, k=4, dead_feature_window=3),
+    "matryoshka": SAEConfig(architecture="matryoshka", width=64, k=4, dead_feature_window=3,
+                            matryoshka_widths=(8, 32), use_matryoshka_aux_loss=True),
+    "jumprelu": SAEConfig(architecture="jumprelu", width=64, dead_feature_window=3, l0_coefficient=0.5,
+                          l0_warm_up_steps=20, pre_act_loss_coefficient=1e-3),
+    "relu": SAEConfig(architecture="relu", width=64, dead_feature_window=3, l1_coefficient=0.5, l1_warm_up_steps=20),
+}
+
+
+@pytest.mark.parametrize("arch", list(OTHER_ARCHITECTURES))
+def test_resume_is_bit_exact_other_architectures(tmp_path, arch):
+    sae_cfg = OTHER_ARCHITECTURES[arch]
+    reference = tmp_path / "uninterrupted"
+    run(reference, sae_cfg=sae_cfg)
+    resumed = tmp_path / "resumed"
+    for stop in (10, 25):  # checkpoints at 7 and 21: both resumes replay steps
+        assert run(resumed, sae_cfg=sae_cfg, stop_after_steps=stop)["completed"] is False
+    assert run(resumed, sae_cfg=sae_cfg)["resumed_from_step"] == 21
+    names = {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"} if arch != "relu" else set())
+    assert_same_result(resumed, reference, names)
+    weights, logs = final_state(reference)
+    if arch in ("batchtopk", "matryoshka"):  # the moving threshold moved and is saved for every latent
+        assert (weights["threshold"] > 0).all() and (weights["threshold"] == weights["threshold"][0]).all()
+    if arch == "jumprelu":
+        assert (weights["threshold"] >= 0).all() and not torch.allclose(weights["threshold"], torch.tensor(0.01))
+    assert any(e["aux"] > 0 for e in logs)
 
 
 class Killed(BaseException):
