@@ -84,7 +84,7 @@ def run_sae_lens(arch: str, width: int, k: int, batches, steps: int, batch: int,
     common = dict(d_in=d_in, d_sae=width, k=k, dtype="float32", device=str(device), normalize_activations="none")
     sae = (TopKTrainingSAE(TopKTrainingSAEConfig(**common)) if arch == "topk"
            else BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common)))
-    cfg = SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch, lr=3e-4,
+    cfg = SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch, lr=3e-4, lr_end=3e-4,
                            device=str(device), logger=LoggingConfig(log_to_wandb=False))
     provider = iter(ListLoader(batches))
     t0 = time.perf_counter()
@@ -100,18 +100,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--width", type=int, default=None, help="default: the profile's SAE width")
+    ap.add_argument("--scaling-widths", type=int, nargs="*", default=[1024, 2048, 4096, 8192, 16384],
+                    help="widths for the cost-vs-width table (ours, topk; empty to skip)")
     args = ap.parse_args()
 
     cfg = load_config(args.profile)
-    width = args.width or cfg.sae.width
-    batch, k = cfg.train.batch_size, cfg.sae.k
+    base = max(cfg.sae_configs(), key=lambda c: (c.width, c.k))  # the profile's largest member
+    width = args.width or base.width
+    batch, k = cfg.train.batch_size, base.k
     device = pick_device("auto")
     store = quick_store(Path(args.profile), args.artifacts)
     it = iter(ShuffledLoader(store, batch, seed=0))
     batches = [next(it) for _ in range(min(args.steps, 16))]
     rows, ratios = [], {}
     for arch in args.arch:
-        arch_cfg = cfg.sae.model_copy(update={"architecture": arch, "width": width, "normalize_activations": "none"})
+        arch_cfg = base.model_copy(update={"architecture": arch, "width": width, "normalize_activations": "none",
+                                         "dead_feature_window": 1000})  # SAELens default, both sides
         ours, theirs = [], []
         for _ in range(args.repeats):
             ours.append(run_ours(arch_cfg, batches, args.steps, batch, device))
@@ -121,6 +125,16 @@ def main() -> None:
         ratios[arch] = mo / mt
         rows.append(f"| {arch} | {mo:,.0f} | {mt:,.0f} | **{mo / mt:.2f}** |")
         print(f"{arch} ratio: {mo / mt:.3f}", flush=True)
+    scaling_rows = []
+    for w in args.scaling_widths:
+        wcfg = base.model_copy(update={"architecture": "topk", "width": w, "normalize_activations": "none"})
+        tps = statistics.median(run_ours(wcfg, batches, max(5, args.steps // 2), batch, device) for _ in range(2))
+        scaling_rows.append(f"| {w} | {tps:,.0f} | {batch / tps * 1000:,.0f} |")
+        print(f"scaling: width {w}: {tps:,.0f} tok/s", flush=True)
+    scaling = ""
+    if scaling_rows:
+        scaling = ("\n### Training cost vs width (ours, topk)\n\n| width | tokens/s | ms per step |\n|---|---|---|\n"
+                   + "\n".join(scaling_rows) + "\n")
     write_section("training", f"""
 ## Trainer throughput vs SAELens (`benchmarks/training.py`)
 
@@ -133,7 +147,7 @@ SAELens {__import__('sae_lens').__version__} `SAETrainer` with its default TopK 
 {chr(10).join(rows)}
 
 Goal: ratio >= 2.0.
-""")
+{scaling}""")
     print(f"ratio: {min(ratios.values()):.3f}")
 
 

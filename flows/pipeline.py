@@ -1,4 +1,5 @@
-"""The main job: model -> vocab -> corpus -> activations -> train -> core metrics -> results table.
+"""The main job: model -> vocab -> corpus -> activations -> train (the SAE family, one pass) -> core
+metrics (one task per SAE) -> results table + frontier plot.
 
 Run a profile: ``python -m flows.pipeline --config configs/quick.yaml [--artifacts DIR]``.
 The artifacts root comes from ``--artifacts``, else ``$SAEFLOW_ARTIFACTS``, else ``artifacts/``.
@@ -14,39 +15,62 @@ from pathlib import Path
 from tasks import common  # noqa: F401  (sets Prefect's offline settings before prefect loads)
 from prefect import flow
 
-from saeflow.artifacts import ArtifactError, ArtifactRef, default_root, ensure_writable_root
-from saeflow.config import ConfigError, PipelineConfig, load_config
+from saeflow.artifacts import ArtifactError, default_root, ensure_writable_root
+from saeflow.config import ConfigError, PipelineConfig, describe_sae, load_config
 from tasks import activations, corpus, metrics, model, tables, train, vocab
 from tasks.common import run_stage, stage_logger
 
 
 @flow(name="saeflow-pipeline", log_prints=True)
 def pipeline(config: PipelineConfig, artifacts: str | None = None) -> dict:
-    """Run every stage of one profile; returns artifact references and which stages were cached."""
+    """Run every stage of one profile; returns artifact references and which stages were cached.
+
+    Returns ``{"refs", "cached", "members"}``:
+
+    - ``refs``: stage -> reference (``stage``, ``fingerprint``, ``path``); ``refs["train"]`` and
+      ``refs["metrics"]`` are lists with one entry per SAE of the family (one for a plain ``sae:``
+      profile), in :meth:`PipelineConfig.sae_configs` order.
+    - ``cached``: stage -> bool, the Prefect cache was hit; ``metrics`` is True when every
+      member's metrics task was cached.
+    - ``members``: per SAE ``{"sae", "train_fingerprint", "trained", "metrics_cached"}``, where
+      ``trained`` says whether this run trained it (False: its artifact was already complete).
+    """
     root = str(ensure_writable_root(artifacts or default_root()).resolve())
     dev = config.train.device
     states = {}
 
-    def stage(name: str, mod, task, **kw) -> ArtifactRef:
-        state = run_stage(task, mod.ref, root=root, **kw)
+    def stage(name: str, ref_fn, task, **kw):
+        state = run_stage(task, ref_fn, root=root, **kw)
         states[name] = state
         return state.result()
 
-    m = stage("model", model, model.model_task, cfg=config.model)
+    saes = config.sae_configs()
+    m = stage("model", model.ref, model.model_task, cfg=config.model)
     activations.check_hook(m, config.activations.hook)
-    train.check_sae_config(config.sae)
-    v = stage("vocab", vocab, vocab.vocab_task, model=m, cfg=config.vocab)
-    c = stage("corpus", corpus, corpus.corpus_task, model=m, cfg=config.corpus, prepend_bos=config.model.prepend_bos)
-    a = stage("activations", activations, activations.activations_task, model=m, model_cfg=config.model, corpus=c,
+    for sae_cfg in saes:
+        train.check_sae_config(sae_cfg)
+    v = stage("vocab", vocab.ref, vocab.vocab_task, model=m, cfg=config.vocab)
+    c = stage("corpus", corpus.ref, corpus.corpus_task, model=m, cfg=config.corpus, prepend_bos=config.model.prepend_bos)
+    a = stage("activations", activations.ref, activations.activations_task, model=m, model_cfg=config.model, corpus=c,
               cfg=config.activations, device=dev)
-    s = stage("train", train, train.train_task, acts=a, sae_cfg=config.sae, train_cfg=config.train, device=dev)
-    mt = stage("metrics", metrics, metrics.metrics_task, model=m, model_cfg=config.model, corpus=c, acts=a, sae=s,
-               cfg=config.metrics, device=dev)
-    r = stage("results", tables, tables.tables_task, config=config, saes=[s], metrics=[mt])
-    cached = {name: st.name == "Cached" for name, st in states.items()}
+    complete_before = [r.is_complete() for r in train.family_refs(a, saes, config.train, root)]
+    s = stage("train", train.family_refs, train.train_family_task, acts=a, members=saes, train_cfg=config.train,
+              device=dev)
+    mt = [stage(f"metrics-{i}", metrics.ref, metrics.metrics_task, model=m, model_cfg=config.model, corpus=c, acts=a,
+                sae=ref, cfg=config.metrics, device=dev) for i, ref in enumerate(s)]
+    r = stage("results", tables.ref, tables.tables_task, config=config, saes=s, metrics=mt)
+    hit = {name: st.name == "Cached" for name, st in states.items()}
+    cached = {name: hit[name] for name in ("model", "vocab", "corpus", "activations", "train")}
+    cached["metrics"] = all(hit[f"metrics-{i}"] for i in range(len(s)))
+    cached["results"] = hit["results"]
     stage_logger().info("stages cached: %s", cached)
-    refs = {"model": m, "vocab": v, "corpus": c, "activations": a, "train": s, "metrics": mt, "results": r}
-    return {"refs": {k: x.model_dump() for k, x in refs.items()}, "cached": cached}
+    members = [{"sae": describe_sae(cfg), "train_fingerprint": ref.fingerprint, "trained": not before,
+                "metrics_cached": hit[f"metrics-{i}"]}
+               for i, (cfg, ref, before) in enumerate(zip(saes, s, complete_before))]
+    refs = {"model": m.model_dump(), "vocab": v.model_dump(), "corpus": c.model_dump(),
+            "activations": a.model_dump(), "train": [x.model_dump() for x in s],
+            "metrics": [x.model_dump() for x in mt], "results": r.model_dump()}
+    return {"refs": refs, "cached": cached, "members": members}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(json.dumps(out["cached"]))
     results = Path(out["refs"]["results"]["path"])
-    print(f"results: {results / 'core_metrics.md'}")
+    print(f"results: {results / 'core_metrics.md'} (frontier plot: {results / tables.FRONTIER_PNG})")
     print((results / "core_metrics.md").read_text())
     return 0
 

@@ -8,6 +8,7 @@ Profiles are YAML files under ``configs/`` that fill :class:`PipelineConfig`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -270,6 +271,180 @@ class SAEConfig(Frozen):
         return w if w and w[-1] == self.width else (*w, self.width)
 
 
+#: Sparsity grid field of :class:`FamilyConfig` used by each architecture, and the SAEConfig field it sets.
+SPARSITY_FIELDS: dict[str, tuple[str, str]] = {
+    "topk": ("ks", "k"),
+    "batchtopk": ("ks", "k"),
+    "matryoshka": ("ks", "k"),
+    "relu": ("l1_coefficients", "l1_coefficient"),
+    "jumprelu": ("l0_coefficients", "l0_coefficient"),
+}
+
+
+def default_matryoshka_widths(width: int) -> tuple[int, ...]:
+    """Nested prefix widths derived from ``width``: ``width/8, width/4, width/2, width``.
+
+    Integer division; prefixes of 0 latents and repeats are dropped, so a width below 8 gets fewer
+    levels (``width=4`` -> ``(1, 2, 4)``, ``width=1`` -> ``(1,)``).
+    """
+    out: list[int] = []
+    for w in (width // 8, width // 4, width // 2, width):
+        if w >= 1 and (not out or w > out[-1]):
+            out.append(w)
+    return tuple(out)
+
+
+def describe_sae(cfg: SAEConfig) -> str:
+    """Short human label of an SAE config: ``topk width=1024 k=32``, ``relu width=64 l1=0.5``."""
+    label = f"{cfg.architecture} width={cfg.width}"
+    if cfg.architecture in K_ARCHITECTURES:
+        label += f" k={cfg.k}"
+    elif cfg.architecture == "relu":
+        label += f" l1={cfg.l1_coefficient:g}"
+    elif cfg.architecture == "jumprelu":
+        label += f" l0={cfg.l0_coefficient:g}"
+    if cfg.architecture == "matryoshka":
+        label += f" levels={list(cfg.effective_matryoshka_widths())}"
+    return label
+
+
+class FamilyConfig(Frozen):
+    """A family of SAEs trained together from one pass over the cached activations.
+
+    The members are either the grid ``architectures x widths x (sparsity setting)`` laid over
+    ``base``, or the explicit ``members`` list. Every member is a full :class:`SAEConfig`, validated
+    when the profile is loaded (``k > width``, unknown architecture, duplicates, ... are refused
+    before anything trains). Each member is trained, cached and fingerprinted exactly as a single
+    SAE with that config would be (``train/<fp>/`` with the same ``fp``): adding a member to a family
+    trains only that member, and a one-member family is the plain ``sae:`` run.
+
+    Grid order (the order of :meth:`expand`, of the training logs and of the results table):
+    architecture, then width, then sparsity value, each in the order given.
+    """
+
+    base: SAEConfig = Field(default_factory=SAEConfig)
+    """Fields shared by every member (aux loss, dead window, normalisation, warm-ups, ...). The
+    grid overrides ``architecture``, ``width`` and the sparsity field of each member; every other
+    field comes from here. For explicit ``members`` given as YAML mappings, fields a member does
+    not set come from here too."""
+
+    architectures: tuple[str, ...] = ()
+    """Grid: architectures to train (``topk``, ``batchtopk``, ``matryoshka``, ``relu``,
+    ``jumprelu``). Empty = ``(base.architecture,)``."""
+
+    widths: tuple[int, ...] = ()
+    """Grid: numbers of latents. Empty = ``(base.width,)``."""
+
+    ks: tuple[int, ...] = ()
+    """Grid, ``topk`` / ``batchtopk`` / ``matryoshka`` members: values of ``k``. Empty =
+    ``(base.k,)``. Each must be <= every width it is combined with."""
+
+    l1_coefficients: tuple[float, ...] = ()
+    """Grid, ``relu`` members: values of ``l1_coefficient`` (>= 0). Empty = ``(base.l1_coefficient,)``."""
+
+    l0_coefficients: tuple[float, ...] = ()
+    """Grid, ``jumprelu`` members: values of ``l0_coefficient`` (>= 0). Empty = ``(base.l0_coefficient,)``."""
+
+    members: tuple[SAEConfig, ...] | None = None
+    """Explicit member list instead of the grid (then leave ``architectures``, ``widths``, ``ks``,
+    ``l1_coefficients`` and ``l0_coefficients`` empty). In YAML each entry is a mapping merged over
+    ``base`` (e.g. ``{width: 2048, k: 16}``).
+
+    ``matryoshka`` members (grid or explicit mapping) with no ``matryoshka_widths`` of their own
+    (nor in ``base``) get :func:`default_matryoshka_widths` of their width
+    (``width/8, width/4, width/2, width``); a ``base.matryoshka_widths`` is used as given and must
+    fit every matryoshka width."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_members(cls, data: Any) -> Any:
+        """Explicit members given as mappings: merged over ``base``; matryoshka widths derived."""
+        if not isinstance(data, dict) or not data.get("members"):
+            return data
+        base = data.get("base")
+        if isinstance(base, SAEConfig):
+            base_data: dict[str, Any] = base.model_dump()
+        elif isinstance(base, dict):
+            base_data = dict(base)
+        else:
+            base_data = {}
+        merged: list[Any] = []
+        for m in data["members"]:
+            if isinstance(m, dict):
+                m = {**base_data, **m}
+                if m.get("architecture") == "matryoshka" and m.get("matryoshka_widths") is None:
+                    m["matryoshka_widths"] = default_matryoshka_widths(int(m.get("width", SAEConfig.model_fields["width"].default)))
+            merged.append(m)
+        return {**data, "members": merged}
+
+    @model_validator(mode="after")
+    def _check(self) -> "FamilyConfig":
+        grid_fields = ("architectures", "widths", "ks", "l1_coefficients", "l0_coefficients")
+        if self.members is not None:
+            given = [f for f in grid_fields if getattr(self, f)]
+            if given:
+                raise ValueError(f"family: give either an explicit members list or the grid, not both "
+                                 f"(members is set, and so is {', '.join(given)})")
+            if not self.members:
+                raise ValueError("family.members is empty: list at least one SAE (or use the grid fields)")
+        else:
+            registered = _registered_architectures()
+            for a in self.architectures:
+                if registered is not None and a not in registered:
+                    raise ValueError(f"family.architectures: unknown SAE architecture {a!r}; registered architectures: "
+                                     f"{', '.join(registered)}")
+            for w in self.widths:
+                if w < 1:
+                    raise ValueError(f"family.widths: width {w} must be >= 1")
+            for k in self.ks:
+                if k < 1:
+                    raise ValueError(f"family.ks: k={k} must be >= 1")
+            for name in ("l1_coefficients", "l0_coefficients"):
+                for c in getattr(self, name):
+                    if not (c >= 0 and c != float("inf")):
+                        raise ValueError(f"family.{name}: {c} is not a non-negative finite coefficient")
+            archs = self.architectures or (self.base.architecture,)
+            for field_name in ("ks", "l1_coefficients", "l0_coefficients"):
+                if getattr(self, field_name) and not any(SPARSITY_FIELDS.get(a, ("",))[0] == field_name for a in archs):
+                    users = sorted(a for a, (f, _) in SPARSITY_FIELDS.items() if f == field_name)
+                    raise ValueError(f"family.{field_name} is set but no architecture in {list(archs)} uses it "
+                                     f"(it applies to {', '.join(users)}): remove it or add such an architecture")
+        members = self.expand()  # validates every member
+        seen: dict[str, int] = {}
+        for i, m in enumerate(members):
+            key = json.dumps(m.fingerprint_payload(), sort_keys=True)
+            if key in seen:
+                raise ValueError(f"family has duplicate members: #{seen[key] + 1} and #{i + 1} are both "
+                                 f"'{describe_sae(m)}' with identical settings; remove one")
+            seen[key] = i
+        return self
+
+    def expand(self) -> list[SAEConfig]:
+        """The members as validated :class:`SAEConfig` s, in grid order (or the ``members`` order)."""
+        if self.members is not None:
+            return list(self.members)
+        base = self.base.model_dump()
+        out: list[SAEConfig] = []
+        for arch in self.architectures or (self.base.architecture,):
+            grid_field, sae_field = SPARSITY_FIELDS.get(arch, ("", ""))
+            values = getattr(self, grid_field, ()) if grid_field else ()
+            values = values or ((base[sae_field],) if sae_field else (None,))
+            for width in self.widths or (self.base.width,):
+                for v in values:
+                    update: dict[str, Any] = {"architecture": arch, "width": width}
+                    if sae_field:
+                        update[sae_field] = v
+                    if arch == "matryoshka" and base.get("matryoshka_widths") is None:
+                        update["matryoshka_widths"] = default_matryoshka_widths(width)
+                    label = f"{arch} width={width}" + (f" {sae_field}={v}" if sae_field else "")
+                    try:
+                        out.append(SAEConfig.model_validate({**base, **update}))
+                    except ValidationError as exc:
+                        msgs = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+                        raise ValueError(f"family member '{label}' is invalid: {msgs}") from None
+        return out
+
+
 class TrainConfig(Frozen):
     training_tokens: int = Field(200_000, ge=1)
     """Activation rows to train on (steps = training_tokens // batch_size)."""
@@ -328,8 +503,26 @@ class PipelineConfig(Frozen):
     corpus: CorpusConfig = CorpusConfig()
     activations: ActivationsConfig = ActivationsConfig()
     sae: SAEConfig = Field(default_factory=SAEConfig)  # a factory: validating it imports saeflow.sae
+    """The SAE to train (a one-member family). Leave it out when ``family`` is set."""
+
+    family: FamilyConfig | None = None
+    """A family of SAEs trained together from one pass over the activations; when set it replaces
+    ``sae`` (setting both is an error: put the shared fields under ``family.base``). ``None``
+    trains the single ``sae``."""
+
     train: TrainConfig = TrainConfig()
     metrics: MetricsConfig = MetricsConfig()
+
+    @model_validator(mode="after")
+    def _sae_or_family(self) -> "PipelineConfig":
+        if self.family is not None and "sae" in self.model_fields_set:
+            raise ValueError("set either sae (one SAE) or family (several), not both; with a family, put the "
+                             "fields shared by its members under family.base")
+        return self
+
+    def sae_configs(self) -> list[SAEConfig]:
+        """The SAEs this profile trains: the family's members, or ``[sae]``."""
+        return self.family.expand() if self.family is not None else [self.sae]
 
     @field_validator("name")
     @classmethod

@@ -44,6 +44,7 @@ CE / KL (see :func:`ce_metrics` for the token mask): ``ce_loss_score = (ce_abl -
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -248,6 +249,102 @@ def _masked_rows(logits: Tensor, rows_b: Tensor, rows_t: Tensor, start: int, sto
     return logits[rows_b[start:stop], rows_t[start:stop]].float().log_softmax(dim=-1)
 
 
+@dataclass
+class CEReference:
+    """The SAE-independent part of the CE / KL metrics for one (model, hook, eval tokens).
+
+    Per batch it keeps the tokens, the counted positions and the clean log-probs there (float32,
+    ``[positions, vocab]``: ~1 GB per 1k positions for a 262k vocabulary), plus the pooled clean
+    and zero-ablated sums. Build it once with :func:`ce_reference` and pass it to
+    :func:`ce_metrics` for every SAE of a family: each SAE then costs one forward per batch
+    instead of three.
+    """
+
+    hook: str
+    batches: list[dict[str, Tensor]]
+    sums: dict[str, float]
+    n_counted: int
+    token_shape: tuple[int, int]
+
+
+def _splice_mask(toks: Tensor, ignore: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    special = torch.isin(toks, ignore)
+    counted = ~special[:, :-1] & ~special[:, 1:]  # prediction at t of token t+1
+    rows_b, rows_t = counted.nonzero(as_tuple=True)
+    return (~special).reshape(-1), rows_b, rows_t, toks[rows_b, rows_t + 1]
+
+
+def _flat(act: Tensor, hook: str, d_in: int | None) -> Tensor:
+    # [B, T, d] or [B, T, heads, d_head] (hook_z etc.) -> [B*T, d]
+    flat = act.reshape(act.shape[0] * act.shape[1], -1)
+    if d_in is not None and flat.shape[1] != d_in:
+        raise ValueError(f"hook {hook} activations {tuple(act.shape)} do not flatten to d_in={d_in}")
+    return flat
+
+
+def _accumulate(logits: Tensor, b: dict[str, Tensor], chunk: int) -> tuple[float, float]:
+    """(sum of CE, sum of KL(p_clean || p)) over the counted positions of one batch."""
+    ce = kl = 0.0
+    m = b["targets"].numel()
+    for s in range(0, m, chunk):
+        logp = _masked_rows(logits, b["rows_b"], b["rows_t"], s, s + chunk)
+        ref = b["logp_clean"][s : s + chunk]
+        ce += -float(logp.gather(1, b["targets"][s : s + chunk, None]).double().sum())
+        p_ref = ref.exp()  # KL(p_clean || p_new) = sum_v p_clean (log p_clean - log p_new)
+        kl += float(torch.where(p_ref > 0, p_ref * (ref - logp), 0.0).sum(dim=-1).double().sum())
+        del logp
+    return ce, kl
+
+
+@torch.no_grad()
+def ce_reference(model: "HookedTransformer", hook: str, tokens: Tensor, batch_size: int,
+                 ignore_token_ids: Iterable[int] = ()) -> CEReference:
+    """Clean and zero-ablated forwards over ``tokens`` (see :func:`ce_metrics` for the rules)."""
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [n_contexts, ctx], got shape {tuple(tokens.shape)}")
+    if tokens.shape[1] < 2:
+        raise ValueError("contexts need at least 2 tokens to predict a next token")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = next(model.parameters()).device
+    ignore = torch.tensor(sorted({int(i) for i in ignore_token_ids}), dtype=torch.long, device=device)
+    batches: list[dict[str, Tensor]] = []
+    sums = dict.fromkeys(["ce_clean", "ce_abl", "kl_abl"], 0.0)
+    n_counted = 0
+    for start in range(0, tokens.shape[0], batch_size):
+        toks = tokens[start : start + batch_size].to(device=device, dtype=torch.long)
+        splice, rows_b, rows_t, targets = _splice_mask(toks, ignore)
+        m = rows_b.numel()
+        if m == 0:
+            continue
+        logits = model(toks, return_type="logits")
+        vocab = logits.shape[-1]
+        chunk = max(1, _LOGIT_CHUNK_ELEMENTS // vocab)
+        logp_clean = torch.empty((m, vocab), dtype=torch.float32, device=device)
+        for s in range(0, m, chunk):
+            logp_clean[s : s + chunk] = _masked_rows(logits, rows_b, rows_t, s, s + chunk)
+        del logits
+        b = {"toks": toks, "splice": splice, "rows_b": rows_b, "rows_t": rows_t, "targets": targets,
+             "logp_clean": logp_clean}
+        sums["ce_clean"] += -float(logp_clean.gather(1, targets[:, None]).double().sum())
+
+        def ablate_hook(act: Tensor, hook: Any, splice: Tensor = splice) -> Tensor:  # noqa: ARG001
+            out = _flat(act, str(hook), None).clone()
+            out[splice] = 0
+            return out.reshape(act.shape)
+
+        logits = model.run_with_hooks(toks, return_type="logits", fwd_hooks=[(hook, ablate_hook)])
+        ce, kl = _accumulate(logits, b, chunk)
+        del logits
+        sums["ce_abl"] += ce
+        sums["kl_abl"] += kl
+        batches.append(b)
+        n_counted += m
+    if n_counted == 0:
+        raise ValueError("no counted positions: every prediction has a special input or target (ignore_token_ids)")
+    return CEReference(hook, batches, sums, n_counted, (int(tokens.shape[0]), int(tokens.shape[1])))
+
+
 @torch.no_grad()
 def ce_metrics(
     model: "HookedTransformer",
@@ -256,6 +353,7 @@ def ce_metrics(
     tokens: Tensor,
     batch_size: int,
     ignore_token_ids: Iterable[int] = (),
+    reference: CEReference | None = None,
 ) -> dict[str, float]:
     """Next-token CE loss and KL of ``model`` clean, with ``sae`` spliced at ``hook``, and with
     ``hook`` zero-ablated (SPEC 4, "CE loss recovered" and "KL").
@@ -263,7 +361,8 @@ def ce_metrics(
     ``tokens`` is a LongTensor [n_contexts, ctx] (BOS already in place when the model uses one);
     it is fed to the model as-is, ``batch_size`` contexts per forward. The SAE is moved to the
     model's device (in place) and the tokens are moved there too; the SAE runs in its own dtype
-    and its output is cast back to the hook's dtype.
+    and its output is cast back to the hook's dtype. ``reference`` (from :func:`ce_reference` on
+    the same model, hook and tokens) skips the clean and ablated forwards; without it one is built.
 
     Special tokens (``ignore_token_ids``: BOS / PAD / EOS):
 
@@ -282,85 +381,38 @@ def ce_metrics(
     Memory: per batch, one [positions, vocab] float32 block of clean log-probs is kept, and each
     spliced forward's logits are reduced chunk by chunk and freed before the next forward.
     """
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [n_contexts, ctx], got shape {tuple(tokens.shape)}")
-    if tokens.shape[1] < 2:
-        raise ValueError("contexts need at least 2 tokens to predict a next token")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if reference is None:
+        reference = ce_reference(model, hook, tokens, batch_size, ignore_token_ids)
+    elif reference.hook != hook or reference.token_shape != (int(tokens.shape[0]), int(tokens.shape[1])):
+        raise ValueError("the CE reference was built for another hook or other tokens; build it with ce_reference")
     device = next(model.parameters()).device
     sae.to(device)
     sae_dtype = _sae_dtype(sae)
     d_in = int(sae.d_in)
-    ignore = torch.tensor(sorted({int(i) for i in ignore_token_ids}), dtype=torch.long, device=device)
+    ce_sum = kl_sum = 0.0
+    for b in reference.batches:
+        splice = b["splice"]
 
-    state: dict[str, Tensor] = {}
+        def splice_hook(act: Tensor, hook: Any, splice: Tensor = splice) -> Tensor:  # noqa: ARG001
+            flat = _flat(act, str(hook), d_in)
+            recon = sae.decode(sae.encode(flat[splice].to(sae_dtype))).to(act.dtype)
+            out = flat.clone()
+            out[splice] = recon
+            return out.reshape(act.shape)
 
-    def _flat(act: Tensor) -> Tensor:
-        # [B, T, d] or [B, T, heads, d_head] (hook_z etc.) -> [B*T, d_in]
-        flat = act.reshape(act.shape[0] * act.shape[1], -1)
-        if flat.shape[1] != d_in:
-            raise ValueError(f"hook {hook} activations {tuple(act.shape)} do not flatten to d_in={d_in}")
-        return flat
-
-    def splice_hook(act: Tensor, hook: Any) -> Tensor:  # noqa: ARG001
-        flat = _flat(act)
-        keep = state["splice"]
-        recon = sae.decode(sae.encode(flat[keep].to(sae_dtype))).to(act.dtype)
-        out = flat.clone()
-        out[keep] = recon
-        return out.reshape(act.shape)
-
-    def ablate_hook(act: Tensor, hook: Any) -> Tensor:  # noqa: ARG001
-        out = _flat(act).clone()
-        out[state["splice"]] = 0
-        return out.reshape(act.shape)
-
-    sums = dict.fromkeys(["ce_clean", "ce_sae", "ce_abl", "kl_sae", "kl_abl"], 0.0)
-    n_counted = 0
-    for start in range(0, tokens.shape[0], batch_size):
-        toks = tokens[start : start + batch_size].to(device=device, dtype=torch.long)
-        special = torch.isin(toks, ignore)
-        state["splice"] = (~special).reshape(-1)
-        counted = ~special[:, :-1] & ~special[:, 1:]  # prediction at t of token t+1
-        rows_b, rows_t = counted.nonzero(as_tuple=True)
-        m = rows_b.numel()
-        if m == 0:
-            continue
-        targets = toks[rows_b, rows_t + 1]
-
-        logits = model(toks, return_type="logits")
-        vocab = logits.shape[-1]
-        chunk = max(1, _LOGIT_CHUNK_ELEMENTS // vocab)
-        logp_clean = torch.empty((m, vocab), dtype=torch.float32, device=device)
-        for s in range(0, m, chunk):
-            logp_clean[s : s + chunk] = _masked_rows(logits, rows_b, rows_t, s, s + chunk)
+        logits = model.run_with_hooks(b["toks"], return_type="logits", fwd_hooks=[(hook, splice_hook)])
+        chunk = max(1, _LOGIT_CHUNK_ELEMENTS // logits.shape[-1])
+        ce, kl = _accumulate(logits, b, chunk)
         del logits
-        sums["ce_clean"] += -float(logp_clean.gather(1, targets[:, None]).double().sum())
+        ce_sum += ce
+        kl_sum += kl
 
-        for name, fn in (("sae", splice_hook), ("abl", ablate_hook)):
-            logits = model.run_with_hooks(toks, return_type="logits", fwd_hooks=[(hook, fn)])
-            for s in range(0, m, chunk):
-                logp = _masked_rows(logits, rows_b, rows_t, s, s + chunk)
-                ref = logp_clean[s : s + chunk]
-                sums[f"ce_{name}"] += -float(logp.gather(1, targets[s : s + chunk, None]).double().sum())
-                # KL(p_clean || p_new) = sum_v p_clean (log p_clean - log p_new)
-                p_ref = ref.exp()
-                kl = torch.where(p_ref > 0, p_ref * (ref - logp), 0.0).sum(dim=-1)
-                sums[f"kl_{name}"] += float(kl.double().sum())
-                del logp, kl
-            del logits
-        del logp_clean
-        n_counted += m
-
-    if n_counted == 0:
-        raise ValueError("no counted positions: every prediction has a special input or target (ignore_token_ids)")
-
-    ce_clean = sums["ce_clean"] / n_counted
-    ce_sae = sums["ce_sae"] / n_counted
-    ce_abl = sums["ce_abl"] / n_counted
-    kl_sae = sums["kl_sae"] / n_counted
-    kl_abl = sums["kl_abl"] / n_counted
+    n = reference.n_counted
+    ce_clean = reference.sums["ce_clean"] / n
+    ce_sae = ce_sum / n
+    ce_abl = reference.sums["ce_abl"] / n
+    kl_sae = kl_sum / n
+    kl_abl = reference.sums["kl_abl"] / n
     return {
         "ce_clean": ce_clean,
         "ce_with_sae": ce_sae,
@@ -370,5 +422,5 @@ def ce_metrics(
         "kl_with_sae": kl_sae,
         "kl_with_ablation": kl_abl,
         "kl_div_score": _nan_div(kl_abl - kl_sae, kl_abl),
-        "n_tokens": n_counted,
+        "n_tokens": n,
     }

@@ -16,18 +16,35 @@ CORE_COLUMNS = [
 ]
 
 
+#: Architectures whose sparsity is ``k``; ``relu`` / ``jumprelu`` are set by a coefficient instead.
+_K_ARCHS = {"topk", "batchtopk", "matryoshka"}
+_COEFFICIENT = {"relu": "l1_coefficient", "jumprelu": "l0_coefficient"}
+
+
 def core_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per SAE: identity columns, then every scalar core metric."""
+    """One row per SAE: identity columns, then every scalar core metric.
+
+    Identity: ``architecture``, ``width``, ``k`` (TopK / BatchTopK / Matryoshka, else empty),
+    ``coefficient`` (the sparsity coefficient: ``l1_coefficient`` for ``relu``,
+    ``l0_coefficient`` for ``jumprelu``, else empty) and ``sae_fingerprint``.
+    """
     records = []
     for r in rows:
         sae = r["sae"]
-        rec = {"profile": r["profile"], "model": r["model"], "hook": r["hook"], "architecture": sae.get("architecture"),
-               "width": sae.get("width"), "k": sae.get("k"), "sae_fingerprint": r["sae_fingerprint"]}
+        arch = sae.get("architecture")
+        coef = _COEFFICIENT.get(arch)
+        rec = {"profile": r["profile"], "model": r["model"], "hook": r["hook"], "architecture": arch,
+               "width": sae.get("width"), "k": sae.get("k") if arch in _K_ARCHS else None,
+               "coefficient": sae.get(coef) if coef else None, "sae_fingerprint": r["sae_fingerprint"]}
         metrics = r["metrics"]
         rec.update({c: metrics.get(c) for c in CORE_COLUMNS})
         rec.update({k: v for k, v in metrics.items() if k not in rec and isinstance(v, (int, float))})
         records.append(rec)
-    return pd.DataFrame.from_records(records)
+    df = pd.DataFrame.from_records(records)
+    if len(df):
+        df["k"] = df["k"].astype("Int64")
+        df["coefficient"] = df["coefficient"].astype("Float64")
+    return df
 
 
 def write_table(df: pd.DataFrame, folder: str | Path, name: str) -> list[Path]:

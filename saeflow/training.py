@@ -14,7 +14,13 @@ place, so a kill at any moment leaves either the previous or the new checkpoint 
 one); a run started again resumes from it and ends with weights *bit-identical* to an
 uninterrupted run (same machine, same torch thread count). A checkpoint whose files fail their
 checksum was damaged after it was written: :class:`CheckpointError` says so and how to recover
-(delete the folder); it is never silently used or discarded.
+(delete the folder); it is never silently used or discarded. After the final save
+``training_summary.json`` (:data:`DONE_FILE`) marks the folder finished: it is never trained again.
+
+:func:`train_saes` trains a *family* of SAEs from one pass over the loader: every batch is drawn
+once and fed to each member in turn; each member keeps everything above in its own ``out_dir`` and
+ends bit-identical to training it alone (see its docstring for the resume rule when members'
+checkpoints are at different steps). :func:`train_sae` is the one-member case.
 """
 
 from __future__ import annotations
@@ -33,22 +39,27 @@ import torch
 
 from saeflow.artifacts import ArtifactError, write_json_atomic
 from saeflow.config import SAEConfig, TrainConfig
-from saeflow.sae import BaseSAE, build_sae, save_sae
+from saeflow.sae import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, BaseSAE, build_sae, save_sae
 
 __all__ = [
     "BatchLoader",
     "train_sae",
+    "train_saes",
     "lr_at_step",
     "estimate_scaling_factor",
     "CheckpointError",
     "NonFiniteError",
     "CHECKPOINT_DIR",
     "TRAINING_LOG",
+    "DONE_FILE",
     "NORM_ESTIMATE_BATCHES",
 ]
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINING_LOG = "training_log.json"
+#: Written into ``out_dir`` after the final save (before the checkpoint is removed): fingerprint,
+#: weights checksum and the run's summary. A folder holding a valid one is finished: never trained again.
+DONE_FILE = "training_summary.json"
 _STATE_FILE = "state.pt"
 _META_FILE = "meta.json"
 _OLD_SUFFIX = ".old"
@@ -290,6 +301,315 @@ def _nonfinite_message(step: int, kind: str, out_dir: Path) -> str:
     )
 
 
+def _read_done(out_dir: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The stored summary of a finished run in ``out_dir``, or ``None`` when it is not (validly) finished."""
+    path = out_dir / DONE_FILE
+    if not path.is_file():
+        return None
+    try:
+        done = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    weights = out_dir / SAE_WEIGHTS_FILENAME
+    if (done.get("format") != _CKPT_FORMAT or done.get("fingerprint") != fingerprint or not weights.is_file()
+            or not (out_dir / SAE_CFG_FILENAME).is_file() or weights.stat().st_size != done.get("weights_bytes")
+            or _sha256(weights) != done.get("weights_sha256")):
+        return None
+    return dict(done["summary"])
+
+
+class _Member:
+    """One SAE of a family: its model, optimiser, dead-latent counters, logs and position."""
+
+    def __init__(self, index: int, sae_cfg: SAEConfig, out_dir: Path, cfg_extra: dict[str, Any] | None,
+                 train_cfg: TrainConfig, d_in: int, device: torch.device, total_steps: int) -> None:
+        self.index, self.cfg, self.out_dir, self.cfg_extra = index, sae_cfg, Path(out_dir), cfg_extra
+        self.fingerprint = _fingerprint(sae_cfg, train_cfg, d_in)
+        self.normalizes = sae_cfg.normalize_activations == "expected_average_only_in"
+        self.window = sae_cfg.dead_feature_window
+        self.done: dict[str, Any] | None = None
+        self.step = 0
+        self.resumed_from: int | None = None
+        self.ckpt: dict[str, Any] | None = None
+        self.scale: float | None = None
+        self.logs: list[dict[str, Any]] = []
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.done = _read_done(self.out_dir, self.fingerprint)
+        if self.done is not None:  # finished earlier: a kill may have left its checkpoint behind
+            _remove_dir(self.out_dir / CHECKPOINT_DIR)
+            _remove_dir(self.out_dir / (CHECKPOINT_DIR + _OLD_SUFFIX))
+            _discard_temporaries(self.out_dir)
+            return
+        (self.out_dir / DONE_FILE).unlink(missing_ok=True)  # stale: another config's, or damaged weights
+        self.sae: BaseSAE = build_sae(sae_cfg, d_in, seed=train_cfg.seed).to(device)
+        self.optimizer = _make_adam(self.sae, lr_at_step(0, total_steps, train_cfg))
+        self.params = list(self.sae.parameters())
+        self.since_fired = torch.zeros(self.sae.d_sae, dtype=torch.long, device=device)
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step (1-based)
+        self.bad_kind = torch.zeros((), dtype=torch.long, device=device)  # 0 batch, 1 loss
+        ckpt_path = _find_checkpoint(self.out_dir)
+        if ckpt_path is not None:
+            ck = _load_checkpoint(ckpt_path, self.fingerprint)
+            self.sae.load_state_dict(ck["sae"])
+            self.optimizer.load_state_dict(ck["optimizer"])
+            self.since_fired.copy_(ck["since_fired"].to(device))
+            self.logs = json.loads(ck["logs"])
+            self.step = self.resumed_from = int(ck["step"])
+            self.scale = ck["scaling_factor"]
+            self.ckpt = {"loader": ck["loader"], "rng": ck["rng"], "path": ckpt_path}
+        self.last_log_time, self.last_log_step = time.perf_counter(), self.step
+
+    def check_factor(self, factor: float | None) -> None:
+        """A resumed member must keep the factor it was trained with."""
+        if self.ckpt is None or not self.normalizes:
+            return
+        saved = self.scale
+        if factor is not None and (saved is None or not math.isclose(saved, factor, rel_tol=1e-6)):
+            raise CheckpointError(
+                f"checkpoint {self.ckpt['path']} was trained with scaling_factor={saved} but {factor} was passed; "
+                f"pass the same factor, or delete {self.ckpt['path']} to restart from step 0"
+            )
+
+    def raise_if_nonfinite(self) -> None:
+        b = int(self.bad_step)
+        if b >= 0:
+            raise NonFiniteError(_nonfinite_message(b, "batch" if int(self.bad_kind) == 0 else "loss", self.out_dir))
+
+    def train_step(self, x: torch.Tensor, step: int, lr: float, train_cfg: TrainConfig, check_every_step: bool) -> dict[str, Any]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        dead = self.since_fired > self.window
+        out = self.sae.training_forward(x, dead, return_feature_acts=False, step=step)
+        loss = out["loss"]
+        assert isinstance(loss, torch.Tensor)
+        with torch.no_grad():
+            batch_ok = torch.isfinite(x).all()
+            loss_ok = torch.isfinite(loss)
+            first = (self.bad_step < 0) & ~(batch_ok & loss_ok)
+            self.bad_kind.copy_(torch.where(first, torch.where(batch_ok, 1, 0), self.bad_kind))
+            self.bad_step.copy_(torch.where(first, step + 1, self.bad_step))
+        if check_every_step:
+            self.raise_if_nonfinite()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, train_cfg.grad_clip)
+        self.optimizer.step()
+        self.sae.after_step(out)  # BatchTopK moving threshold, JumpReLU threshold >= 0
+        with torch.no_grad():
+            self.since_fired.add_(1)
+            self.since_fired.masked_fill_(out["fired"], 0)  # type: ignore[arg-type]
+        self.step = step + 1
+        return out
+
+    def log_entry(self, out: dict[str, Any], lr: float, batch_size: int) -> dict[str, Any]:
+        now = time.perf_counter()
+        entry = {
+            "step": self.step,
+            "loss": float(out["loss"].detach()),
+            "mse": float(out["mse"].detach()),
+            "aux": float(out["aux"].detach()),
+            "l0": float(out["l0"]),
+            "frac_dead": float((self.since_fired > self.window).float().mean()),
+            "lr": lr,
+            "tokens_per_s": (self.step - self.last_log_step) * batch_size / max(now - self.last_log_time, 1e-9),
+        }
+        self.last_log_time, self.last_log_step = now, self.step
+        self.logs.append(entry)
+        return entry
+
+    def save_checkpoint(self, loader_json: str, device: torch.device) -> None:
+        _save_checkpoint(self.out_dir, {
+            "format": _CKPT_FORMAT,
+            "fingerprint": self.fingerprint,
+            "step": self.step,
+            "sae": {k: v.detach().cpu() for k, v in self.sae.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "since_fired": self.since_fired.cpu(),
+            "loader": loader_json,
+            "rng": _rng_state(device),
+            "scaling_factor": self.scale,
+            "logs": json.dumps(self.logs),
+        })
+
+    def finish(self, total_steps: int, train_cfg: TrainConfig, d_in: int, t_start: float) -> dict[str, Any]:
+        if self.scale is not None:
+            self.sae.fold_activation_norm_scaling_factor(self.scale)
+        batch_size = train_cfg.batch_size
+        training_info = {
+            "steps": total_steps,
+            "training_tokens": total_steps * batch_size,
+            "batch_size": batch_size,
+            "seed": train_cfg.seed,
+            "scaling_factor_folded": self.scale,
+            "final": self.logs[-1] if self.logs else {},
+            "n_dead": int((self.since_fired > self.window).sum()),
+        }
+        save_sae(self.sae, self.out_dir, cfg_extra=self.cfg_extra, training_info=training_info)
+        write_json_atomic(self.out_dir / TRAINING_LOG, self.logs)
+        summary = {
+            "completed": True,
+            **training_info,
+            "total_steps": total_steps,
+            "resumed_from_step": self.resumed_from,
+            "d_in": d_in,
+            "d_sae": self.sae.d_sae,
+            "wall_time_s": time.perf_counter() - t_start,
+            "out_dir": str(self.out_dir),
+        }
+        weights = self.out_dir / SAE_WEIGHTS_FILENAME
+        write_json_atomic(self.out_dir / DONE_FILE, {
+            "format": _CKPT_FORMAT, "fingerprint": self.fingerprint, "weights_bytes": weights.stat().st_size,
+            "weights_sha256": _sha256(weights), "summary": summary})
+        _remove_dir(self.out_dir / CHECKPOINT_DIR)
+        _remove_dir(self.out_dir / (CHECKPOINT_DIR + _OLD_SUFFIX))
+        _discard_temporaries(self.out_dir)
+        self.done = summary
+        return summary
+
+    def partial_summary(self, total_steps: int) -> dict[str, Any]:
+        return {"completed": False, "steps": self.step, "total_steps": total_steps,
+                "resumed_from_step": self.resumed_from, "out_dir": str(self.out_dir)}
+
+
+def train_saes(
+    members: list[tuple[SAEConfig, Path, dict[str, Any] | None]],
+    train_cfg: TrainConfig,
+    loader: BatchLoader,
+    d_in: int,
+    device: torch.device,
+    scaling_factor: float | None = None,
+    on_log: Callable[[int, dict[str, Any]], None] | None = None,
+    stop_after_steps: int | None = None,
+) -> list[dict[str, Any]]:
+    """Train a family of SAEs from ONE pass over ``loader``; return one JSON-able summary per member.
+
+    ``members`` holds ``(sae_cfg, out_dir, cfg_extra)`` per SAE (distinct ``out_dir`` s). Every
+    member sees exactly the batches it would see trained alone by :func:`train_sae` with the same
+    ``train_cfg`` and loader, and keeps its own optimiser, dead-latent counters, training log,
+    checkpoint and final save in its own ``out_dir``, so its weights are bit-identical to training
+    it alone. Each step draws one batch, then trains the members on it in list order.
+
+    - **Finished members** (``out_dir`` holds the ``training_summary.json`` written after the final
+      save, with this member's fingerprint and a matching weights checksum) are not trained again:
+      their stored summary is returned with ``already_complete=True``.
+    - **Resume rule.** Each unfinished member resumes from its own checkpoint (step ``s_i``, 0
+      without one). A kill can land between two members' checkpoint (or final) writes, so the
+      ``s_i`` may differ. The loader (and RNG) are restored from the member with the smallest
+      ``s_i`` (from a fresh loader when that is 0); the pass restarts at that step, and a member
+      ahead of it draws the batches of steps ``< s_i`` without training on them. From step
+      ``max(s_i)`` on all members train in lock-step again. Each member therefore continues exactly
+      where it stopped, on the batches an uninterrupted run would have given it.
+    - **Normalisation** (``normalize_activations="expected_average_only_in"``): ``scaling_factor``
+      multiplies the batches of the members that normalise; members with ``"none"`` ignore it.
+      When it is ``None`` it is estimated once from the first :data:`NORM_ESTIMATE_BATCHES`
+      batches (as ``train_sae`` does, training continues after them); this needs every member to
+      normalise (a family mixing ``"none"`` members would start on different batches), otherwise
+      pass the factor (the pipeline always does). A resumed member keeps the factor of its
+      checkpoint (:class:`CheckpointError` when a different one is passed).
+    - ``on_log(i, d)`` for member ``i`` every ``log_every`` steps and after its last step (``d`` is
+      also appended to its ``training_log.json``; ``tokens_per_s`` is the rate of the whole pass).
+    - ``stop_after_steps``: return right after global step ``stop_after_steps`` as if killed there
+      (no extra checkpoint, no final save); unfinished members' summaries have ``completed=False``.
+
+    Raises :class:`NonFiniteError` (naming the step and the member's folder),
+    :class:`CheckpointError`, ``ValueError`` for bad arguments, all before any member's finished
+    result is touched.
+    """
+    t_start = time.perf_counter()
+    device = torch.device(device)
+    total_steps = train_cfg.training_tokens // train_cfg.batch_size
+    if total_steps < 1:
+        raise ValueError(
+            f"training_tokens={train_cfg.training_tokens} < batch_size={train_cfg.batch_size}: no full step to "
+            "train; raise train.training_tokens or lower train.batch_size"
+        )
+    if not members:
+        raise ValueError("train_saes needs at least one member")
+    dirs = [Path(m[1]).resolve() for m in members]
+    if len(set(dirs)) != len(dirs):
+        dup = sorted({str(d) for d in dirs if dirs.count(d) > 1})
+        raise ValueError(f"members share an out_dir ({', '.join(dup)}): give each SAE its own folder")
+    if scaling_factor is not None and not (math.isfinite(scaling_factor) and scaling_factor > 0):
+        raise ValueError(f"scaling_factor must be a positive finite number, got {scaling_factor!r}")
+    normalizing = [m[0].normalize_activations == "expected_average_only_in" for m in members]
+    estimate = scaling_factor is None and any(normalizing)
+    if estimate and not all(normalizing):
+        raise ValueError(
+            "these SAEs mix normalize_activations 'none' and 'expected_average_only_in': pass scaling_factor "
+            "(e.g. sqrt(d_in) / mean activation norm), or train them separately"
+        )
+
+    state = [_Member(i, cfg, out_dir, extra, train_cfg, d_in, device, total_steps) for i, (cfg, out_dir, extra) in enumerate(members)]
+    active = [m for m in state if m.done is None]
+    if not active:
+        return [{**m.done, "already_complete": True} for m in state if m.done is not None]
+    for m in active:
+        m.check_factor(scaling_factor if m.normalizes else None)
+
+    lead = min(active, key=lambda m: m.step)
+    if lead.ckpt is not None:
+        loader.load_state_dict(json.loads(lead.ckpt["loader"]))
+        _set_rng_state(lead.ckpt["rng"], device)
+    batches = iter(loader)
+    if lead.ckpt is None and estimate:
+        estimated = estimate_scaling_factor(batches, d_in, NORM_ESTIMATE_BATCHES)
+        for m in active:
+            m.check_factor(estimated)
+        scaling_factor = estimated
+    for m in active:
+        if m.ckpt is None:
+            m.scale = float(scaling_factor) if (m.normalizes and scaling_factor is not None) else None
+
+    check_every_step = device.type == "cpu"  # a host sync is free on CPU; elsewhere check on log/checkpoint steps
+    batch_size = train_cfg.batch_size
+    step = lead.step
+    for m in active:
+        m.sae.train()
+        m.last_log_time, m.last_log_step = time.perf_counter(), m.step
+
+    while step < total_steps:
+        if stop_after_steps is not None and step >= stop_after_steps:
+            return [{**m.done, "already_complete": True} if m.done is not None else m.partial_summary(total_steps)
+                    for m in state]
+        batch = next(batches)
+        if batch.ndim != 2 or batch.shape[1] != d_in or batch.shape[0] != batch_size:
+            raise ValueError(
+                f"loader yielded a batch of shape {tuple(batch.shape)} at step {step + 1}; expected "
+                f"[{batch_size}, {d_in}] (train.batch_size, d_in)"
+            )
+        raw = batch.to(device, non_blocking=True)
+        if raw.dtype != torch.float32:
+            raw = raw.float()
+        scaled: dict[float | None, torch.Tensor] = {}
+        lr = lr_at_step(step, total_steps, train_cfg)
+        is_last = step + 1 == total_steps
+        is_log = (step + 1) % train_cfg.log_every == 0 or is_last
+        is_ckpt = (step + 1) % train_cfg.checkpoint_every == 0 and not is_last
+        loader_json: str | None = None
+        for m in active:
+            if m.step > step:  # resumed ahead of the lead: this batch is already in its weights
+                continue
+            if m.scale not in scaled:
+                scaled[m.scale] = raw * m.scale if m.scale is not None else raw
+            out = m.train_step(scaled[m.scale], step, lr, train_cfg, check_every_step)
+            if is_log or is_ckpt or is_last:
+                m.raise_if_nonfinite()
+            if is_log:
+                entry = m.log_entry(out, lr, batch_size)
+                if on_log is not None:
+                    on_log(m.index, dict(entry))
+            if is_ckpt:
+                if loader_json is None:
+                    loader_json = _loader_state_json(loader)
+                m.save_checkpoint(loader_json, device)
+        step += 1
+
+    # ---------------------------------------------------------------- finish, member by member
+    for m in active:
+        m.finish(total_steps, train_cfg, d_in, t_start)
+    return [m.done if m in active else {**m.done, "already_complete": True} for m in state]  # type: ignore[misc]
+
+
 def train_sae(
     sae_cfg: SAEConfig,
     train_cfg: TrainConfig,
@@ -302,7 +622,7 @@ def train_sae(
     stop_after_steps: int | None = None,
     cfg_extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train an SAE, resuming from ``out_dir/checkpoint`` when present; return a JSON-able summary.
+    """Train one SAE (a one-member :func:`train_saes`), resuming from ``out_dir/checkpoint``; return a summary.
 
     - steps = ``training_tokens // batch_size``; Adam(0.9, 0.999), :func:`lr_at_step` schedule,
       gradient-norm clip ``grad_clip``; dead latents = no activation for more than
@@ -322,175 +642,14 @@ def train_sae(
       had been killed there (no extra checkpoint, no final save); the summary has
       ``completed=False``.
     - ``cfg_extra`` goes into the saved ``cfg.json`` metadata (e.g. ``model_name``, ``hook_name``).
+    - a finished ``out_dir`` (see :data:`DONE_FILE`) is not trained again: its stored summary is
+      returned with ``already_complete=True``.
 
     Raises :class:`NonFiniteError` (naming the step) on NaN/inf in a batch or the loss,
     :class:`CheckpointError` for a damaged or foreign checkpoint, ``ValueError`` for bad arguments.
     """
-    t_start = time.perf_counter()
-    out_dir = Path(out_dir)
-    device = torch.device(device)
-    total_steps = train_cfg.training_tokens // train_cfg.batch_size
-    if total_steps < 1:
-        raise ValueError(
-            f"training_tokens={train_cfg.training_tokens} < batch_size={train_cfg.batch_size}: no full step to "
-            "train; raise train.training_tokens or lower train.batch_size"
-        )
-    normalize = sae_cfg.normalize_activations
-    if normalize == "none" and scaling_factor is not None:
+    if sae_cfg.normalize_activations == "none" and scaling_factor is not None:
         raise ValueError("scaling_factor was given but sae.normalize_activations is 'none'; pass scaling_factor=None")
-    if scaling_factor is not None and not (math.isfinite(scaling_factor) and scaling_factor > 0):
-        raise ValueError(f"scaling_factor must be a positive finite number, got {scaling_factor!r}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    fingerprint = _fingerprint(sae_cfg, train_cfg, d_in)
-    sae: BaseSAE = build_sae(sae_cfg, d_in, seed=train_cfg.seed).to(device)
-    optimizer = _make_adam(sae, lr_at_step(0, total_steps, train_cfg))
-    since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
-    logs: list[dict[str, Any]] = []
-    step = 0
-    resumed_from: int | None = None
-
-    ckpt_path = _find_checkpoint(out_dir)
-    if ckpt_path is not None:
-        ck = _load_checkpoint(ckpt_path, fingerprint)
-        sae.load_state_dict(ck["sae"])
-        optimizer.load_state_dict(ck["optimizer"])
-        since_fired.copy_(ck["since_fired"].to(device))
-        loader.load_state_dict(json.loads(ck["loader"]))
-        _set_rng_state(ck["rng"], device)
-        logs = json.loads(ck["logs"])
-        step = resumed_from = int(ck["step"])
-        saved_factor = ck["scaling_factor"]
-        if scaling_factor is not None and (saved_factor is None or not math.isclose(saved_factor, scaling_factor, rel_tol=1e-6)):
-            raise CheckpointError(
-                f"checkpoint {ckpt_path} was trained with scaling_factor={saved_factor} but {scaling_factor} was passed; "
-                f"pass the same factor, or delete {ckpt_path} to restart from step 0"
-            )
-        scaling_factor = saved_factor
-        batches = iter(loader)
-    else:
-        batches = iter(loader)
-        if normalize == "expected_average_only_in" and scaling_factor is None:
-            scaling_factor = estimate_scaling_factor(batches, d_in, NORM_ESTIMATE_BATCHES)
-    scale = float(scaling_factor) if scaling_factor is not None else None
-
-    check_every_step = device.type == "cpu"  # a host sync is free on CPU; elsewhere check on log/checkpoint steps
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step (1-based), -1 if none
-    bad_kind = torch.zeros((), dtype=torch.long, device=device)  # 0 batch, 1 loss
-    window = sae_cfg.dead_feature_window
-    batch_size = train_cfg.batch_size
-    params = list(sae.parameters())
-    last_log_time, last_log_step = time.perf_counter(), step
-
-    def raise_if_nonfinite() -> None:
-        b = int(bad_step)
-        if b >= 0:
-            raise NonFiniteError(_nonfinite_message(b, "batch" if int(bad_kind) == 0 else "loss", out_dir))
-
-    sae.train()
-    while step < total_steps:
-        if stop_after_steps is not None and step >= stop_after_steps:
-            return {"completed": False, "steps": step, "total_steps": total_steps, "resumed_from_step": resumed_from,
-                    "out_dir": str(out_dir)}
-        batch = next(batches)
-        if batch.ndim != 2 or batch.shape[1] != d_in or batch.shape[0] != batch_size:
-            raise ValueError(
-                f"loader yielded a batch of shape {tuple(batch.shape)} at step {step + 1}; expected "
-                f"[{batch_size}, {d_in}] (train.batch_size, d_in)"
-            )
-        x = batch.to(device, non_blocking=True)
-        if x.dtype != torch.float32:
-            x = x.float()
-        if scale is not None:
-            x = x * scale
-        lr = lr_at_step(step, total_steps, train_cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        dead = since_fired > window
-        out = sae.training_forward(x, dead, return_feature_acts=False, step=step)
-        loss = out["loss"]
-        assert isinstance(loss, torch.Tensor)
-
-        with torch.no_grad():
-            batch_ok = torch.isfinite(x).all()
-            loss_ok = torch.isfinite(loss)
-            first = (bad_step < 0) & ~(batch_ok & loss_ok)
-            bad_kind.copy_(torch.where(first, torch.where(batch_ok, 1, 0), bad_kind))
-            bad_step.copy_(torch.where(first, step + 1, bad_step))
-        if check_every_step:
-            raise_if_nonfinite()
-
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
-        optimizer.step()
-        sae.after_step(out)  # BatchTopK moving threshold, JumpReLU threshold >= 0
-        with torch.no_grad():
-            since_fired.add_(1)
-            since_fired.masked_fill_(out["fired"], 0)  # type: ignore[arg-type]
-        step += 1
-
-        is_last = step == total_steps
-        is_log = step % train_cfg.log_every == 0 or is_last
-        is_ckpt = step % train_cfg.checkpoint_every == 0 and not is_last
-        if is_log or is_ckpt or is_last:
-            raise_if_nonfinite()
-        if is_log:
-            now = time.perf_counter()
-            entry = {
-                "step": step,
-                "loss": float(loss.detach()),
-                "mse": float(out["mse"].detach()),  # type: ignore[union-attr]
-                "aux": float(out["aux"].detach()),  # type: ignore[union-attr]
-                "l0": float(out["l0"]),  # type: ignore[arg-type]
-                "frac_dead": float((since_fired > window).float().mean()),
-                "lr": lr,
-                "tokens_per_s": (step - last_log_step) * batch_size / max(now - last_log_time, 1e-9),
-            }
-            last_log_time, last_log_step = now, step
-            logs.append(entry)
-            if on_log is not None:
-                on_log(dict(entry))
-        if is_ckpt:
-            _save_checkpoint(out_dir, {
-                "format": _CKPT_FORMAT,
-                "fingerprint": fingerprint,
-                "step": step,
-                "sae": {k: v.detach().cpu() for k, v in sae.state_dict().items()},
-                "optimizer": optimizer.state_dict(),
-                "since_fired": since_fired.cpu(),
-                "loader": _loader_state_json(loader),
-                "rng": _rng_state(device),
-                "scaling_factor": scale,
-                "logs": json.dumps(logs),
-            })
-
-    # ---------------------------------------------------------------- finish
-    if scale is not None:
-        sae.fold_activation_norm_scaling_factor(scale)
-    final = logs[-1] if logs else {}
-    training_info = {
-        "steps": total_steps,
-        "training_tokens": total_steps * batch_size,
-        "batch_size": batch_size,
-        "seed": train_cfg.seed,
-        "scaling_factor_folded": scale,
-        "final": final,
-        "n_dead": int((since_fired > window).sum()),
-    }
-    save_sae(sae, out_dir, cfg_extra=cfg_extra, training_info=training_info)
-    write_json_atomic(out_dir / TRAINING_LOG, logs)
-    _remove_dir(out_dir / CHECKPOINT_DIR)
-    _remove_dir(out_dir / (CHECKPOINT_DIR + _OLD_SUFFIX))
-    _discard_temporaries(out_dir)
-    return {
-        "completed": True,
-        **training_info,
-        "total_steps": total_steps,
-        "resumed_from_step": resumed_from,
-        "d_in": d_in,
-        "d_sae": sae.d_sae,
-        "wall_time_s": time.perf_counter() - t_start,
-        "out_dir": str(out_dir),
-    }
+    return train_saes([(sae_cfg, Path(out_dir), cfg_extra)], train_cfg, loader, d_in, device,
+                      scaling_factor=scaling_factor, on_log=(lambda _i, d: on_log(d)) if on_log is not None else None,
+                      stop_after_steps=stop_after_steps)[0]

@@ -121,18 +121,21 @@ def cache_policy(root: str | Path):
     )
 
 
-def run_stage(task, ref_fn: Callable[..., ArtifactRef], **kwargs: Any):
+def run_stage(task, ref_fn: Callable[..., ArtifactRef | list[ArtifactRef]], **kwargs: Any):
     """Run a stage task with the project cache policy; returns its Prefect state.
 
-    A cached result is only trusted while the artifact it points at is complete.
+    ``ref_fn(**kwargs)`` names the artifact the task returns, or a list of them (a family of
+    SAEs). A cached result is only trusted while the artifact(s) it points at are all complete;
+    otherwise the task runs (its body reuses whatever is complete and rebuilds the rest).
     """
     root = kwargs["root"]
     expected = ref_fn(**kwargs)
+    expected = expected if isinstance(expected, list) else [expected]
     opts: dict[str, Any] = {
         "cache_policy": cache_policy(root),
         "persist_result": True,
     }
-    if not expected.is_complete():
+    if not all(e.is_complete() for e in expected):
         opts["refresh_cache"] = True
     return task.with_options(**opts)(return_state=True, **kwargs)
 

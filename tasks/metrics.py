@@ -12,7 +12,7 @@ from saeflow.artifacts import ArtifactRef, artifact_ref, begin, completion_meta,
 from saeflow.config import MetricsConfig, ModelConfig
 from saeflow.corpus import special_token_ids
 from saeflow.device import pick_device
-from saeflow.metrics import ce_metrics, reconstruction_metrics
+from saeflow.metrics import CEReference, ce_metrics, ce_reference, reconstruction_metrics
 from saeflow.models import load_model
 from saeflow.sae import load_sae
 from saeflow.store import ActivationStore
@@ -20,6 +20,17 @@ from tasks.common import stage_logger, timed
 from tasks.corpus import load_tokens
 
 STAGE = "metrics"
+
+
+_CE_REFERENCE: dict[tuple, CEReference] = {}  # one per process: the family's SAEs share it
+
+
+def shared_ce_reference(lm, key: tuple, hook: str, tokens: torch.Tensor, batch_size: int, ignore: set[int]) -> CEReference:
+    """The clean / zero-ablation reference for these eval tokens, built once per process."""
+    if key not in _CE_REFERENCE:
+        _CE_REFERENCE.clear()  # keep at most one (it holds [positions, vocab] log-probs)
+        _CE_REFERENCE[key] = ce_reference(lm, hook, tokens, batch_size, ignore)
+    return _CE_REFERENCE[key]
 
 
 class SAEMismatchError(ValueError):
@@ -67,8 +78,11 @@ def metrics_task(model: ArtifactRef, model_cfg: ModelConfig, corpus: ArtifactRef
         train_contexts = int(completion_meta(corpus.dir)["train_contexts"])
         eval_tokens = torch.from_numpy(tokens[train_contexts:train_contexts + cfg.ce_batches * cfg.ce_batch_size].astype(np.int64))
         lm = load_model(model_cfg, require_complete(model), dev)
+        hook, ignore = store.attrs["hook"], special_token_ids(lm.tokenizer)
+        key = (model.fingerprint, model_cfg.dtype, corpus.fingerprint, hook, cfg.ce_batches, cfg.ce_batch_size, str(dev))
         with timed("CE / KL metrics"):
-            ce = ce_metrics(lm, sae_model, store.attrs["hook"], eval_tokens, cfg.ce_batch_size, special_token_ids(lm.tokenizer))
+            reference = shared_ce_reference(lm, key, hook, eval_tokens, cfg.ce_batch_size, ignore)
+            ce = ce_metrics(lm, sae_model, hook, eval_tokens, cfg.ce_batch_size, ignore, reference=reference)
         result.update(ce)
     begin(out, cfg, [model, corpus, acts, sae])
     np.save(out.dir / "density.npy", np.asarray(rec["density"]))

@@ -1,4 +1,6 @@
-"""Stage ``results``: the pandas results table (parquet + markdown), one row per SAE."""
+"""Stage ``results``: the pandas results table (parquet + markdown), one row per SAE, and the
+sparsity-fidelity frontier plot (``frontier.png``: explained variance vs L0, one line per
+architecture and width)."""
 
 from __future__ import annotations
 
@@ -10,10 +12,12 @@ from prefect import task
 
 from saeflow.artifacts import COMPLETE_MARKER, ArtifactRef, begin, fingerprint, mark_complete, require_complete
 from saeflow.config import PipelineConfig
+from saeflow.plots import frontier_plot
 from saeflow.tables import core_table, write_table
 from tasks.common import publish_markdown, publish_table, stage_logger
 
 STAGE = "results"
+FRONTIER_PNG = "frontier.png"
 
 
 def ref(config: PipelineConfig, saes: list[ArtifactRef], metrics: list[ArtifactRef], root: str, **_) -> ArtifactRef:
@@ -37,6 +41,7 @@ def tables_task(config: PipelineConfig, saes: list[ArtifactRef], metrics: list[A
     (out.dir / COMPLETE_MARKER).unlink(missing_ok=True)  # these tables replace the previous run's
     begin(out, {"profile": config.name, "config": config.model_dump(mode="json")}, [*saes, *metrics])
     paths = write_table(df, out.dir, "core_metrics")
+    paths.append(frontier_plot(df, out.dir / FRONTIER_PNG))
     mark_complete(out, rows=len(df), files=[str(p) for p in paths])
     publish_table("core-metrics", json.loads(df.to_json(orient="records")), "Core SAE metrics, one row per SAE")
     publish_markdown("core-metrics-md", df.to_markdown(index=False, floatfmt=".4g"))

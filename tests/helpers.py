@@ -20,6 +20,8 @@ def tiny_config(**overrides) -> PipelineConfig:
         "train": {"training_tokens": 256 * 30, "batch_size": 256, "checkpoint_every": 5, "log_every": 5},
         "metrics": {"n_variance_tokens": 512, "ce_batches": 1, "ce_batch_size": 8},
     }
+    if "family" in overrides:  # a family replaces the single sae section
+        del data["sae"]
     for key, value in overrides.items():
         section, _, field = key.partition("__")
         if field:
@@ -30,5 +32,10 @@ def tiny_config(**overrides) -> PipelineConfig:
 
 
 def write_config(cfg: PipelineConfig, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    data = cfg.model_dump(mode="json")
+    if cfg.family is not None:
+        del data["sae"]  # a profile sets either sae or family
+    else:
+        del data["family"]
+    path.write_text(yaml.safe_dump(data))
     return path

@@ -1,5 +1,5 @@
-"""SIGKILL the flow process during extraction and during training, re-run, and compare with an
-uninterrupted run: the activation store and the SAE weights must be identical."""
+"""SIGKILL the flow process during extraction and during training of an SAE family, re-run, and
+compare with an uninterrupted run: the activation store and every SAE's weights must be identical."""
 
 import json
 import os
@@ -25,6 +25,7 @@ def _config():
         corpus={"context_size": 32, "n_contexts": 600, "eval_contexts": 40},
         activations={"hook": "blocks.1.hook_resid_post", "batch_size": 2, "chunk_rows": 256},
         train={"training_tokens": 256 * 400, "batch_size": 256, "checkpoint_every": 10, "log_every": 50},
+        family={"widths": [64, 128], "ks": [8]},  # two SAEs, one pass: a kill may land between their checkpoints
     )
 
 
@@ -56,6 +57,10 @@ def _one(root: Path, stage: str) -> Path:
     dirs = [d for d in (root / stage).iterdir() if d.is_dir()]
     assert len(dirs) == 1, dirs
     return dirs[0]
+
+
+def _all(root: Path, stage: str) -> list[Path]:
+    return sorted(d for d in (root / stage).iterdir() if d.is_dir())
 
 
 def _extraction_midway(root: Path):
@@ -100,11 +105,13 @@ def test_sigkill_during_extraction_and_training_then_resume(tmp_path):
     assert (acts_dir / "_COMPLETE.json").exists()
     meta = json.loads((acts_dir / "_COMPLETE.json").read_text())
     assert meta["resumed_from_context"] >= done_before  # it continued, it did not start over
-    assert not (_one(killed, "train") / "_COMPLETE.json").exists()
+    assert not any((d / "_COMPLETE.json").exists() for d in _all(killed, "train"))
 
     _wait(_start(cfg, killed, tmp_path / "final.log"))
-    train_meta = json.loads((_one(killed, "train") / "_COMPLETE.json").read_text())
-    assert train_meta.get("resumed_from_step", 0) > 0  # training continued from its checkpoint
+    train_dirs = _all(killed, "train")
+    assert [d.name for d in train_dirs] == [d.name for d in _all(clean, "train")] and len(train_dirs) == 2
+    resumed = [json.loads((d / "_COMPLETE.json").read_text()).get("resumed_from_step") or 0 for d in train_dirs]
+    assert max(resumed) > 0, resumed  # training continued from its checkpoints
 
     import zarr
 
@@ -112,9 +119,10 @@ def test_sigkill_during_extraction_and_training_then_resume(tmp_path):
     b = zarr.open_group(str(acts_dir / "acts.zarr"), mode="r")
     for name in ["acts", "token_ids", "positions", "context"]:
         np.testing.assert_array_equal(np.asarray(a[name][:]), np.asarray(b[name][:]), err_msg=name)
-    wa = load_file(str(_one(clean, "train") / "sae_weights.safetensors"))
-    wb = load_file(str(_one(killed, "train") / "sae_weights.safetensors"))
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
-    assert not (_one(killed, "train") / "checkpoint").exists()
+    for d in train_dirs:
+        wa = load_file(str(clean / "train" / d.name / "sae_weights.safetensors"))
+        wb = load_file(str(d / "sae_weights.safetensors"))
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), (d.name, k)
+        assert not (d / "checkpoint").exists()

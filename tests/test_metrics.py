@@ -388,3 +388,16 @@ def test_ce_rejects_all_special(tiny_model):
     toks = torch.full((2, 16), PAD)
     with pytest.raises(ValueError, match="no counted positions"):
         ce_metrics(tiny_model, zero_sae(32), HOOK, toks, batch_size=2, ignore_token_ids={PAD})
+
+
+def test_shared_reference_gives_the_same_numbers_for_every_sae(tiny_model, tokens):
+    """A family reuses one clean/ablation reference: each SAE's numbers equal a fresh computation."""
+    from saeflow.metrics import ce_reference
+
+    ref = ce_reference(tiny_model, HOOK, tokens, 4, {BOS, PAD})
+    for sae in (random_sae(32, 64, seed=1), random_sae(32, 64, seed=2), identity_sae(32)):
+        shared = ce_metrics(tiny_model, sae, HOOK, tokens, 4, {BOS, PAD}, reference=ref)
+        fresh = ce_metrics(tiny_model, sae, HOOK, tokens, 4, {BOS, PAD})
+        assert shared == pytest.approx(fresh, rel=1e-9, abs=1e-12)
+    with pytest.raises(ValueError, match="another hook"):
+        ce_metrics(tiny_model, identity_sae(32), "blocks.0.hook_resid_pre", tokens, 4, {BOS, PAD}, reference=ref)

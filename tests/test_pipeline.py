@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from flows.pipeline import main, pipeline
 from saeflow.artifacts import ArtifactError, COMPLETE_MARKER
@@ -27,11 +28,13 @@ def test_every_stage_writes_its_artifact(first_run):
     root, out = first_run
     refs = out["refs"]
     for stage in STAGES:
-        d = Path(refs[stage]["path"])
-        assert (d / COMPLETE_MARKER).is_file(), stage
-        assert (d / "config.json").is_file(), stage
+        for ref in refs[stage] if isinstance(refs[stage], list) else [refs[stage]]:
+            d = Path(ref["path"])
+            assert (d / COMPLETE_MARKER).is_file(), stage
+            assert (d / "config.json").is_file(), stage
+    assert len(refs["train"]) == len(refs["metrics"]) == 1  # a plain sae: profile is a one-member family
     assert Path(refs["model"]["path"]).parent.parent == root
-    sae_dir = Path(refs["train"]["path"])
+    sae_dir = Path(refs["train"][0]["path"])
     assert (sae_dir / "cfg.json").is_file() and (sae_dir / "sae_weights.safetensors").is_file()
     vocab = pd.read_parquet(Path(refs["vocab"]["path"]) / "vocab.parquet")
     assert set(vocab["split"]) == {"train", "test"}
@@ -42,7 +45,7 @@ def test_every_stage_writes_its_artifact(first_run):
         assert col in table.columns and np.isfinite(table[col].iloc[0]), col
     assert 0 < table["l0"].iloc[0] <= 8
     assert (Path(refs["results"]["path"]) / "core_metrics.md").read_text().count("|") > 10
-    metrics_dir = Path(refs["metrics"]["path"])
+    metrics_dir = Path(refs["metrics"][0]["path"])
     assert np.load(metrics_dir / "density.npy").shape == (128,)
 
 
@@ -71,7 +74,7 @@ def test_changing_layer_reruns_extraction_onward(first_run):
 
 def test_deleted_artifact_is_rebuilt_not_returned_as_a_dangling_path(first_run):
     root, out = first_run
-    sae_dir = Path(out["refs"]["train"]["path"])
+    sae_dir = Path(out["refs"]["train"][0]["path"])
     shutil.rmtree(sae_dir)
     again = pipeline(tiny_config(), str(root))
     assert not again["cached"]["train"] and again["cached"]["activations"]
@@ -133,7 +136,104 @@ def test_sae_from_another_width_is_refused(first_run, tmp_path):
 
     root, out = first_run
     other = pipeline(tiny_config(model={"name": "tiny-random", "tiny_layers": 2, "tiny_d_model": 32, "seed": 0}), str(root))
-    sae_dir = Path(other["refs"]["train"]["path"])
+    sae_dir = Path(other["refs"]["train"][0]["path"])
     store = ActivationStore.open(out["refs"]["activations"]["path"])
     with pytest.raises(SAEMismatchError, match="d_in=32"):
         check_sae_fits(load_sae(sae_dir), sae_dir, store)
+
+
+# ------------------------------------------------------------------ SAE families
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _complete_meta(ref: dict) -> tuple[dict, int]:
+    p = Path(ref["path"]) / COMPLETE_MARKER
+    return json.loads(p.read_text()), p.stat().st_mtime_ns
+
+
+def test_family_table_frontier_and_adding_one_member_trains_only_it(first_run):
+    import matplotlib.image
+
+    root, single = first_run
+    grid = {"widths": [64, 128], "ks": [4, 8]}
+    out = pipeline(tiny_config(family=grid), str(root))
+    assert all(out["cached"][s] for s in ("model", "vocab", "corpus", "activations"))
+    assert [m["sae"] for m in out["members"]] == ["topk width=64 k=4", "topk width=64 k=8", "topk width=128 k=4",
+                                                  "topk width=128 k=8"]
+    # the plain `sae: {width: 128, k: 8}` run of first_run is this family's last member: same folder, not retrained
+    assert out["refs"]["train"][3] == single["refs"]["train"][0] and not out["members"][3]["trained"]
+    assert out["members"][0]["trained"] and out["members"][1]["trained"]
+    results = Path(out["refs"]["results"]["path"])
+    table = pd.read_parquet(results / "core_metrics.parquet")
+    assert len(table) == 4
+    assert list(zip(table["architecture"], table["width"], table["k"])) == [("topk", 64, 4), ("topk", 64, 8),
+                                                                           ("topk", 128, 4), ("topk", 128, 8)]
+    assert table["coefficient"].isna().all()
+    for col in ["l0", "explained_variance", "mse", "cossim", "ce_loss_score", "kl_with_sae", "frac_dead"]:
+        assert np.isfinite(table[col]).all(), col
+    assert (table["l0"] <= table["k"]).all()
+    png = results / "frontier.png"
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    img = matplotlib.image.imread(png)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    # both members of the family were trained together, in one pass
+    meta0, _ = _complete_meta(out["refs"]["train"][0])
+    assert meta0["trained_together"] == [out["refs"]["train"][0]["fingerprint"], out["refs"]["train"][1]["fingerprint"]]
+
+    before = [_complete_meta(r) for r in out["refs"]["train"]]
+    grown = {"members": [{"width": 64, "k": 4}, {"width": 64, "k": 8}, {"width": 128, "k": 4}, {"width": 128, "k": 8},
+                         {"width": 64, "k": 2}]}
+    again = pipeline(tiny_config(family=grown), str(root))
+    assert again["refs"]["train"][:4] == out["refs"]["train"]  # an explicit list names the same SAEs as the grid
+    assert [m["trained"] for m in again["members"]] == [False, False, False, False, True]
+    assert [m["metrics_cached"] for m in again["members"]] == [True, True, True, True, False]
+    assert [_complete_meta(r) for r in again["refs"]["train"][:4]] == before  # untouched, not retrained
+    new_meta, _ = _complete_meta(again["refs"]["train"][4])
+    assert new_meta["trained_together"] == [again["refs"]["train"][4]["fingerprint"]]
+    assert not again["cached"]["train"] and not again["cached"]["results"]
+    assert len(pd.read_parquet(Path(again["refs"]["results"]["path"]) / "core_metrics.parquet")) == 5
+    # the same family once more: every stage cached
+    third = pipeline(tiny_config(family=grown), str(root))
+    assert all(third["cached"].values()) and not any(m["trained"] for m in third["members"])
+
+
+def test_mixed_family_table_has_a_coefficient_column(first_run):
+    root, _ = first_run
+    fam = {"architectures": ["relu", "batchtopk"], "widths": [64], "ks": [4], "l1_coefficients": [0.5]}
+    out = pipeline(tiny_config(family=fam), str(root))
+    table = pd.read_parquet(Path(out["refs"]["results"]["path"]) / "core_metrics.parquet")
+    assert list(table["architecture"]) == ["relu", "batchtopk"]
+    assert pd.isna(table["k"].iloc[0]) and table["k"].iloc[1] == 4
+    assert table["coefficient"].iloc[0] == 0.5 and pd.isna(table["coefficient"].iloc[1])
+
+
+@pytest.mark.parametrize("family,message", [
+    ({"architectures": ["gated"]}, r"unknown SAE architecture 'gated'"),
+    ({"widths": [64, 128], "ks": [100]}, r"family member 'topk width=64 k=100' is invalid: k=100 exceeds width=64"),
+    ({"architectures": ["relu"], "l1_coefficients": [0.1, -0.5]}, r"family.l1_coefficients: -0.5 is not a non-negative"),
+    ({"architectures": ["jumprelu"], "l0_coefficients": [-1.0]}, r"family.l0_coefficients: -1.0 is not a non-negative"),
+    ({"widths": [64, 64], "ks": [4]}, r"duplicate members: #1 and #2 are both 'topk width=64 k=4'"),
+    ({"members": [{"width": 64, "k": 4}, {"width": 64, "k": 4}]}, r"duplicate members: #1 and #2"),
+    ({"members": [{"width": 64, "k": 400}]}, r"k=400 exceeds width=64"),
+])
+def test_bad_family_is_refused_before_anything_runs(tmp_path, family, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(family=family)
+    data = tiny_config().model_dump(mode="json")
+    del data["sae"]
+    data["family"] = family
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=message):
+        load_config(p)
+    assert main(["--config", str(p), "--artifacts", str(tmp_path / "artifacts")]) == 2
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_sae_and_family_together_is_refused(tmp_path):
+    data = tiny_config().model_dump(mode="json")
+    data["family"] = {"widths": [64], "ks": [4]}
+    p = tmp_path / "both.yaml"
+    p.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="set either sae .* or family .*, not both"):
+        load_config(p)

@@ -16,14 +16,21 @@ REPO = Path(__file__).resolve().parent.parent
 def test_smoke_profile_end_to_end_then_fully_cached(tmp_path):
     cfg = load_config(REPO / "configs" / "smoke.yaml")
     out = pipeline(cfg, str(tmp_path))
-    table = pd.read_parquet(Path(out["refs"]["results"]["path"]) / "core_metrics.parquet")
-    row = table.iloc[0]
-    assert row["model"] == "smollm2-135m-instruct" and row["hook"] == "blocks.3.hook_resid_post"
-    assert row["width"] == 1152 and 0 < row["l0"] <= 16
-    # a trained SAE on real activations: better than nothing, worse than perfect
-    assert 0.0 < row["explained_variance"] < 1.0
-    assert 0.0 < row["cossim"] <= 1.0
-    assert row["ce_clean"] < row["ce_with_ablation"]
-    assert np.isfinite(row["ce_loss_score"]) and np.isfinite(row["kl_with_sae"])
+    results = Path(out["refs"]["results"]["path"])
+    table = pd.read_parquet(results / "core_metrics.parquet")
+    assert len(table) == 4 and len(out["refs"]["train"]) == 4 and all(m["trained"] for m in out["members"])
+    assert list(zip(table["width"], table["k"])) == [(576, 8), (576, 16), (1152, 8), (1152, 16)]
+    assert (table["model"] == "smollm2-135m-instruct").all() and (table["hook"] == "blocks.3.hook_resid_post").all()
+    assert ((table["l0"] > 0) & (table["l0"] <= table["k"])).all()
+    # trained SAEs on real activations: better than nothing, worse than perfect
+    assert ((table["explained_variance"] > 0.0) & (table["explained_variance"] < 1.0)).all()
+    assert ((table["cossim"] > 0.0) & (table["cossim"] <= 1.0)).all()
+    assert (table["ce_clean"] < table["ce_with_ablation"]).all()
+    assert np.isfinite(table["ce_loss_score"]).all() and np.isfinite(table["kl_with_sae"]).all()
+    # more latents or a larger k reconstruct better (same data, same budget)
+    ev = {(w, k): e for w, k, e in zip(table["width"], table["k"], table["explained_variance"])}
+    assert ev[(1152, 16)] > ev[(576, 8)]
+    assert (results / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = pipeline(cfg, str(tmp_path))
     assert all(again["cached"].values()), again["cached"]
+    assert not any(m["trained"] for m in again["members"])

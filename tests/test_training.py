@@ -350,3 +350,138 @@ def test_nonfinite_loss_from_finite_batch(tmp_path):
     sae_cfg = SAE_CFG.model_copy(update={"normalize_activations": "none"})
     with pytest.raises(NonFiniteError, match=r"NaN/inf in the loss at training step 1.*lower train.lr"):
         run(tmp_path, sae_cfg=sae_cfg, loader=InMemoryLoader(huge, 64))
+
+
+# ------------------------------------------------------------------------------------- families
+# three SAEs of different architectures and widths fed from one pass over the same loader
+FAMILY = [
+    SAE_CFG,
+    SAEConfig(architecture="batchtopk", width=32, k=2, dead_feature_window=3),
+    SAEConfig(architecture="jumprelu", width=48, dead_feature_window=3, l0_coefficient=0.5, l0_warm_up_steps=20),
+]
+FAMILY_NAMES = [{"W_enc", "b_enc", "W_dec", "b_dec"}, {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"},
+                {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}]
+
+
+def run_family(root: Path, cfgs: list[SAEConfig] = FAMILY, **kw: Any) -> list[dict[str, Any]]:
+    members = [(cfg, root / f"m{i}", None) for i, cfg in enumerate(cfgs)]
+    return training.train_saes(members, TRAIN_CFG, InMemoryLoader(DATA, TRAIN_CFG.batch_size, seed=2), D_IN, CPU, **kw)
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory) -> list[Path]:
+    """Each family member trained on its own with train_sae (same seed, same loader)."""
+    root = tmp_path_factory.mktemp("alone")
+    for i, cfg in enumerate(FAMILY):
+        assert run(root / f"m{i}", sae_cfg=cfg)["completed"]
+    return [root / f"m{i}" for i in range(len(FAMILY))]
+
+
+def assert_family_equals(root: Path, alone: list[Path]) -> None:
+    for i, ref in enumerate(alone):
+        assert_same_result(root / f"m{i}", ref, FAMILY_NAMES[i])
+        assert not (root / f"m{i}" / CHECKPOINT_DIR).exists()
+
+
+def test_family_equals_members_trained_alone(tmp_path, alone):
+    seen: list[tuple[int, int]] = []
+    summaries = run_family(tmp_path, on_log=lambda i, d: seen.append((i, d["step"])))
+    assert [s["completed"] for s in summaries] == [True] * 3
+    assert [s["d_sae"] for s in summaries] == [64, 32, 48]
+    assert seen[:3] == [(0, 5), (1, 5), (2, 5)] and len(seen) == 3 * 9
+    assert_family_equals(tmp_path, alone)
+
+
+def test_family_with_an_unnormalised_member_needs_the_factor(tmp_path):
+    cfgs = [SAE_CFG, SAE_CFG.model_copy(update={"normalize_activations": "none", "width": 32})]
+    with pytest.raises(ValueError, match="mix normalize_activations 'none' and 'expected_average_only_in': pass scaling_factor"):
+        run_family(tmp_path, cfgs)
+    # with the factor, the normalising member is scaled and the other is not, each as if alone
+    run_family(tmp_path / "fam", cfgs, scaling_factor=2.5)
+    run(tmp_path / "a0", sae_cfg=cfgs[0], scaling_factor=2.5)
+    run(tmp_path / "a1", sae_cfg=cfgs[1])
+    assert_same_result(tmp_path / "fam" / "m0", tmp_path / "a0")
+    assert_same_result(tmp_path / "fam" / "m1", tmp_path / "a1")
+
+
+def test_family_members_need_their_own_folders(tmp_path):
+    with pytest.raises(ValueError, match="share an out_dir"):
+        training.train_saes([(SAE_CFG, tmp_path / "x", None), (FAMILY[1], tmp_path / "x", None)], TRAIN_CFG,
+                            InMemoryLoader(DATA, 64), D_IN, CPU)
+
+
+def test_family_kill_and_resume_equals_uninterrupted(tmp_path, alone):
+    for stop in (10, 25):  # checkpoints at 7 and 21: each resume replays steps
+        summaries = run_family(tmp_path, stop_after_steps=stop)
+        assert [(s["completed"], s["steps"]) for s in summaries] == [(False, stop)] * 3
+    summaries = run_family(tmp_path)
+    assert [s["resumed_from_step"] for s in summaries] == [21, 21, 21]
+    assert_family_equals(tmp_path, alone)
+
+
+@pytest.mark.parametrize("dying_member", [0, 1, 2])
+def test_family_kill_between_members_checkpoint_writes(tmp_path, alone, monkeypatch, dying_member):
+    """A kill lands after some members wrote their step-14 checkpoint and before the others did."""
+    real = training._save_checkpoint
+    writes: list[Path] = []
+
+    def dying_save(out_dir: Path, payload: dict[str, Any]) -> None:
+        if payload["step"] == 14 and out_dir.name == f"m{dying_member}":
+            raise Killed
+        writes.append(out_dir)
+        real(out_dir, payload)
+
+    monkeypatch.setattr(training, "_save_checkpoint", dying_save)
+    with pytest.raises(Killed):
+        run_family(tmp_path)
+    monkeypatch.setattr(training, "_save_checkpoint", real)
+    steps = [json.loads((tmp_path / f"m{i}" / CHECKPOINT_DIR / "meta.json").read_text())["step"] for i in range(3)]
+    assert steps == [14 if i < dying_member else 7 for i in range(3)]
+    summaries = run_family(tmp_path)
+    assert [s["resumed_from_step"] for s in summaries] == steps
+    assert_family_equals(tmp_path, alone)
+
+
+def test_family_kill_between_members_final_saves(tmp_path, alone, monkeypatch):
+    real = training.save_sae
+    calls = {"n": 0}
+
+    def dying_save_sae(*a: Any, **kw: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:  # member 0 is finished, members 1 and 2 are not
+            raise Killed
+        real(*a, **kw)
+
+    monkeypatch.setattr(training, "save_sae", dying_save_sae)
+    with pytest.raises(Killed):
+        run_family(tmp_path)
+    monkeypatch.setattr(training, "save_sae", real)
+    assert (tmp_path / "m0" / training.DONE_FILE).is_file() and not (tmp_path / "m0" / CHECKPOINT_DIR).exists()
+    summaries = run_family(tmp_path)
+    assert summaries[0]["already_complete"] is True
+    assert [s["resumed_from_step"] for s in summaries[1:]] == [35, 35]
+    assert_family_equals(tmp_path, alone)
+
+
+def test_member_checkpointed_alone_joins_a_fresh_family(tmp_path, alone):
+    """Member 0 stopped at step 18 (checkpoint 14); the family restarts from a fresh loader for the
+    others (estimating the factor again) and member 0 skips the 14 batches it already trained on."""
+    run(tmp_path / "m0", sae_cfg=FAMILY[0], stop_after_steps=18)
+    summaries = run_family(tmp_path)
+    assert [s["resumed_from_step"] for s in summaries] == [14, None, None]
+    assert_family_equals(tmp_path, alone)
+
+
+def test_complete_members_are_not_retrained(tmp_path, alone):
+    run_family(tmp_path, FAMILY[:2])
+    before = {p: p.stat().st_mtime_ns for i in range(2) for p in (tmp_path / f"m{i}").iterdir()}
+    summaries = run_family(tmp_path, FAMILY)
+    assert [s.get("already_complete", False) for s in summaries] == [True, True, False]
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert_family_equals(tmp_path, alone)
+    # a finished folder is also skipped by train_sae; a damaged one is trained again
+    assert run(tmp_path / "m0")["already_complete"] is True
+    weights = tmp_path / "m0" / SAE_WEIGHTS_FILENAME
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    assert "already_complete" not in run(tmp_path / "m0")
+    assert_same_result(tmp_path / "m0", alone[0])

@@ -1,0 +1,80 @@
+"""FamilyConfig: grid / explicit expansion, derived Matryoshka levels, fingerprints, bad input."""
+
+import pytest
+from pydantic import ValidationError
+
+from saeflow.artifacts import ArtifactRef
+from saeflow.config import FamilyConfig, PipelineConfig, SAEConfig, TrainConfig, default_matryoshka_widths, describe_sae
+from tasks import train
+
+
+def test_grid_order_and_sparsity_fields():
+    fam = FamilyConfig(base=SAEConfig(dead_feature_window=7), architectures=("topk", "relu", "jumprelu"),
+                       widths=(64, 128), ks=(4, 8), l1_coefficients=(0.5,), l0_coefficients=(0.1, 0.2))
+    assert [describe_sae(m) for m in fam.expand()] == [
+        "topk width=64 k=4", "topk width=64 k=8", "topk width=128 k=4", "topk width=128 k=8",
+        "relu width=64 l1=0.5", "relu width=128 l1=0.5",
+        "jumprelu width=64 l0=0.1", "jumprelu width=64 l0=0.2", "jumprelu width=128 l0=0.1", "jumprelu width=128 l0=0.2",
+    ]
+    assert all(m.dead_feature_window == 7 for m in fam.expand())  # shared fields come from base
+
+
+def test_empty_grid_fields_default_to_base():
+    base = SAEConfig(width=256, k=16, aux_k=8)
+    assert FamilyConfig(base=base).expand() == [base]
+    assert FamilyConfig(base=base, ks=(4, 16)).expand()[1] == base
+
+
+def test_member_fingerprints_match_the_single_sae_run():
+    acts = ArtifactRef(stage="activations", fingerprint="abc", path="/x/activations/abc")
+    single = SAEConfig(width=128, k=8)
+    fam = FamilyConfig(widths=(64, 128), ks=(8,)).expand()
+    tc = TrainConfig()
+    assert train.ref(acts, fam[1], tc, "/x") == train.ref(acts, single, tc, "/x")
+    assert train.family_refs(acts, fam, tc, "/x")[1] == train.ref(acts, single, tc, "/x")
+
+
+def test_matryoshka_levels_are_derived_from_each_width():
+    fam = FamilyConfig(architectures=("matryoshka",), widths=(1024, 4), ks=(2,))
+    assert [m.matryoshka_widths for m in fam.expand()] == [(128, 256, 512, 1024), (1, 2, 4)]
+    assert default_matryoshka_widths(1) == (1,)
+    # explicit base levels are used as given and must fit every width
+    fam = FamilyConfig(base=SAEConfig(architecture="matryoshka", width=256, matryoshka_widths=(16, 64)), widths=(128, 256))
+    assert [m.effective_matryoshka_widths() for m in fam.expand()] == [(16, 64, 128), (16, 64, 256)]
+    with pytest.raises(ValidationError, match="matryoshka width=32 k=32' is invalid: .*beyond width=32"):
+        FamilyConfig(base=SAEConfig(architecture="matryoshka", width=256, matryoshka_widths=(16, 64)), widths=(32,))
+
+
+def test_explicit_members_are_merged_over_base():
+    fam = FamilyConfig.model_validate({"base": {"k": 8, "dead_feature_window": 9},
+                                       "members": [{"width": 64}, {"architecture": "matryoshka", "width": 128, "k": 4}]})
+    a, b = fam.expand()
+    assert (a.width, a.k, a.dead_feature_window) == (64, 8, 9)
+    assert (b.architecture, b.k, b.matryoshka_widths, b.dead_feature_window) == ("matryoshka", 4, (16, 32, 64, 128), 9)
+    full = SAEConfig(width=32, k=2)
+    assert FamilyConfig(members=(full,)).expand() == [full]
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"members": [{"width": 64}], "widths": [64]}, "either an explicit members list or the grid, not both"),
+    ({"members": []}, "family.members is empty"),
+    ({"architectures": ["topk"], "l1_coefficients": [0.1]}, r"family.l1_coefficients is set but no architecture .* relu"),
+    ({"architectures": ["relu"], "ks": [4]}, r"family.ks is set but no architecture"),
+    ({"widths": [0]}, "width 0 must be >= 1"),
+    ({"ks": [0]}, "k=0 must be >= 1"),
+    ({"architectures": ["relu"], "l1_coefficients": [float("nan")]}, "nan is not a non-negative finite coefficient"),
+    ({"architectures": ["topk", "gated"]}, "unknown SAE architecture 'gated'; registered architectures: batchtopk"),
+    ({"members": [{"architecture": "gated"}]}, "unknown SAE architecture 'gated'"),
+    ({"architectures": ["relu", "relu"]}, r"duplicate members: #1 and #2 are both 'relu width=4096 l1=1'"),
+])
+def test_bad_families_are_refused(kw, message):
+    with pytest.raises(ValidationError, match=message):
+        FamilyConfig.model_validate(kw)
+
+
+def test_pipeline_config_family_replaces_sae():
+    assert PipelineConfig().sae_configs() == [SAEConfig()]
+    cfg = PipelineConfig.model_validate({"family": {"widths": [64, 128], "ks": [8]}})
+    assert [m.width for m in cfg.sae_configs()] == [64, 128]
+    with pytest.raises(ValidationError, match="set either sae"):
+        PipelineConfig.model_validate({"sae": {"width": 64}, "family": {"widths": [64]}})
