@@ -79,7 +79,7 @@ def main() -> None:
     write_section("extraction", f"""
 ## Extraction throughput (`benchmarks/extraction.py`)
 
-Command: `.venv/bin/python benchmarks/extraction.py` ({args.model}, `{args.hook}`, {args.contexts} contexts x
+Command: `.venv/bin/python {' '.join(['benchmarks/extraction.py', *sys.argv[1:]])}` ({args.model}, `{args.hook}`, {args.contexts} contexts x
 {args.context_size} tokens, batch {args.batch}, {args.repeats} alternating repeats, median). Machine: {machine()}.
 
 | method | tokens/s (median) | runs |

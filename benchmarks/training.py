@@ -138,7 +138,7 @@ def main() -> None:
     write_section("training", f"""
 ## Trainer throughput vs SAELens (`benchmarks/training.py`)
 
-Command: `.venv/bin/python benchmarks/training.py` (d_in {store.d_model} from the quick profile's store, width
+Command: `.venv/bin/python {' '.join(['benchmarks/training.py', *sys.argv[1:]])}` (d_in {store.d_model} from the quick profile's store, width
 {width}, k {k}, batch {batch}, float32, {args.steps} steps per run, {args.repeats} alternating repeats, median;
 SAELens {__import__('sae_lens').__version__} `SAETrainer` with its default TopK settings). Machine: {machine()}.
 
