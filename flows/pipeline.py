@@ -17,7 +17,7 @@ from prefect import flow
 
 from saeflow.artifacts import ArtifactError, default_root, ensure_writable_root
 from saeflow.config import ConfigError, PipelineConfig, describe_sae, load_config
-from tasks import activations, corpus, metrics, model, tables, train, vocab
+from tasks import activations, corpus, imported, metrics, model, tables, train, vocab
 from tasks.common import run_stage, stage_logger
 
 
@@ -29,7 +29,8 @@ def pipeline(config: PipelineConfig, artifacts: str | None = None) -> dict:
 
     - ``refs``: stage -> reference (``stage``, ``fingerprint``, ``path``); ``refs["train"]`` and
       ``refs["metrics"]`` are lists with one entry per SAE of the family (one for a plain ``sae:``
-      profile), in :meth:`PipelineConfig.sae_configs` order.
+      profile), in :meth:`PipelineConfig.sae_configs` order; ``refs["imported"]`` lists the
+      ``import_saes`` folders copied in, whose metrics follow the family's in ``refs["metrics"]``.
     - ``cached``: stage -> bool, the Prefect cache was hit; ``metrics`` is True when every
       member's metrics task was cached.
     - ``members``: per SAE ``{"sae", "train_fingerprint", "trained", "metrics_cached"}``, where
@@ -56,12 +57,16 @@ def pipeline(config: PipelineConfig, artifacts: str | None = None) -> dict:
     complete_before = [r.is_complete() for r in train.family_refs(a, saes, config.train, root)]
     s = stage("train", train.family_refs, train.train_family_task, acts=a, members=saes, train_cfg=config.train,
               device=dev)
+    ext = [stage(f"imported-{i}", imported.ref, imported.import_sae_task, path=p, acts=a)
+           for i, p in enumerate(config.import_saes)]
     mt = [stage(f"metrics-{i}", metrics.ref, metrics.metrics_task, model=m, model_cfg=config.model, corpus=c, acts=a,
-                sae=ref, cfg=config.metrics, device=dev) for i, ref in enumerate(s)]
-    r = stage("results", tables.ref, tables.tables_task, config=config, saes=s, metrics=mt)
+                sae=ref, cfg=config.metrics, device=dev) for i, ref in enumerate(s + ext)]
+    r = stage("results", tables.ref, tables.tables_task, config=config, saes=s + ext, metrics=mt)
     hit = {name: st.name == "Cached" for name, st in states.items()}
     cached = {name: hit[name] for name in ("model", "vocab", "corpus", "activations", "train")}
-    cached["metrics"] = all(hit[f"metrics-{i}"] for i in range(len(s)))
+    cached["metrics"] = all(hit[f"metrics-{i}"] for i in range(len(mt)))
+    if ext:
+        cached["imported"] = all(hit[f"imported-{i}"] for i in range(len(ext)))
     cached["results"] = hit["results"]
     stage_logger().info("stages cached: %s", cached)
     members = [{"sae": describe_sae(cfg), "train_fingerprint": ref.fingerprint, "trained": not before,
@@ -69,7 +74,8 @@ def pipeline(config: PipelineConfig, artifacts: str | None = None) -> dict:
                for i, (cfg, ref, before) in enumerate(zip(saes, s, complete_before))]
     refs = {"model": m.model_dump(), "vocab": v.model_dump(), "corpus": c.model_dump(),
             "activations": a.model_dump(), "train": [x.model_dump() for x in s],
-            "metrics": [x.model_dump() for x in mt], "results": r.model_dump()}
+            "metrics": [x.model_dump() for x in mt], "results": r.model_dump(),
+            "imported": [x.model_dump() for x in ext]}
     return {"refs": refs, "cached": cached, "members": members}
 
 

@@ -513,6 +513,12 @@ class PipelineConfig(Frozen):
     train: TrainConfig = TrainConfig()
     metrics: MetricsConfig = MetricsConfig()
 
+    import_saes: tuple[str, ...] = ()
+    """Folders of SAEs in SAELens layout (``cfg.json`` + ``sae_weights.safetensors``, e.g. written
+    by SAELens or another saeflow run) to evaluate beside the trained ones. Each must read this
+    profile's hook (``metadata.hook_name``, when recorded) and have ``d_in`` = the model width; it
+    is copied into the artifacts (stage ``imported``) so later changes to the folder are noticed."""
+
     @model_validator(mode="after")
     def _sae_or_family(self) -> "PipelineConfig":
         if self.family is not None and "sae" in self.model_fields_set:

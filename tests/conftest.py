@@ -18,6 +18,16 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one torch thread is faster and immune to OpenMP stalls on a busy machine.
+    Opt in per module with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _prefect_server():
     """One temporary Prefect server (and database) for the whole session."""

@@ -56,13 +56,7 @@ CPU = torch.device("cpu")
 NEW = ("batchtopk", "matryoshka", "relu", "jumprelu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These matrices are tiny: one thread is faster and immune to OpenMP stalls on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 @pytest.fixture(params=[True, False], ids=["sparse", "dense"])

@@ -237,3 +237,35 @@ def test_sae_and_family_together_is_refused(tmp_path):
     p.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match="set either sae .* or family .*, not both"):
         load_config(p)
+
+
+def test_saelens_format_saes_are_imported_into_the_evaluations(first_run, tmp_path):
+    """A folder written by SAELens' own save code is evaluated beside the family (one more row)."""
+    sae_lens = pytest.importorskip("sae_lens")
+    import torch
+    from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
+
+    root, out = first_run
+    sl = StandardSAE(StandardSAEConfig(d_in=64, d_sae=96, dtype="float32", device="cpu"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in sl.parameters():
+            p.normal_(0, 0.1)
+    folder = tmp_path / "external-sae"
+    sl.save_model(str(folder))
+    cfg = tiny_config(import_saes=[str(folder)])
+    res = pipeline(cfg, str(root))
+    assert len(res["refs"]["imported"]) == 1 and len(res["refs"]["metrics"]) == 2
+    table = pd.read_parquet(Path(res["refs"]["results"]["path"]) / "core_metrics.parquet")
+    assert len(table) == 2
+    row = table[table["width"] == 96].iloc[0]
+    assert row["architecture"] == "standard" and np.isfinite(row["explained_variance"])
+    again = pipeline(cfg, str(root))
+    assert again["cached"]["imported"] and again["cached"]["metrics"]
+
+
+def test_import_of_a_folder_that_is_not_an_sae_is_a_clear_error(first_run, tmp_path):
+    root, _ = first_run
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArtifactError, match="not an SAE folder"):
+        pipeline(tiny_config(import_saes=[str(tmp_path / "empty")]), str(root))
