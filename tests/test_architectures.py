@@ -325,11 +325,13 @@ def test_warm_up_coefficient_matches_sae_lens_scheduler():
             sched.step()
 
 
+SAVE_CASES = [("relu", {}), ("jumprelu", {}), ("batchtopk", {}),
+              ("batchtopk", {"rescale_acts_by_decoder_norm": False}), ("matryoshka", {})]
+SAVE_CASE_IDS = ["relu", "jumprelu", "batchtopk", "batchtopk-no-rescale", "matryoshka"]
+
+
 # -------------------------------------------------------------------------------------- folding
-@pytest.mark.parametrize("arch,kw", [
-    ("relu", {}), ("jumprelu", {}), ("batchtopk", {}), ("batchtopk", {"rescale_acts_by_decoder_norm": False}),
-    ("matryoshka", {}),
-], ids=["relu", "jumprelu", "batchtopk", "batchtopk-no-rescale", "matryoshka"])
+@pytest.mark.parametrize("arch,kw", SAVE_CASES, ids=SAVE_CASE_IDS)
 def test_fold_activation_norm_scaling_factor(arch, kw):
     """Same folded weights as SAELens, and the folded SAE on raw x == the SAE on x * s, over s."""
     sae = make(arch, **kw)
@@ -386,10 +388,7 @@ def _with_threshold(arch: str, **kw: Any) -> BaseSAE:
     return sae
 
 
-@pytest.mark.parametrize("arch,kw", [
-    ("relu", {}), ("jumprelu", {}), ("batchtopk", {}), ("batchtopk", {"rescale_acts_by_decoder_norm": False}),
-    ("matryoshka", {}),
-], ids=["relu", "jumprelu", "batchtopk", "batchtopk-no-rescale", "matryoshka"])
+@pytest.mark.parametrize("arch,kw", SAVE_CASES, ids=SAVE_CASE_IDS)
 def test_save_loads_in_sae_lens_and_round_trips(tmp_path, arch, kw):
     sae = _with_threshold(arch, **kw)
     reference = {k: v.detach().clone() for k, v in sae.state_dict().items()}
@@ -421,10 +420,7 @@ def test_save_loads_in_sae_lens_and_round_trips(tmp_path, arch, kw):
         assert torch.equal(t, reference[name]), "save must not modify the SAE"
 
 
-@pytest.mark.parametrize("arch,kw", [
-    ("relu", {}), ("jumprelu", {}), ("batchtopk", {}), ("batchtopk", {"rescale_acts_by_decoder_norm": False}),
-    ("matryoshka", {}),
-], ids=["relu", "jumprelu", "batchtopk", "batchtopk-no-rescale", "matryoshka"])
+@pytest.mark.parametrize("arch,kw", SAVE_CASES, ids=SAVE_CASE_IDS)
 def test_saved_tensors_equal_sae_lens_conversion(tmp_path, arch, kw):
     """Our saved weights == what SAELens' save_inference_model writes (BatchTopK -> JumpReLU folding)."""
     sae = _with_threshold(arch, **kw)
