@@ -1,5 +1,6 @@
 """The main job: model -> vocab -> corpus -> activations -> train (the SAE family, one pass) -> core
-metrics (one task per SAE) -> results table + frontier plot.
+metrics (one task per SAE) -> the evaluations the profile enables (absorption, stitching, meta-SAE,
+probing; each a ``tasks/<eval>.py`` ``run(ctx)``) -> results tables + plots.
 
 Run a profile: ``python -m flows.pipeline --config configs/quick.yaml [--artifacts DIR]``.
 The artifacts root comes from ``--artifacts``, else ``$SAEFLOW_ARTIFACTS``, else ``artifacts/``.
@@ -17,8 +18,11 @@ from prefect import flow
 
 from saeflow.artifacts import ArtifactError, default_root, ensure_writable_root
 from saeflow.config import ConfigError, PipelineConfig, describe_sae, load_config
-from tasks import activations, corpus, imported, metrics, model, tables, train, vocab
-from tasks.common import run_stage, stage_logger
+from tasks import absorption, activations, corpus, imported, meta_sae, metrics, model, probing, stitching, tables, train, vocab
+from tasks.common import EvalContext, run_stage, stage_logger
+
+#: Evaluations in the order they run: (PipelineConfig field, module with ``run(ctx) -> EvalOutput``).
+EVALUATIONS = (("absorption", absorption), ("stitching", stitching), ("meta_sae", meta_sae), ("probing", probing))
 
 
 @flow(name="saeflow-pipeline", log_prints=True)
@@ -61,12 +65,23 @@ def pipeline(config: PipelineConfig, artifacts: str | None = None) -> dict:
            for i, p in enumerate(config.import_saes)]
     mt = [stage(f"metrics-{i}", metrics.ref, metrics.metrics_task, model=m, model_cfg=config.model, corpus=c, acts=a,
                 sae=ref, cfg=config.metrics, device=dev) for i, ref in enumerate(s + ext)]
-    r = stage("results", tables.ref, tables.tables_task, config=config, saes=s + ext, metrics=mt)
+    evals = {}
+    for name, module in EVALUATIONS:
+        if getattr(config, name) is None:
+            continue
+        before = set(states)
+        ctx = EvalContext(config=config, root=root, model=m, vocab=v, corpus=c, acts=a, saes=s + ext,
+                          stage=stage, device=dev)
+        evals[name] = (module.run(ctx), sorted(set(states) - before))
+    r = stage("results", tables.ref, tables.tables_task, config=config, saes=s + ext, metrics=mt,
+              evals={name: out for name, (out, _) in evals.items()})
     hit = {name: st.name == "Cached" for name, st in states.items()}
     cached = {name: hit[name] for name in ("model", "vocab", "corpus", "activations", "train")}
     cached["metrics"] = all(hit[f"metrics-{i}"] for i in range(len(mt)))
     if ext:
         cached["imported"] = all(hit[f"imported-{i}"] for i in range(len(ext)))
+    for name, (_, names) in evals.items():
+        cached[name] = all(hit[n] for n in names)
     cached["results"] = hit["results"]
     stage_logger().info("stages cached: %s", cached)
     members = [{"sae": describe_sae(cfg), "train_fingerprint": ref.fingerprint, "trained": not before,
@@ -76,6 +91,10 @@ def pipeline(config: PipelineConfig, artifacts: str | None = None) -> dict:
             "activations": a.model_dump(), "train": [x.model_dump() for x in s],
             "metrics": [x.model_dump() for x in mt], "results": r.model_dump(),
             "imported": [x.model_dump() for x in ext]}
+    for name, (out, _) in evals.items():
+        refs[name] = {"per_sae": [x.model_dump() if x is not None else None for x in out.per_sae],
+                      "results": out.results.model_dump() if out.results is not None else None,
+                      "refs": [x.model_dump() for x in out.refs]}
     return {"refs": refs, "cached": cached, "members": members}
 
 

@@ -494,6 +494,36 @@ class MetricsConfig(Frozen):
     """A latent is dense when its firing frequency exceeds this."""
 
 
+class AbsorptionConfig(Frozen):
+    """Feature absorption on the first-letter task (SPEC 1). Owned by ``saeflow/absorption.py``."""
+
+    seed: int = 42
+    """Seed of prompt sampling (Python ``random``) and probe training."""
+
+
+class StitchingConfig(Frozen):
+    """SAE stitching across the family's width chain (SPEC 2.3). Owned by ``saeflow/stitching.py``."""
+
+    seed: int = 42
+    """Seed of every random draw in the stitching evaluation."""
+
+
+class MetaSAEConfig(Frozen):
+    """Meta-SAEs trained on each SAE's unit-normalised decoder rows (SPEC 2.4). Owned by
+    ``saeflow/meta_sae.py``."""
+
+    seed: int = 42
+    """Seed of the meta-SAE initialisation and batch draws."""
+
+
+class ProbingConfig(Frozen):
+    """Sparse probing on the sae-probes datasets in four regimes (SPEC 5). Owned by
+    ``saeflow/probing.py``."""
+
+    seed: int = 42
+    """Seed of the splits (the reference's ``RandomState(seed)``) and the probe searches."""
+
+
 class PipelineConfig(Frozen):
     name: str = "quick"
     """Profile name (shown in tables and logs)."""
@@ -512,6 +542,19 @@ class PipelineConfig(Frozen):
 
     train: TrainConfig = TrainConfig()
     metrics: MetricsConfig = MetricsConfig()
+
+    absorption: AbsorptionConfig | None = None
+    """Feature-absorption evaluation of every SAE (SPEC 1); ``None`` skips it."""
+
+    stitching: StitchingConfig | None = None
+    """Stitching evaluation of every (smaller, larger) pair of SAEs on the same hook (SPEC 2.3);
+    ``None`` skips it."""
+
+    meta_sae: MetaSAEConfig | None = None
+    """Meta-SAE evaluation of every SAE's decoder (SPEC 2.4); ``None`` skips it."""
+
+    probing: ProbingConfig | None = None
+    """Sparse-probing evaluation on the sae-probes datasets (SPEC 5); ``None`` skips it."""
 
     import_saes: tuple[str, ...] = ()
     """Folders of SAEs in SAELens layout (``cfg.json`` + ``sae_weights.safetensors``, e.g. written

@@ -16,6 +16,7 @@ import os
 import socket
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -208,3 +209,45 @@ def timed(name: str) -> Iterator[dict[str, float]]:
     finally:
         out["seconds"] = time.perf_counter() - t0
         stage_logger().info("%s took %.1f s", name, out["seconds"])
+
+
+@dataclass
+class EvalContext:
+    """What the pipeline flow hands an evaluation's ``run(ctx)`` (``tasks/<eval>.py``).
+
+    ``stage(name, ref_fn, task, **kw)`` runs one cached stage task through :func:`run_stage`
+    (``root`` is added) and records its state in the flow's ``cached`` report under ``name``; give
+    every call a unique name (e.g. ``f"absorption-{i}"``). ``saes`` are the SAE artifacts to
+    evaluate (the family's members in :meth:`PipelineConfig.sae_configs` order, then the
+    imported ones); every ``cfg.json`` in them records ``metadata.hook_name``.
+
+    ``run(ctx)`` returns an :class:`EvalOutput`.
+    """
+
+    config: Any  # saeflow.config.PipelineConfig
+    root: str
+    model: ArtifactRef
+    vocab: ArtifactRef
+    corpus: ArtifactRef
+    acts: ArtifactRef
+    saes: list[ArtifactRef]
+    stage: Callable[..., Any]
+    device: str = "auto"
+
+
+@dataclass
+class EvalOutput:
+    """An evaluation's results, as small references.
+
+    - ``per_sae``: one artifact per entry of ``ctx.saes`` (same order), or ``None`` for an SAE the
+      evaluation does not score; each folder holds ``summary.json``, a flat ``{column: number}``
+      dict merged into that SAE's row of the core results table (prefix the columns with the
+      evaluation's name, e.g. ``absorption_mean_fraction``).
+    - ``results``: one artifact folder with the evaluation's tables (``*.parquet`` + ``*.md``) and
+      plots (``*.png``); the results stage copies them to ``results/<profile>/<eval>/``.
+    - ``refs``: every other artifact it made (shown in the flow's return value).
+    """
+
+    per_sae: list[ArtifactRef | None] = field(default_factory=list)
+    results: ArtifactRef | None = None
+    refs: list[ArtifactRef] = field(default_factory=list)

@@ -5,6 +5,7 @@ architecture and width)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -14,33 +15,61 @@ from saeflow.artifacts import COMPLETE_MARKER, ArtifactRef, begin, fingerprint, 
 from saeflow.config import PipelineConfig
 from saeflow.plots import frontier_plot
 from saeflow.tables import core_table, write_table
-from tasks.common import publish_markdown, publish_table, stage_logger
+from tasks.common import EvalOutput, publish_markdown, publish_table, stage_logger
 
 STAGE = "results"
 FRONTIER_PNG = "frontier.png"
 
 
-def ref(config: PipelineConfig, saes: list[ArtifactRef], metrics: list[ArtifactRef], root: str, **_) -> ArtifactRef:
-    fp = fingerprint(STAGE, {"profile": config.name}, *saes, *metrics)
+def _eval_refs(evals: dict[str, EvalOutput] | None) -> list[ArtifactRef]:
+    out: list[ArtifactRef] = []
+    for name in sorted(evals or {}):
+        ev = evals[name]
+        out += [x for x in ev.per_sae if x is not None] + ([ev.results] if ev.results is not None else [])
+    return out
+
+
+def ref(config: PipelineConfig, saes: list[ArtifactRef], metrics: list[ArtifactRef], root: str,
+        evals: dict[str, EvalOutput] | None = None, **_) -> ArtifactRef:
+    fp = fingerprint(STAGE, {"profile": config.name, "evals": sorted(evals or {})}, *saes, *metrics, *_eval_refs(evals))
     return ArtifactRef(stage=STAGE, fingerprint=fp, path=str(Path(root) / STAGE / config.name))
 
 
 @task(name="results")
-def tables_task(config: PipelineConfig, saes: list[ArtifactRef], metrics: list[ArtifactRef], root: str) -> ArtifactRef:
-    out = ref(config, saes, metrics, root)
+def tables_task(config: PipelineConfig, saes: list[ArtifactRef], metrics: list[ArtifactRef], root: str,
+                evals: dict[str, EvalOutput] | None = None) -> ArtifactRef:
+    """One row per SAE (core metrics plus each evaluation's ``summary.json`` columns); every
+    evaluation's own tables and plots are copied to ``<eval>/`` beside it."""
+    evals = evals or {}
+    out = ref(config, saes, metrics, root, evals)
     if out.is_complete():
         return out
     rows = []
-    for sae, met in zip(saes, metrics):
+    for i, (sae, met) in enumerate(zip(saes, metrics)):
         sae_dir = require_complete(sae)
         train = json.loads((sae_dir / "config.json").read_text())["config"]
+        values = json.loads((require_complete(met) / "metrics.json").read_text())
+        for name in sorted(evals):
+            per_sae = evals[name].per_sae
+            if i < len(per_sae) and per_sae[i] is not None:
+                values.update(json.loads((require_complete(per_sae[i]) / "summary.json").read_text()))
         rows.append({"profile": config.name, "model": config.model.name, "hook": config.activations.hook,
-                     "sae_fingerprint": sae.fingerprint, "sae": train["sae"],
-                     "metrics": json.loads((require_complete(met) / "metrics.json").read_text())})
+                     "sae_fingerprint": sae.fingerprint, "sae": train["sae"], "metrics": values})
     df = core_table(rows)
     (out.dir / COMPLETE_MARKER).unlink(missing_ok=True)  # these tables replace the previous run's
-    begin(out, {"profile": config.name, "config": config.model_dump(mode="json")}, [*saes, *metrics])
+    begin(out, {"profile": config.name, "config": config.model_dump(mode="json")},
+          [*saes, *metrics, *_eval_refs(evals)])
     paths = write_table(df, out.dir, "core_metrics")
+    for name in sorted(evals):
+        if evals[name].results is None:
+            continue
+        src, dst = require_complete(evals[name].results), out.dir / name
+        shutil.rmtree(dst, ignore_errors=True)
+        dst.mkdir(parents=True)
+        for f in sorted(src.iterdir()):
+            if f.is_file() and f.suffix in (".parquet", ".md", ".png", ".csv", ".json") and f.name not in (COMPLETE_MARKER, "config.json"):
+                shutil.copy2(f, dst / f.name)
+                paths.append(dst / f.name)
     paths.append(frontier_plot(df, out.dir / FRONTIER_PNG))
     mark_complete(out, rows=len(df), files=[str(p) for p in paths])
     publish_table("core-metrics", json.loads(df.to_json(orient="records")), "Core SAE metrics, one row per SAE")
