@@ -1,9 +1,11 @@
 """The main job: model -> vocab -> corpus -> activations -> train (the SAE family, one pass) -> core
 metrics (one task per SAE) -> the evaluations the profile enables (absorption, stitching, meta-SAE,
-probing; each a ``tasks/<eval>.py`` ``run(ctx)``) -> results tables + plots.
+probing; each a ``tasks/<eval>.py`` ``run(ctx)``) -> results tables + plots -> the run report
+(``results/<profile>/report.html``, tasks/report.py).
 
 Run a profile: ``python -m flows.pipeline --config configs/quick.yaml [--artifacts DIR]``.
 The artifacts root comes from ``--artifacts``, else ``$SAEFLOW_ARTIFACTS``, else ``artifacts/``.
+The task runner is the profile's ``runner:`` (local, or Dask: docs/operations.md).
 """
 
 from __future__ import annotations
@@ -11,25 +13,35 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from tasks import common  # noqa: F401  (sets Prefect's offline settings before prefect loads)
 from prefect import flow
 
-from saeflow.artifacts import ArtifactError, default_root, ensure_writable_root
+from flows.runner import StageRunner, check_root, with_runner
+from saeflow.artifacts import ArtifactError, ArtifactRef, default_root, ensure_writable_root
 from saeflow.config import ConfigError, PipelineConfig, describe_sae, load_config
-from tasks import absorption, activations, corpus, imported, meta_sae, metrics, model, probing, stitching, tables, train, vocab
-from tasks.common import EvalContext, run_stage, stage_logger
+from tasks import absorption, activations, corpus, imported, meta_sae, metrics, model, probing, report, stitching, tables, train, vocab
+from tasks.common import EvalContext, stage_logger
 
 #: Evaluations in the order they run: (PipelineConfig field, module with ``run(ctx) -> EvalOutput``).
 EVALUATIONS = (("absorption", absorption), ("stitching", stitching), ("meta_sae", meta_sae), ("probing", probing))
 
 
 @flow(name="saeflow-pipeline", log_prints=True)
-def pipeline(config: PipelineConfig, artifacts: str | None = None) -> dict:
+def pipeline(config: PipelineConfig, artifacts: str | None = None, extra_saes: list[ArtifactRef] | None = None) -> dict:
     """Run every stage of one profile; returns artifact references and which stages were cached.
 
-    Returns ``{"refs", "cached", "members"}``:
+    The task runner is the flow's: Prefect's default here; :func:`run_pipeline` applies the
+    profile's ``runner:`` (e.g. Dask). With ``runner.kind: dask`` every stage is submitted to the
+    cluster (GPU stages annotated when the device is CUDA) and the per-SAE metrics tasks are
+    submitted together, so they run in parallel.
+
+    ``extra_saes``: complete SAE artifacts of this profile's activations (e.g. ``train/`` folders
+    of an earlier family, found by ``flows.reevaluate``) evaluated after the imported ones.
+
+    Returns ``{"refs", "cached", "members", "timings", "report"}``:
 
     - ``refs``: stage -> reference (``stage``, ``fingerprint``, ``path``); ``refs["train"]`` and
       ``refs["metrics"]`` are lists with one entry per SAE of the family (one for a plain ``sae:``
@@ -39,15 +51,16 @@ def pipeline(config: PipelineConfig, artifacts: str | None = None) -> dict:
       member's metrics task was cached.
     - ``members``: per SAE ``{"sae", "train_fingerprint", "trained", "metrics_cached"}``, where
       ``trained`` says whether this run trained it (False: its artifact was already complete).
+    - ``timings``: stage name -> ``{"seconds", "cached"}`` (wall time seen by the flow).
+    - ``report``: path of the run's self-contained HTML report (``results/<profile>/report.html``).
     """
+    check_root(artifacts)
     root = str(ensure_writable_root(artifacts or default_root()).resolve())
     dev = config.train.device
-    states = {}
-
-    def stage(name: str, ref_fn, task, **kw):
-        state = run_stage(task, ref_fn, root=root, **kw)
-        states[name] = state
-        return state.result()
+    stage = StageRunner(root, config)
+    states, timings = stage.states, stage.timings
+    t_flow = time.perf_counter()
+    stage_all = stage.all
 
     saes = config.sae_configs()
     m = stage("model", model.ref, model.model_task, cfg=config.model)
@@ -61,41 +74,54 @@ def pipeline(config: PipelineConfig, artifacts: str | None = None) -> dict:
     complete_before = [r.is_complete() for r in train.family_refs(a, saes, config.train, root)]
     s = stage("train", train.family_refs, train.train_family_task, acts=a, members=saes, train_cfg=config.train,
               device=dev)
-    ext = [stage(f"imported-{i}", imported.ref, imported.import_sae_task, path=p, acts=a)
-           for i, p in enumerate(config.import_saes)]
-    mt = [stage(f"metrics-{i}", metrics.ref, metrics.metrics_task, model=m, model_cfg=config.model, corpus=c, acts=a,
-                sae=ref, cfg=config.metrics, device=dev) for i, ref in enumerate(s + ext)]
+    ext = stage_all([(f"imported-{i}", imported.ref, imported.import_sae_task, {"path": p, "acts": a})
+                     for i, p in enumerate(config.import_saes)])
+    n_imported = len(ext)
+    ext = ext + list(extra_saes or [])
+    mt = stage_all([(f"metrics-{i}", metrics.ref, metrics.metrics_task,
+                     {"model": m, "model_cfg": config.model, "corpus": c, "acts": a, "sae": ref, "cfg": config.metrics,
+                      "device": dev}) for i, ref in enumerate(s + ext)])
     evals = {}
     for name, module in EVALUATIONS:
         if getattr(config, name) is None:
             continue
         before = set(states)
         ctx = EvalContext(config=config, root=root, model=m, vocab=v, corpus=c, acts=a, saes=s + ext,
-                          stage=stage, device=dev)
+                          stage=stage, device=dev, stage_all=stage.all)
         evals[name] = (module.run(ctx), sorted(set(states) - before))
     r = stage("results", tables.ref, tables.tables_task, config=config, saes=s + ext, metrics=mt,
               evals={name: out for name, (out, _) in evals.items()})
     hit = {name: st.name == "Cached" for name, st in states.items()}
     cached = {name: hit[name] for name in ("model", "vocab", "corpus", "activations", "train")}
     cached["metrics"] = all(hit[f"metrics-{i}"] for i in range(len(mt)))
-    if ext:
-        cached["imported"] = all(hit[f"imported-{i}"] for i in range(len(ext)))
+    if n_imported:
+        cached["imported"] = all(hit[f"imported-{i}"] for i in range(n_imported))
     for name, (_, names) in evals.items():
         cached[name] = all(hit[n] for n in names)
     cached["results"] = hit["results"]
     stage_logger().info("stages cached: %s", cached)
+    timings["total"] = {"seconds": round(time.perf_counter() - t_flow, 3), "cached": all(cached.values())}
+    html = report.report_task(config=config, results=r, timings=timings, root=root)
     members = [{"sae": describe_sae(cfg), "train_fingerprint": ref.fingerprint, "trained": not before,
                 "metrics_cached": hit[f"metrics-{i}"]}
                for i, (cfg, ref, before) in enumerate(zip(saes, s, complete_before))]
     refs = {"model": m.model_dump(), "vocab": v.model_dump(), "corpus": c.model_dump(),
             "activations": a.model_dump(), "train": [x.model_dump() for x in s],
             "metrics": [x.model_dump() for x in mt], "results": r.model_dump(),
-            "imported": [x.model_dump() for x in ext]}
+            "imported": [x.model_dump() for x in ext[:n_imported]]}
+    if extra_saes:
+        refs["extra_saes"] = [x.model_dump() for x in ext[n_imported:]]
     for name, (out, _) in evals.items():
         refs[name] = {"per_sae": [x.model_dump() if x is not None else None for x in out.per_sae],
                       "results": out.results.model_dump() if out.results is not None else None,
                       "refs": [x.model_dump() for x in out.refs]}
-    return {"refs": refs, "cached": cached, "members": members}
+    return {"refs": refs, "cached": cached, "members": members, "timings": timings, "report": str(html)}
+
+
+def run_pipeline(config: PipelineConfig, artifacts: str | None = None, extra_saes: list[ArtifactRef] | None = None) -> dict:
+    """:func:`pipeline` on the profile's task runner (``runner:``: local or Dask)."""
+    check_root(artifacts)
+    return with_runner(pipeline, config)(config, artifacts, extra_saes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        out = pipeline(cfg, args.artifacts)
+        out = run_pipeline(cfg, args.artifacts)
     except (ValueError, ArtifactError) as exc:  # every saeflow user-facing error is one of these
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -118,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(out["refs"]["results"]["path"])
     print(f"results: {results / 'core_metrics.md'} (frontier plot: {results / tables.FRONTIER_PNG})")
     print((results / "core_metrics.md").read_text())
+    print(f"report: {out['report']}")
     return 0
 
 

@@ -122,23 +122,40 @@ def cache_policy(root: str | Path):
     )
 
 
-def run_stage(task, ref_fn: Callable[..., ArtifactRef | list[ArtifactRef]], **kwargs: Any):
+def _configured(task, ref_fn: Callable[..., ArtifactRef | list[ArtifactRef]], kwargs: dict[str, Any]):
+    expected = ref_fn(**kwargs)
+    expected = expected if isinstance(expected, list) else [expected]
+    opts: dict[str, Any] = {
+        "cache_policy": cache_policy(kwargs["root"]),
+        "persist_result": True,
+    }
+    if not all(e.is_complete() for e in expected):
+        opts["refresh_cache"] = True
+    return task.with_options(**opts)
+
+
+def run_stage(task, ref_fn: Callable[..., ArtifactRef | list[ArtifactRef]], *, submit: bool = False,
+              gpu: bool = False, **kwargs: Any):
     """Run a stage task with the project cache policy; returns its Prefect state.
 
     ``ref_fn(**kwargs)`` names the artifact the task returns, or a list of them (a family of
     SAEs). A cached result is only trusted while the artifact(s) it points at are all complete;
     otherwise the task runs (its body reuses whatever is complete and rebuilds the rest).
+
+    ``submit=True`` hands the task to the flow's task runner instead (``task.submit``) and returns
+    its ``PrefectFuture`` at once (``future.wait(); future.state`` gives the state): independent
+    tasks submitted together run in parallel on a Dask cluster. ``gpu=True`` (with ``submit``)
+    annotates the task ``resources={"GPU": 1}`` so Dask places it on a worker with a free GPU slot.
     """
-    root = kwargs["root"]
-    expected = ref_fn(**kwargs)
-    expected = expected if isinstance(expected, list) else [expected]
-    opts: dict[str, Any] = {
-        "cache_policy": cache_policy(root),
-        "persist_result": True,
-    }
-    if not all(e.is_complete() for e in expected):
-        opts["refresh_cache"] = True
-    return task.with_options(**opts)(return_state=True, **kwargs)
+    configured = _configured(task, ref_fn, kwargs)
+    if not submit:
+        return configured(return_state=True, **kwargs)
+    if gpu:
+        import dask
+
+        with dask.annotate(resources={"GPU": 1}):
+            return configured.submit(**kwargs)
+    return configured.submit(**kwargs)
 
 
 def in_task_run() -> bool:
@@ -233,6 +250,11 @@ class EvalContext:
     saes: list[ArtifactRef]
     stage: Callable[..., Any]
     device: str = "auto"
+    stage_all: Callable[[list[tuple]], list] | None = None
+    """Optional: ``stage_all([(name, ref_fn, task, kwargs), ...])`` runs independent stages (e.g. one
+    per SAE or per dataset) and returns their results in order: one after another with the local
+    runner, submitted together (in parallel on the workers) with ``runner.kind: dask``. ``None`` when
+    the caller gives none; then call ``stage`` in a loop."""
 
 
 @dataclass

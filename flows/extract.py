@@ -1,0 +1,72 @@
+"""Deployable flow ``extract``: the activations of a profile only (model -> corpus -> activations),
+e.g. to fill the activation store on a big machine before training elsewhere.
+
+``python -m flows.extract --config configs/quick.yaml`` or the ``extract`` deployment
+(prefect.yaml). The stages are the pipeline's (same tasks, fingerprints and cache): a later
+pipeline run reuses them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from tasks import common  # noqa: F401  (sets Prefect's offline settings before prefect loads)
+from prefect import flow
+
+from flows.runner import StageRunner, check_root, load_profile, with_runner
+from saeflow.artifacts import ArtifactRef, default_root, ensure_writable_root
+from saeflow.config import PipelineConfig
+from tasks import activations, corpus, model
+
+
+def prepare_root(artifacts: str | None) -> str:
+    check_root(artifacts)
+    return str(ensure_writable_root(artifacts or default_root()).resolve())
+
+
+def extract_stages(config: PipelineConfig, stage: StageRunner) -> tuple[ArtifactRef, ArtifactRef, ArtifactRef]:
+    """model -> corpus -> activations (as in :func:`flows.pipeline.pipeline`)."""
+    m = stage("model", model.ref, model.model_task, cfg=config.model)
+    activations.check_hook(m, config.activations.hook)
+    c = stage("corpus", corpus.ref, corpus.corpus_task, model=m, cfg=config.corpus, prepend_bos=config.model.prepend_bos)
+    a = stage("activations", activations.ref, activations.activations_task, model=m, model_cfg=config.model, corpus=c,
+              cfg=config.activations, device=config.train.device)
+    return m, c, a
+
+
+def expected_activations(config: PipelineConfig, root: str) -> ArtifactRef:
+    """The activation artifact this profile reads (computed from fingerprints; nothing runs)."""
+    m = model.ref(cfg=config.model, root=root)
+    c = corpus.ref(model=m, cfg=config.corpus, prepend_bos=config.model.prepend_bos, root=root)
+    return activations.ref(model=m, model_cfg=config.model, corpus=c, cfg=config.activations, root=root)
+
+
+def summary(stage: StageRunner, refs: dict) -> dict:
+    return {"refs": refs, "cached": {k: stage.cached(k) for k in stage.states}, "timings": stage.timings}
+
+
+@flow(name="saeflow-extract-stages", log_prints=True)
+def extract_flow(config: PipelineConfig, artifacts: str | None = None) -> dict:
+    """The extraction stages of ``config`` on the flow's task runner."""
+    stage = StageRunner(prepare_root(artifacts), config)
+    m, c, a = extract_stages(config, stage)
+    return summary(stage, {"model": m.model_dump(), "corpus": c.model_dump(), "activations": a.model_dump()})
+
+
+@flow(name="saeflow-extract", log_prints=True)
+def extract(profile: str = "configs/quick.yaml", artifacts: str | None = None, overrides: dict | None = None) -> dict:
+    """Activations of a profile only.
+
+    Args:
+        profile: profile YAML, relative to the repository (the deployment's working directory).
+        artifacts: artifacts root (default ``$SAEFLOW_ARTIFACTS`` or ``artifacts/``).
+        overrides: sections merged over the profile, e.g. ``{"runner": {"kind": "dask"}}``.
+    """
+    config = load_profile(profile, overrides)
+    return with_runner(extract_flow, config)(config, artifacts)
+
+
+if __name__ == "__main__":
+    from flows.cli import main
+
+    sys.exit(main(["run", "--flow", "extract", *sys.argv[1:]]))

@@ -1,0 +1,160 @@
+"""Task runners (``runner:`` in a profile) and the checks on where artifacts may live.
+
+``local`` is Prefect's default runner. ``dask`` is prefect-dask's ``DaskTaskRunner``, either on a
+``LocalCluster`` started for the run (``n_workers`` processes, one thread each) or on a running
+scheduler (``address: tcp://host:8786``). GPU tasks are annotated ``resources={"GPU": 1}`` when the
+device is CUDA (see :func:`tasks.common.run_stage`), so a LocalCluster on a CUDA machine gives each
+worker GPU slots (``gpus_per_worker``, default one per worker).
+"""
+
+from __future__ import annotations
+
+import re
+
+from saeflow.config import PipelineConfig, RunnerConfig
+
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+class UnsupportedRootError(ValueError):
+    """An artifacts root the artifact layer cannot use (an fsspec URL such as ``s3://``)."""
+
+
+def check_root(root: str | None) -> None:
+    """Refuse fsspec URLs as artifacts root with the reason and what works instead.
+
+    The artifact layer (``saeflow/artifacts.py``: completion markers, atomic renames, file locks of
+    the cache) works on POSIX paths; an object store has no atomic rename or lock files. Workers on
+    other machines share artifacts through a shared filesystem path (NFS, Lustre, a bucket mounted
+    with mountpoint-s3 / s3fs-fuse / gcsfuse) given as the same path on every machine.
+    """
+    if root and _URL.match(str(root)) and not str(root).startswith("file://"):
+        raise UnsupportedRootError(
+            f"artifacts root {root!r} is a URL; saeflow's artifacts need a filesystem path (completion markers are "
+            "renamed atomically, cache locks are files). Mount the bucket (mountpoint-s3, s3fs-fuse, gcsfuse) or use a "
+            "shared filesystem (NFS) and pass its path, the same on every worker: see docs/operations.md"
+        )
+
+
+def uses_gpu(device: str) -> bool:
+    """True when this device setting resolves to CUDA on this machine."""
+    if device.startswith("cuda"):
+        return True
+    if device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return False
+
+
+def make_task_runner(runner: RunnerConfig, device: str = "auto"):
+    """The Prefect task runner for ``runner`` (``None`` = Prefect's default)."""
+    if runner.kind == "local":
+        return None
+    from flows.dask_runner import SharedApiDaskTaskRunner as DaskTaskRunner
+
+    if runner.address is not None:
+        return DaskTaskRunner(address=runner.address)
+    kwargs: dict = {"n_workers": runner.n_workers, "threads_per_worker": 1, "processes": True,
+                    "dashboard_address": ":0"}
+    gpus = runner.gpus_per_worker or (1 if uses_gpu(device) else 0)
+    if gpus:
+        kwargs["resources"] = {"GPU": gpus}
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
+
+
+def with_runner(flow_fn, config: PipelineConfig):
+    """``flow_fn`` with the profile's task runner (unchanged for the local runner)."""
+    runner = make_task_runner(config.runner, config.train.device)
+    return flow_fn if runner is None else flow_fn.with_options(task_runner=runner)
+
+
+#: Stages that never need a GPU (not annotated ``resources={"GPU": 1}`` on a Dask cluster).
+CPU_STAGES = ("model", "vocab", "corpus", "imported", "results")
+
+
+class StageRunner:
+    """Runs a flow's stages through :func:`tasks.common.run_stage` and records their states and
+    wall times (the ``stage`` callable handed to the evaluations as ``EvalContext.stage``).
+
+    With the local runner each stage runs in the flow's process, one after another (Prefect's
+    default). With Dask every stage is submitted to the cluster (GPU stages annotated when the
+    device is CUDA; :data:`CPU_STAGES` never are), and :meth:`all` submits independent stages
+    together so they run in parallel.
+    """
+
+    def __init__(self, root: str, config: PipelineConfig) -> None:
+        self.root = root
+        self.parallel = config.runner.kind != "local"
+        self.gpu = self.parallel and uses_gpu(config.train.device)
+        self.states: dict = {}
+        self.timings: dict[str, dict] = {}
+
+    def _record(self, name: str, state, t0: float):
+        import time
+
+        self.states[name] = state
+        self.timings[name] = {"seconds": round(time.perf_counter() - t0, 3), "cached": state.name == "Cached"}
+        return state.result()
+
+    def _submit(self, name: str, ref_fn, task, kw: dict):
+        from tasks.common import run_stage
+
+        return run_stage(task, ref_fn, root=self.root, submit=True,
+                         gpu=self.gpu and name.split("-")[0] not in CPU_STAGES, **kw)
+
+    def __call__(self, name: str, ref_fn, task, **kw):
+        import time
+
+        from tasks.common import run_stage
+
+        t0 = time.perf_counter()
+        if not self.parallel:
+            return self._record(name, run_stage(task, ref_fn, root=self.root, **kw), t0)
+        fut = self._submit(name, ref_fn, task, kw)
+        fut.wait()
+        return self._record(name, fut.state, t0)
+
+    def all(self, calls: list[tuple]) -> list:
+        """Independent stages ``(name, ref_fn, task, kwargs)``: one after another with the local
+        runner, all submitted at once with Dask; results in the order given."""
+        import time
+
+        if not self.parallel:
+            return [self(name, ref_fn, task, **kw) for name, ref_fn, task, kw in calls]
+        t0 = time.perf_counter()
+        futs = [(name, self._submit(name, ref_fn, task, kw)) for name, ref_fn, task, kw in calls]
+        out = []
+        for name, fut in futs:
+            fut.wait()
+            out.append(self._record(name, fut.state, t0))
+        return out
+
+    def cached(self, name: str) -> bool:
+        return self.states[name].name == "Cached"
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_profile(profile: str, overrides: dict | None = None) -> PipelineConfig:
+    """A profile YAML (``configs/smoke.yaml``, ...) with ``overrides`` merged in section by
+    section (e.g. ``{"runner": {"kind": "dask"}}``, ``{"train": {"device": "cuda"}}``)."""
+    from pathlib import Path
+
+    import yaml
+
+    from saeflow.config import ConfigError, load_config
+
+    cfg = load_config(profile)
+    if not overrides:
+        return cfg
+    data = yaml.safe_load(Path(profile).read_text()) or {}
+    try:
+        return PipelineConfig.model_validate(_merge(data, overrides))
+    except ValueError as exc:
+        raise ConfigError(f"overrides {overrides!r} do not fit profile {profile}: {exc}") from exc

@@ -1,0 +1,223 @@
+"""Meta-SAEs (SPEC 2.4): planted atoms are recovered, the trainer is the shared one and resumes,
+the metrics follow SAEBench's formula, the cross-size sparse coding finds planted combinations, and
+the evaluation runs end to end through the pipeline on the tiny random model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from saeflow.config import MetaSAEConfig
+from saeflow.meta_sae import (
+    MetaSAEInputError,
+    RowSampler,
+    cluster_sizes,
+    decompose,
+    decoder_variance_explained,
+    max_cosines,
+    meta_width,
+    sample_store_rows,
+    snippet,
+    sparse_code,
+    top_rows,
+    train_meta_sae,
+    unit_rows,
+)
+from saeflow.sae import BatchTopKSAE
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models are dominated by thread hand-offs on a loaded 2-core machine: run them on one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def planted_decoder(d: int = 32, n_atoms: int = 16, n: int = 512, seed: int = 0, noise: float = 0.01):
+    """Rows = sums of 1..4 random unit atoms (weights 0.5..1.5) plus small noise."""
+    g = torch.Generator().manual_seed(seed)
+    atoms = torch.randn(n_atoms, d, generator=g)
+    atoms = atoms / atoms.norm(dim=1, keepdim=True)
+    rows, support = [], []
+    for _ in range(n):
+        m = int(torch.randint(1, 5, (1,), generator=g))
+        sel = torch.randperm(n_atoms, generator=g)[:m]
+        w = torch.rand(m, generator=g) + 0.5
+        rows.append((w[:, None] * atoms[sel]).sum(0) + noise * torch.randn(d, generator=g))
+        support.append(sel)
+    return torch.stack(rows), atoms, support
+
+
+PLANTED_CFG = dict(width_ratio=32 / 512, k=4, train_steps=500, batch_size=256, lr=5e-3)
+
+
+def test_meta_sae_recovers_planted_atoms(tmp_path, one_thread):
+    D, atoms, _ = planted_decoder()
+    meta, summary = train_meta_sae(D, MetaSAEConfig(**PLANTED_CFG), tmp_path / "meta")
+    assert isinstance(meta, BatchTopKSAE) and meta.d_sae == 32 and summary["steps"] == 500
+    W = meta.W_dec.detach()
+    W = W / W.norm(dim=1, keepdim=True)
+    best = (atoms @ W.T).max(dim=1).values
+    assert float(best.min()) >= 0.9, best
+    U = unit_rows(D)
+    ev = decoder_variance_explained(meta, U, 4096)
+    assert ev["fve"] > 0.95 and ev["l0"] == pytest.approx(4.0)
+    # a decoder with no shared structure (random directions) is explained far worse by the same budget
+    rand = torch.randn(512, 32, generator=torch.Generator().manual_seed(1))
+    meta_r, _ = train_meta_sae(rand, MetaSAEConfig(**PLANTED_CFG), tmp_path / "rand")
+    assert decoder_variance_explained(meta_r, unit_rows(rand), 4096)["fve"] < ev["fve"] - 0.2
+    # decomposition: rows are reconstructed from few meta-latents; sizes count every (latent, meta) pair
+    dec = decompose(meta, U, top=6)
+    assert dec["meta_idx"].shape == (512, 6) and float(np.median(dec["recon_cos"])) > 0.95
+    sizes = cluster_sizes(dec["pairs"], meta.d_sae)
+    assert sizes.sum() == dec["n_active"].sum() == len(dec["pairs"])
+
+
+def test_finished_meta_sae_is_not_retrained_and_resume_is_exact(tmp_path, one_thread):
+    D, _, _ = planted_decoder(n=256)
+    cfg = MetaSAEConfig(width_ratio=0.125, k=4, train_steps=40, batch_size=64, lr=1e-3, checkpoint_every=10)
+    full, s1 = train_meta_sae(D, cfg, tmp_path / "a")
+    again, s2 = train_meta_sae(D, cfg, tmp_path / "a")
+    assert s2.get("already_complete") and s2["train_time_seconds"] == 0.0
+    assert torch.equal(full.W_dec, again.W_dec)
+    # killed after 25 steps (checkpoint at 20), then resumed: bit-identical to the uninterrupted run
+    from saeflow.meta_sae import meta_sae_config, meta_train_config
+    from saeflow.training import train_sae
+
+    U = unit_rows(D)
+    part = train_sae(meta_sae_config(256, cfg), meta_train_config(cfg), RowSampler(U, 64, cfg.seed), 32,
+                     tmp_path / "b", torch.device("cpu"), stop_after_steps=25)
+    assert part["completed"] is False
+    resumed, s3 = train_meta_sae(D, cfg, tmp_path / "b")
+    assert s3["resumed_from_step"] == 20
+    assert torch.equal(full.W_dec, resumed.W_dec) and torch.equal(full.W_enc, resumed.W_enc)
+
+
+def test_row_sampler_draws_with_replacement_and_replays():
+    M = torch.arange(10, dtype=torch.float32)[:, None].repeat(1, 3)
+    s = RowSampler(M, 8, seed=3)
+    it = iter(s)
+    first = [next(it) for _ in range(5)]
+    g = torch.Generator().manual_seed(3)
+    expected = [M[torch.randint(0, 10, (8,), generator=g)] for _ in range(5)]
+    assert all(torch.equal(a, b) for a, b in zip(first, expected))
+    assert any(len(set(b[:, 0].tolist())) < 8 for b in first)  # repeats: drawn with replacement
+    t = RowSampler(M, 8, seed=3)
+    t.load_state_dict({"drawn": 3, "seed": 3, "batch_size": 8})
+    assert torch.equal(next(iter(t)), first[3])
+
+
+def test_variance_explained_matches_the_formula():
+    D, _, _ = planted_decoder(n=300)
+    U = unit_rows(D)
+    from saeflow.meta_sae import meta_sae_config
+
+    meta = BatchTopKSAE(meta_sae_config(300, MetaSAEConfig(width_ratio=0.1)), 32, seed=0)
+    with torch.no_grad():
+        meta.W_enc.normal_(generator=torch.Generator().manual_seed(0))
+        meta.b_dec.copy_(U.mean(0))
+    got = decoder_variance_explained(meta, U, eval_batch_size=128)
+    with torch.no_grad():
+        recon = torch.cat([meta.decode(meta.encode_batch_topk(U[s:s + 128])) for s in range(0, 300, 128)])
+    resid = float(((U - recon) ** 2).sum())
+    assert got["fve"] == pytest.approx(1 - resid / float(((U - U.mean(0)) ** 2).sum()), rel=1e-5)
+    assert got["mse"] == pytest.approx(resid / U.numel(), rel=1e-5)
+    assert got["l0"] == pytest.approx(4.0)  # k * rows kept per batch (when that many are positive)
+
+
+def test_sparse_code_finds_planted_combinations():
+    g = torch.Generator().manual_seed(0)
+    small = unit_rows(torch.randn(64, 48, generator=g))
+    combos = []
+    for i in range(40):  # 40 rows that ARE combinations of 3 small atoms
+        idx = torch.randperm(64, generator=g)[:3]
+        combos.append((torch.rand(3, generator=g) + 0.5) @ small[idx])
+    novel = torch.randn(40, 48, generator=g)  # 40 new directions
+    Y = unit_rows(torch.cat([torch.stack(combos), novel]))
+    sc = sparse_code(Y, small, k=4)
+    cos = sc["cos"][:, -1]
+    assert (cos[:40] > 0.99).all()
+    assert (cos[40:] < 0.9).mean() > 0.9
+    assert np.all(np.diff(sc["cos"], axis=1) >= -1e-5)  # more atoms never explain less
+    # the first step is the max |cosine|
+    np.testing.assert_allclose(sc["cos"][:, 0], (Y @ small.T).abs().max(dim=1).values.numpy(), atol=1e-5)
+
+
+def test_max_cosines_exclude_self():
+    U = unit_rows(torch.eye(4) + 0.01)
+    mc = max_cosines(U, U)
+    assert mc["base->meta"] == pytest.approx(np.ones(4), abs=1e-6)
+    assert (mc["base->base"] < 0.99).all()
+
+
+def test_bad_decoders_are_refused():
+    with pytest.raises(MetaSAEInputError, match="NaN"):
+        unit_rows(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+    with pytest.raises(MetaSAEInputError, match="all-zero"):
+        unit_rows(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    with pytest.raises(MetaSAEInputError, match="2-D"):
+        unit_rows(torch.ones(3))
+    with pytest.raises(MetaSAEInputError, match="at least 2"):
+        unit_rows(torch.ones(1, 4))
+    with pytest.raises(MetaSAEInputError, match="width_ratio"):
+        meta_width(100, 0.0, 4)
+    with pytest.raises(MetaSAEInputError, match="share a width"):
+        sparse_code(torch.ones(2, 3), torch.ones(2, 4), 1)
+    assert meta_width(1000, 0.25, 4) == 250 and meta_width(10, 0.01, 4) == 4 and meta_width(1001, 0.25, 4) == 251
+    with pytest.raises(ValueError):
+        MetaSAEConfig(width_ratio=0.0)
+    with pytest.raises(ValueError):
+        MetaSAEConfig(cross_size_threshold=1.5)
+
+
+def test_example_helpers():
+    blocks = sample_store_rows(100_000, 2048, seed=0, block=512)
+    assert len(blocks) == 4 and all(b - a == 512 and a % 512 == 0 for a, b in blocks)
+    assert blocks == sorted(blocks) and blocks == sample_store_rows(100_000, 2048, seed=0, block=512)
+    assert sample_store_rows(100, 2048, seed=0) == [(0, 100)]
+    scores = [torch.tensor([[1.0, 5.0], [3.0, 0.0]]), torch.tensor([[2.0, 4.0]])]
+    v, r = top_rows(iter(scores), 2)
+    assert r[:, 0].tolist() == [1, 2] and r[:, 1].tolist() == [0, 2] and v[0, 1] == 5.0
+    words = {1: " the", 2: " cat", 3: " sat", 4: " on", 5: "\n"}
+    s = snippet(np.array([1, 2, 3, 4, 5]), 2, lambda ids: "".join(words[i] for i in ids), window=1)
+    assert s == "… cat **sat** on…"
+
+
+def test_meta_sae_through_the_pipeline(tmp_path, one_thread):
+    import flows.pipeline as fp
+    from tests.helpers import tiny_config
+
+    cfg = tiny_config(family={"architectures": ["topk"], "widths": [64, 128], "ks": [8]},
+                      meta_sae={"train_steps": 30, "batch_size": 64, "n_examples": 2, "example_rows": 1024,
+                                "checkpoint_every": 10, "log_every": 10})
+    out = fp.pipeline(cfg, str(tmp_path))
+    results = Path(out["refs"]["results"]["path"])
+    table = pd.read_parquet(results / "core_metrics.parquet")
+    for col in ("meta_sae_fve", "meta_sae_mse", "meta_sae_width", "meta_sae_mean_latents_per_meta"):
+        assert table[col].notna().all(), col
+    assert table["meta_sae_width"].tolist() == [16, 32]  # ceil(0.25 * width)
+    assert math.isnan(table["meta_sae_cross_size_fraction"][0])  # the smallest SAE has no smaller partner
+    assert 0.0 <= table["meta_sae_cross_size_fraction"][1] <= 1.0
+    files = {p.name for p in (results / "meta_sae").iterdir()}
+    assert {"meta_sae.parquet", "meta_sae.md", "cross_size.parquet", "cluster_sizes.png", "cross_size_cosines.png",
+            "max_cosines.png", "examples.md"} <= files
+    cross = pd.read_parquet(results / "meta_sae" / "cross_size.parquet")
+    assert cross[["smaller_width", "larger_width"]].values.tolist() == [[64, 128]]
+    page = (results / "meta_sae" / "examples.md").read_text()
+    assert page.count("## Latent ") == 2 and "**" in page and "M" in page
+    per = out["refs"]["meta_sae"]["per_sae"]
+    dec = pd.read_parquet(Path(out["refs"]["meta_sae"]["refs"][1]["path"]) / "decomposition.parquet")
+    assert len(dec) == 128 and len(per) == 2
+    summary = json.loads((Path(per[1]["path"]) / "summary.json").read_text())
+    assert all(k.startswith("meta_sae_") for k in summary)
+    # a re-run is fully cached
+    again = fp.pipeline(cfg, str(tmp_path))
+    assert again["cached"]["meta_sae"] is True
