@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROFILE ?= configs/quick.yaml
 
-.PHONY: install run smoke test test-fast bench clean-venv
+.PHONY: install run run-evals smoke test test-fast bench clean-venv
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 run: install
 	$(PY) -m flows.pipeline --config $(PROFILE)
 
+run-evals: install
+	$(PY) -m flows.pipeline --config configs/quick-evals.yaml
+
 smoke: install
 	$(PY) -m flows.pipeline --config configs/smoke.yaml
 
@@ -30,7 +33,7 @@ test-fast: install
 	$(PY) -m pytest -m "not slow" tests
 
 bench: install
-	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+	for b in benchmarks/[a-z]*.py; do $(PY) -m benchmarks.$$(basename $$b .py) || exit 1; done
 
 clean-venv:
 	rm -rf $(VENV)

@@ -134,27 +134,16 @@ class StageRunner:
         return self.states[name].name == "Cached"
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def load_profile(profile: str, overrides: dict | None = None) -> PipelineConfig:
     """A profile YAML (``configs/smoke.yaml``, ...) with ``overrides`` merged in section by
-    section (e.g. ``{"runner": {"kind": "dask"}}``, ``{"train": {"device": "cuda"}}``)."""
-    from pathlib import Path
+    section (e.g. ``{"runner": {"kind": "dask"}}``, ``{"train": {"device": "cuda"}}``; ``null``
+    turns an evaluation section off)."""
+    from saeflow.config import ConfigError, merge_sections, read_profile, validate_profile
 
-    import yaml
-
-    from saeflow.config import ConfigError, load_config
-
-    cfg = load_config(profile)
+    data = read_profile(profile)
     if not overrides:
-        return cfg
-    data = yaml.safe_load(Path(profile).read_text()) or {}
+        return validate_profile(data, profile)
     try:
-        return PipelineConfig.model_validate(_merge(data, overrides))
-    except ValueError as exc:
+        return validate_profile(merge_sections(data, overrides), profile)
+    except ConfigError as exc:
         raise ConfigError(f"overrides {overrides!r} do not fit profile {profile}: {exc}") from exc

@@ -500,12 +500,155 @@ class AbsorptionConfig(Frozen):
     seed: int = 42
     """Seed of prompt sampling (Python ``random``) and probe training."""
 
+    max_words: int | None = Field(None, ge=52)
+    """Cap on the vocabulary words turned into probe prompts, drawn stratified by first letter
+    (seeded); ``None`` uses every alphabetic token (SPEC; ~140k on Gemma 3, hours on a CPU)."""
+
+    icl_examples: int = Field(10, ge=0)
+    """In-context examples per prompt, drawn from the same split (SPEC 1.2: 10)."""
+
+    batch_size: int = operational(32, "Prompts per model forward.")
+    """Prompts per model forward (equal-length batches)."""
+
+    probe_epochs: int = Field(50, ge=1)
+    """Ground-truth probe: epochs (SPEC 1.3: 50)."""
+
+    probe_batch_size: int = Field(64, ge=1)
+    """Ground-truth probe: mini-batch size (SPEC 1.3: 64)."""
+
+    probe_lr: float = Field(1e-2, gt=0.0)
+    """Ground-truth probe: Adam learning rate at the start (decays exponentially to 1e-5)."""
+
+    probe_weight_decay: float = Field(1e-4, ge=0.0)
+    """Ground-truth probe: Adam weight decay (SPEC 1.3: 1e-4)."""
+
+    min_probe_f1: float = Field(0.6, ge=0.0, le=1.0)
+    """Letters whose probe test F1 is <= this are excluded (SPEC 1.3: 0.6)."""
+
+    min_letters: int = Field(20, ge=1, le=26)
+    """Refuse to evaluate when fewer letters pass the probe-F1 gate (SAEBench: 20)."""
+
+    max_k: int = Field(10, ge=1)
+    """k-sparse probing: largest k (SAEBench: 10; the paper: 15)."""
+
+    l1_decay: float = Field(0.01, ge=0.0)
+    """k-sparse probing: L1 weight of the probe on SAE latents (SPEC 1.4: 0.01)."""
+
+    sparse_probe_epochs: int = Field(50, ge=1)
+    """k-sparse probing: epochs of the L1 probe (SPEC 1.4: 50)."""
+
+    sparse_probe_batch_size: int = Field(4096, ge=1)
+    """k-sparse probing: mini-batch size of the L1 probe (SPEC 1.4: 4096)."""
+
+    f1_jump_threshold: float = Field(0.03, ge=0.0)
+    """Feature splitting: k+1 latents count as a split while F1 rises by more than this (0.03)."""
+
+    ablation: bool = True
+    """Also compute the paper's ablation-based absorption rate (SPEC 1.6; integrated gradients
+    through the model above the hook)."""
+
+    max_ablation_prompts: int = Field(200, ge=1)
+    """Ablation rate: prompts sampled per letter (SPEC 1.6: 200); the rate is rescaled by the
+    sampled share."""
+
+    ig_steps: int = Field(6, ge=1)
+    """Ablation rate: integrated-gradients interpolation steps (SPEC 1.6: 6)."""
+
+    ig_batch_size: int = operational(32, "Prompts per integrated-gradients forward/backward.")
+    """Prompts per integrated-gradients batch (each runs ``ig_steps`` forwards and backwards)."""
+
 
 class StitchingConfig(Frozen):
-    """SAE stitching across the family's width chain (SPEC 2.3). Owned by ``saeflow/stitching.py``."""
+    """SAE stitching across the family's width chain (SPEC 2.3). Owned by ``saeflow/stitching.py``.
+
+    Pairs (smaller S, larger L) are compared latent by latent (decoder cosines, single-insertion
+    ΔMSE on held-out rows) and interpolated from S to L; every SAE also gets its JumpReLU inference
+    form (``f = relu(h) * 1[h > θ]``), used when ``form: jumprelu`` and reported either way. The
+    fields marked INFERRED are design decisions (SPEC 2.3: no public code); docs/stitching.md."""
 
     seed: int = 42
-    """Seed of every random draw in the stitching evaluation."""
+    """Seed of every random draw in the stitching evaluation (none at present: everything is
+    deterministic given the stored activations)."""
+
+    pairs: tuple[tuple[int, int], ...] | None = None
+    """Explicit pairs ``[[s, l], ...]``: indices into the evaluated SAEs (the family's members in
+    grid order, then ``import_saes``), ``s`` the smaller, ``l`` the larger. ``None`` = every
+    (smaller, larger) pair on the same hook and model with the same architecture and sparsity
+    setting (``k``, or the L1 / L0 coefficient)."""
+
+    adjacent_only: bool = False
+    """Automatic pairs only: keep, for each larger SAE, just the pair with the next smaller width
+    of its chain (1x->2x, 2x->4x) instead of every smaller one."""
+
+    pair_across_sparsity: bool = False
+    """Automatic pairs only: also pair SAEs of the same architecture whose ``k`` / coefficient
+    differ (e.g. a k=16 SAE with a wider k=32 one)."""
+
+    n_tokens: int = Field(16_384, ge=16)
+    """Held-out activation rows (store rows from ``train_rows`` on; fewer when the store holds
+    fewer) on which ΔMSE, the classes and the interpolation curve are measured."""
+
+    form: Literal["native", "jumprelu"] = "native"
+    """INFERRED. How latents of different SAEs are combined. ``native``: every latent keeps the
+    activation it has in its own SAE (TopK's per-token selection included); the stitched SAE is a
+    composite module. ``jumprelu``: every SAE is first replaced by its JumpReLU inference form and
+    the stitched SAE is a registry JumpReLU SAE with concatenated weights. Identical for ReLU /
+    JumpReLU / BatchTopK / Matryoshka (their JumpReLU form is exact); for TopK the JumpReLU form is
+    an approximation (``topk_threshold``) whose fidelity is reported in ``stitching_jumprelu_form``
+    (on the quick profile's TopK family it loses most of the explained variance, hence the default)."""
+
+    topk_threshold: Literal["per_latent", "global"] = "per_latent"
+    """INFERRED. How a TopK SAE gets its JumpReLU inference form. ``per_latent``: θ_j is chosen so
+    latent j fires on exactly as many calibration rows as it does under TopK (so the form's L0
+    equals k on those rows, and each latent keeps its density). ``global``: one θ for all latents
+    so the total number of firings (hence L0) matches TopK's, as BatchTopK's saved form.
+    BatchTopK / Matryoshka SAEs use their own saved threshold, ReLU SAEs θ = 0, JumpReLU their θ."""
+
+    calibration_tokens: int = Field(16_384, ge=16)
+    """Rows of the activation store used to fit TopK thresholds: the last this-many *training*
+    rows (just before ``train_rows``), so thresholds never see the held-out rows they are scored on."""
+
+    adjust_encoder_bias: bool = True
+    """INFERRED. An L latent inserted into S is encoded with S's ``b_dec`` (SPEC 2.3); ``True`` adds
+    ``(b_dec_S - b_dec_L) @ W_enc_L`` to its encoder bias so it fires exactly as it does in L.
+    ``False`` keeps L's raw ``b_enc`` (the latent then sees the input centred by S's ``b_dec``)."""
+
+    novel_order: Literal["delta_mse", "cosine"] = "delta_mse"
+    """INFERRED. Order in which novel latents are inserted along the interpolation: ``delta_mse``
+    (most helpful single insertion first) or ``cosine`` (lowest max cosine to S first)."""
+
+    swap_order: Literal["cosine", "delta_mse"] = "cosine"
+    """INFERRED. Order of the swaps (an S latent replaced by the reconstruction latents of L that
+    match it, ``argmax_i C_ji``): ``cosine`` (group with the highest max cosine first) or
+    ``delta_mse`` (lowest summed single-insertion ΔMSE of the group first)."""
+
+    taus: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+    """INFERRED. Max-cosine thresholds τ of the proxy (``novel if s_j < τ``) swept in the report."""
+
+    n_steps: int = Field(8, ge=1)
+    """Points of the interpolation curve, besides S itself, at which the stitched SAE is evaluated in
+    full (metrics code + CE loss), evenly spaced over the insert/swap events; the last is L. The MSE
+    is also tracked exactly after *every* event (for the monotonicity count)."""
+
+    ce_batches: int = Field(1, ge=0)
+    """Batches of held-out contexts for the CE loss of the stitched SAE at each curve point (the
+    clean / ablated reference is shared with the core metrics when the sizes match); 0 skips CE."""
+
+    ce_batch_size: int = Field(8, ge=1)
+    """Contexts per CE batch."""
+
+    hist_bins: int = Field(40, ge=2)
+    """Bins of the max-cosine histograms."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "StitchingConfig":
+        if not self.taus or any(not (-1.0 <= t <= 1.0) for t in self.taus):
+            raise ValueError(f"stitching.taus={list(self.taus)} must be a non-empty list of cosines in [-1, 1]")
+        for p in self.pairs or ():
+            if len(p) != 2 or min(p) < 0 or p[0] == p[1]:
+                raise ValueError(f"stitching.pairs entry {list(p)} must be two different SAE indices >= 0 "
+                                 "([smaller, larger], indices into the family's members then import_saes)")
+        return self
 
 
 class MetaSAEConfig(Frozen):
@@ -513,7 +656,64 @@ class MetaSAEConfig(Frozen):
     ``saeflow/meta_sae.py``."""
 
     seed: int = 42
-    """Seed of the meta-SAE initialisation and batch draws."""
+    """Seed of the meta-SAE initialisation and batch draws (SAEBench ``random_seed``), and of the
+    choice of example latents / activation rows for the example page."""
+
+    width_ratio: float = Field(0.25, gt=0.0)
+    """Meta-SAE width = ``max(ceil(width_ratio * n_latents), k)`` (SAEBench ``width_ratio``)."""
+
+    k: int = Field(4, ge=1)
+    """BatchTopK ``k`` of the meta-SAE: average active meta-latents per decoder row."""
+
+    train_steps: int = Field(1500, ge=1)
+    """Optimiser steps (SAEBench ``train_steps``)."""
+
+    batch_size: int = Field(1024, ge=1)
+    """Decoder rows per step, drawn uniformly WITH replacement (``torch.randint``)."""
+
+    lr: float = Field(5e-4, gt=0.0)
+    """Adam learning rate, constant (betas 0.9, 0.999; gradient-norm clip 1.0 as SAELens)."""
+
+    dead_feature_window: int = Field(2000, ge=1)
+    """A meta-latent is dead (feeds the TopK aux loss) after this many steps without firing."""
+
+    eval_batch_size: int = Field(4096, ge=1)
+    """Rows per batch when measuring decoder variance explained with the batch-level top-k forward
+    (SAEBench ``eval_batch_size``; the metric depends on it)."""
+
+    decomposition_top: int = Field(8, ge=1)
+    """Meta-latents kept per latent in the decomposition table (largest weights first)."""
+
+    cross_size_k: int = Field(4, ge=1)
+    """Cross-size check: atoms of the smaller SAE's decoder per larger-SAE latent (greedy
+    orthogonal matching pursuit)."""
+
+    cross_size_threshold: float = Field(0.9, gt=0.0, le=1.0)
+    """Cross-size check: a larger-SAE latent is *well explained* when the cosine between its unit
+    decoder row and the sparse reconstruction is at least this."""
+
+    example_sae: int | None = Field(None, ge=0)
+    """Index (in the results-table order) of the SAE shown on the example page; ``None`` = the
+    widest SAE (the first one of that width)."""
+
+    n_examples: int = Field(4, ge=0)
+    """Latents shown on the example page (seeded choice among the most-decomposed); 0 = no page."""
+
+    example_rows: int = Field(16_384, ge=1)
+    """Activation rows sampled (in seeded random blocks) from the store to find top-activating
+    tokens for the example page."""
+
+    example_snippets: int = Field(4, ge=1)
+    """Top-activating context snippets shown per latent / meta-latent."""
+
+    snippet_window: int = Field(8, ge=0)
+    """Tokens of context shown on each side of the activating token."""
+
+    checkpoint_every: int = operational(500, "Steps between meta-SAE training checkpoints.")
+    """Steps between resumable meta-SAE training checkpoints."""
+
+    log_every: int = operational(250, "Steps between meta-SAE training log lines.")
+    """Steps between meta-SAE training log lines."""
 
 
 class ProbingConfig(Frozen):
@@ -522,6 +722,114 @@ class ProbingConfig(Frozen):
 
     seed: int = 42
     """Seed of the splits (the reference's ``RandomState(seed)``) and the probe searches."""
+
+    datasets: tuple[str, ...] | None = None
+    """sae-probes binary datasets to probe (file stems such as ``5_hist_fig_ismale``); ``None`` =
+    all 113. An unknown name is recorded as a skipped row with the reason, not an error."""
+
+    max_rows: int | None = Field(None, ge=2)
+    """Row cap per dataset (a deviation for small budgets): keep the first ``max_rows // 2`` rows of
+    each class, in file order. The reference keeps every row (``MAX_AMT`` = 5000 >= every dataset);
+    a cap shrinks the test side of the splits. ``None`` = every row. OOD test files are never capped."""
+
+    max_seq_len: int = Field(1024, ge=2)
+    """Prompts longer than this many tokens (BOS included) are cut from the left (SPEC 5.2)."""
+
+    regimes: tuple[Literal["normal", "scarcity", "imbalance", "noise", "ood"], ...] = (
+        "normal", "scarcity", "imbalance", "noise", "ood")
+    """Regimes to run (SPEC 5.3): ``normal``, ``scarcity`` (train sizes), ``imbalance`` (positive
+    fraction), ``noise`` (flipped train labels), ``ood`` (covariate shift: datasets with an OOD file)."""
+
+    scarcity_sizes: tuple[int, ...] | None = None
+    """Train sizes of the scarcity regime; ``None`` = the reference's 20 (2 ... 1024)."""
+
+    imbalance_fracs: tuple[float, ...] | None = None
+    """Positive fractions of the imbalance regime; ``None`` = the reference's 19 (0.05 ... 0.95)."""
+
+    noise_fracs: tuple[float, ...] | None = None
+    """Flipped-label fractions of the noise regime; ``None`` = the reference's 11 (0 ... 0.5)."""
+
+    methods: tuple[Literal["logreg", "pca", "knn", "xgboost", "mlp"], ...] = ("logreg", "pca", "knn", "xgboost", "mlp")
+    """Baseline probes on the raw activations (SPEC 5.4); together they form the baseline quiver."""
+
+    logreg_penalty: Literal["l1", "l2"] = "l2"
+    """Penalty of the ``logreg`` baseline (reference: l2, lbfgs)."""
+
+    sae_penalty: Literal["l1", "l2"] = "l1"
+    """Penalty of the SAE top-k probes' logistic regression (package / SAEBench default: l1, saga)."""
+
+    ks_normal: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+    """Top-k latent counts of the SAE probes in the normal regime."""
+
+    ks_other: tuple[int, ...] = (16, 128)
+    """Top-k latent counts of the SAE probes in the other regimes."""
+
+    quiver_ks: tuple[int, ...] = (16, 128)
+    """k values whose SAE probes join the quiver (and the summary columns); each must be in
+    ``ks_normal`` and ``ks_other`` to appear in every regime."""
+
+    mean_diff_normalization: Literal["mean", "none"] = "mean"
+    """Latent ranking: ``mean`` divides each latent by its mean non-zero |activation| before the
+    class-mean difference (package default); ``none`` uses raw activations (paper code)."""
+
+    binarize: bool = False
+    """Normal regime only: probe ``f != 0`` instead of the latent values."""
+
+    n_jobs: int = operational(2, "Worker processes (datasets run in parallel).")
+    """Worker processes; datasets are spread over them. 1 runs in the calling process."""
+
+    batch_tokens: int = operational(4096, "Padded tokens per forward pass when extracting.")
+    """Padded tokens per model forward when extracting last-token activations."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "ProbingConfig":
+        if not self.regimes:
+            raise ValueError("probing.regimes is empty: list at least one of normal, scarcity, imbalance, noise, ood")
+        if self.scarcity_sizes is not None and any(s < 1 for s in self.scarcity_sizes):
+            raise ValueError(f"probing.scarcity_sizes={list(self.scarcity_sizes)}: train sizes must be >= 1")
+        for name in ("imbalance_fracs", "noise_fracs"):
+            v = getattr(self, name)
+            hi = 0.5 if name == "noise_fracs" else 1.0
+            if v is not None and any(not (0 <= f <= hi) or (name == "imbalance_fracs" and f in (0, 1)) for f in v):
+                raise ValueError(f"probing.{name}={list(v)}: fractions must lie in "
+                                 f"{'[0, 0.5]' if hi == 0.5 else '(0, 1)'}")
+        for name in ("ks_normal", "ks_other", "quiver_ks"):
+            if any(k < 1 for k in getattr(self, name)):
+                raise ValueError(f"probing.{name}: every k must be >= 1")
+        if self.n_jobs < 1:
+            raise ValueError("probing.n_jobs must be >= 1")
+        return self
+
+
+class RunnerConfig(Frozen):
+    """How the flow runs its tasks (operational: never part of a fingerprint; the same artifacts
+    come out of every runner)."""
+
+    kind: Literal["local", "dask"] = "local"
+    """``local``: Prefect's default runner, stages one after another in the flow's process.
+    ``dask``: prefect-dask's ``DaskTaskRunner``; independent per-SAE tasks (core metrics of each
+    family member) are submitted together and run in parallel on the Dask workers; GPU tasks are
+    annotated ``resources={"GPU": 1}`` when the device is CUDA."""
+
+    address: str | None = None
+    """``dask`` only: address of a running Dask scheduler (``tcp://host:8786``); ``None`` starts
+    a ``LocalCluster`` on this machine for the run."""
+
+    n_workers: int = Field(2, ge=1)
+    """``dask`` with a LocalCluster only: worker processes (each with one thread)."""
+
+    gpus_per_worker: int = Field(0, ge=0)
+    """``dask`` with a LocalCluster only: ``GPU`` resource slots each worker advertises (0 = one per
+    worker when CUDA is available, else none). A remote cluster's workers declare their own
+    (``dask worker ... --resources GPU=1``)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunnerConfig":
+        if self.address is not None and self.kind != "dask":
+            raise ValueError("runner.address is only used with runner.kind: dask")
+        if self.address is not None and "://" not in self.address:
+            raise ValueError(f"runner.address {self.address!r} is not a scheduler address such as tcp://host:8786")
+        return self
 
 
 class PipelineConfig(Frozen):
@@ -556,6 +864,10 @@ class PipelineConfig(Frozen):
     probing: ProbingConfig | None = None
     """Sparse-probing evaluation on the sae-probes datasets (SPEC 5); ``None`` skips it."""
 
+    runner: RunnerConfig = operational(RunnerConfig(), "Task runner: local (default) or dask.")
+    """Task runner (``{kind: local|dask, address: null|tcp://..., n_workers: 2}``). Operational:
+    changing it recomputes nothing."""
+
     import_saes: tuple[str, ...] = ()
     """Folders of SAEs in SAELens layout (``cfg.json`` + ``sae_weights.safetensors``, e.g. written
     by SAELens or another saeflow run) to evaluate beside the trained ones. Each must read this
@@ -585,8 +897,21 @@ class ConfigError(ValueError):
     """A profile file that cannot be read or does not validate."""
 
 
-def load_config(path: str | Path) -> PipelineConfig:
-    """Read a YAML profile into a :class:`PipelineConfig` with a readable error on failure."""
+def merge_sections(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into ``base`` section by section (nested mappings merge, anything else,
+    including ``null``, replaces)."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_sections(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_profile(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A profile's raw sections, with ``extends: other.yaml`` (a path relative to this file)
+    resolved: the other profile's sections, then this file's merged over them."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; profiles live in configs/ (quick.yaml, smoke.yaml, ...)")
@@ -596,6 +921,22 @@ def load_config(path: str | Path) -> PipelineConfig:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (model:, sae:, ...)")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    parent_path = (path.parent / str(parent)).resolve()
+    if parent_path in _seen or parent_path == path.resolve():
+        raise ConfigError(f"config file {path}: 'extends: {parent}' forms a cycle")
+    return merge_sections(read_profile(parent_path, (*_seen, path.resolve())), data)
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read a YAML profile (``extends:`` resolved) into a :class:`PipelineConfig` with a readable
+    error on failure."""
+    return validate_profile(read_profile(path), path)
+
+
+def validate_profile(data: dict[str, Any], path: str | Path) -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:

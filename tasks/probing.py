@@ -1,10 +1,290 @@
-"""Stage(s) of the probing evaluation. Entry point for the flow: :func:`run`."""
+"""Stages of the sparse-probing evaluation (SPEC 5). Entry point for the flow: :func:`run`.
+
+- ``probing-acts`` (one per dataset, and one per OOD test file): last-token activations of every
+  prompt at the profile's hook, a Zarr :class:`~saeflow.store.ActivationStore` plus ``labels.npy``;
+  keyed by (model, hook, dataset, row cap, max_seq_len) only, so every regime, SAE and profile with
+  the same model and hook shares it.
+- ``probing-baselines``: the baseline probes (logreg, PCA, KNN, XGBoost, MLP) on every configured
+  (dataset, regime, setting); datasets spread over ``probing.n_jobs`` processes, one parquet per
+  dataset as it finishes (a killed run resumes from the finished datasets).
+- ``probing-sae`` (one per SAE): the SAE's top-k probes; each dataset is encoded once and every
+  regime indexes the encoded rows; ``summary.json`` holds the SAE's ``probing_*`` columns.
+- ``probing-results``: the long table with both quivers, the per-regime summary (the paper's Fig. 1),
+  the quiver's picks and the AUC plots.
+"""
 
 from __future__ import annotations
 
-from tasks.common import EvalContext, EvalOutput
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prefect import task
+
+from saeflow import probing as P
+from saeflow.artifacts import ArtifactRef, artifact_ref, begin, completion_meta, fingerprint, mark_complete, require_complete
+from saeflow.config import ModelConfig, ProbingConfig
+from saeflow.device import pick_device
+from saeflow.models import load_model
+from saeflow.store import ActivationStore
+from saeflow.tables import write_table
+from tasks.common import EvalContext, EvalOutput, Progress, publish_markdown, stage_logger
+
+STAGE_ACTS, STAGE_BASE, STAGE_SAE, STAGE_RESULTS = "probing-acts", "probing-baselines", "probing-sae", "probing-results"
+TABLE, SUMMARY, PICKS = "probing_results", "probing_summary", "probing_quiver_picks"
+PLOTS = {"scarcity": "auc_vs_train_size.png", "imbalance": "auc_vs_imbalance.png", "noise": "auc_vs_noise.png"}
 
 
+# ---------------------------------------------------------------------------------- activations
+def acts_ref(model: ArtifactRef, model_cfg: ModelConfig, hook: str, dataset: str, ood: bool, max_rows: int | None,
+             max_seq_len: int, root: str, **_) -> ArtifactRef:
+    key = {"dataset": dataset, "ood": ood, "hook": hook, "max_rows": None if ood else max_rows, "max_seq_len": max_seq_len}
+    return artifact_ref(root, STAGE_ACTS, fingerprint(STAGE_ACTS, key, model, f"dtype={model_cfg.dtype}"))
+
+
+@task(name="probing-acts", task_run_name="probing-acts-{dataset}")
+def acts_task(model: ArtifactRef, model_cfg: ModelConfig, hook: str, dataset: str, ood: bool, max_rows: int | None,
+              max_seq_len: int, root: str, device: str = "auto", batch_tokens: int = 4096) -> ArtifactRef:
+    out = acts_ref(model, model_cfg, hook, dataset, ood, max_rows, max_seq_len, root)
+    if out.is_complete():
+        return out
+    logger = stage_logger()
+    prompts, y = P.load_dataset(dataset, ood, None if ood else max_rows)
+    lm = load_model(model_cfg, require_complete(model), pick_device(device))
+    ids = P.tokenize_prompts(lm.tokenizer, prompts, max_seq_len)
+    n_tokens = sum(len(t) for t in ids)
+    begin(out, {"dataset": dataset, "ood": ood, "hook": hook, "max_rows": max_rows, "max_seq_len": max_seq_len,
+                "model": model_cfg.name}, [model])
+    store = ActivationStore.open_for_write(out.dir, lm.cfg.d_model, min(4096, max(64, len(ids))), "float32",
+                                           attrs={"model": model_cfg.name, "hook": hook, "dataset": dataset, "ood": ood,
+                                                  "fingerprint": out.fingerprint})
+    t0 = time.perf_counter()
+    if store.n_rows != len(ids):  # a run killed after the append has its rows already
+        pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        X = P.last_token_activations(lm, ids, hook, batch_tokens, pad)
+        last = np.array([t[-1] for t in ids]), np.array([len(t) - 1 for t in ids])
+        store.append(X, last[0], last[1], np.arange(len(ids)), contexts_done=len(ids))
+    seconds = time.perf_counter() - t0
+    np.save(out.dir / "labels.npy", y)
+    store.finish(n_prompts=len(ids), n_tokens=n_tokens)
+    mark_complete(out, n_rows=len(ids), d_model=store.d_model, n_tokens=n_tokens, seconds=seconds, hook=hook)
+    logger.info("probing-acts %s%s: %d prompts, %d tokens in %.1f s (%.0f tok/s)", dataset, " (OOD)" if ood else "",
+                len(ids), n_tokens, seconds, n_tokens / max(seconds, 1e-9))
+    return out
+
+
+# ---------------------------------------------------------------------------------- shared helpers
+def _settings(cfg: ProbingConfig) -> dict[str, list[float | None]]:
+    return {r: P.regime_settings(r, cfg.scarcity_sizes, cfg.imbalance_fracs, cfg.noise_fracs) for r in cfg.regimes}
+
+
+def _split_key(cfg: ProbingConfig) -> dict[str, Any]:
+    return {"seed": cfg.seed, "regimes": list(cfg.regimes), "settings": _settings(cfg)}
+
+
+def _threads(cfg: ProbingConfig) -> int | None:
+    return 1 if cfg.n_jobs > 1 else None
+
+
+def _run_datasets(out: ArtifactRef, fn, specs: list[P.RunSpec], n_jobs: int, label: str) -> pd.DataFrame:
+    """Run ``fn(spec)`` per dataset (parallel), saving each finished dataset's rows as a part."""
+    parts = out.dir / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    todo = [s for s in specs if not (parts / f"{s.dataset}.parquet").is_file()]
+    progress = Progress(label)
+    done = len(specs) - len(todo)
+    if done:
+        stage_logger().info("%s: resuming, %d of %d datasets already done", label, done, len(specs))
+    for i, df in P.run_parallel(fn, todo, n_jobs):
+        tmp = parts / f".{todo[i].dataset}.parquet.tmp"
+        df.to_parquet(tmp, index=False)
+        tmp.replace(parts / f"{todo[i].dataset}.parquet")
+        done += 1
+        progress.update(done, len(specs), f"{done}/{len(specs)} datasets ({todo[i].dataset})", force=True)
+    frames = [pd.read_parquet(parts / f"{s.dataset}.parquet") for s in specs]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(P.ROW_COLUMNS))
+
+
+def sae_label(sae: ArtifactRef) -> str:
+    """Short name of an SAE for tables: ``topk-w1024-k16`` (architecture, width, k when it has one)."""
+    cfg = json.loads((require_complete(sae) / "cfg.json").read_text())
+    inner = cfg.get("saeflow", {}).get("sae_config", {})
+    arch = inner.get("architecture") or cfg.get("architecture", "sae")
+    label = f"{arch}-w{cfg.get('d_sae', inner.get('width', '?'))}"
+    k = inner.get("k") if arch in ("topk", "batchtopk", "matryoshka") else cfg.get("k")
+    return label + (f"-k{k}" if k else "")
+
+
+def _specs(cfg: ProbingConfig, acts: dict[str, ArtifactRef], ood: dict[str, ArtifactRef], **kw: Any) -> list[P.RunSpec]:
+    return [P.RunSpec(dataset=name, acts_dir=str(require_complete(ref_)),
+                      ood_dir=str(require_complete(ood[name])) if name in ood else None,
+                      regimes=tuple(cfg.regimes), settings=_settings(cfg), seed=cfg.seed, threads=_threads(cfg), **kw)
+            for name, ref_ in acts.items()]
+
+
+# ---------------------------------------------------------------------------------- baselines
+def baselines_ref(acts: dict[str, ArtifactRef], ood: dict[str, ArtifactRef], cfg: ProbingConfig, root: str, **_) -> ArtifactRef:
+    key = {**_split_key(cfg), "methods": list(cfg.methods), "logreg_penalty": cfg.logreg_penalty,
+           "datasets": sorted(acts), "ood": sorted(ood)}
+    return artifact_ref(root, STAGE_BASE, fingerprint(STAGE_BASE, key, *acts.values(), *ood.values()))
+
+
+@task(name="probing-baselines")
+def baselines_task(acts: dict[str, ArtifactRef], ood: dict[str, ArtifactRef], cfg: ProbingConfig, root: str) -> ArtifactRef:
+    out = baselines_ref(acts, ood, cfg, root)
+    if out.is_complete():
+        return out
+    begin(out, cfg, [*acts.values(), *ood.values()])
+    t0 = time.perf_counter()
+    specs = _specs(cfg, acts, ood, methods=tuple(cfg.methods), logreg_penalty=cfg.logreg_penalty)
+    df = _run_datasets(out, P.baseline_rows, specs, cfg.n_jobs, "probing baselines")
+    df.to_parquet(out.dir / "rows.parquet", index=False)
+    mark_complete(out, rows=len(df), skipped=int(df["skipped"].notna().sum()), seconds=time.perf_counter() - t0)
+    return out
+
+
+# ---------------------------------------------------------------------------------- SAE probes
+def sae_ref(sae: ArtifactRef, acts: dict[str, ArtifactRef], ood: dict[str, ArtifactRef], cfg: ProbingConfig, root: str,
+            **_) -> ArtifactRef:
+    key = {**_split_key(cfg), "ks_normal": list(cfg.ks_normal), "ks_other": list(cfg.ks_other),
+           "sae_penalty": cfg.sae_penalty, "normalization": cfg.mean_diff_normalization, "binarize": cfg.binarize,
+           "datasets": sorted(acts), "ood": sorted(ood)}
+    return artifact_ref(root, STAGE_SAE, fingerprint(STAGE_SAE, key, sae, *acts.values(), *ood.values()))
+
+
+@task(name="probing-sae", task_run_name="probing-sae-{sae.fingerprint}")
+def sae_task(sae: ArtifactRef, acts: dict[str, ArtifactRef], ood: dict[str, ArtifactRef], cfg: ProbingConfig,
+             root: str) -> ArtifactRef:
+    out = sae_ref(sae, acts, ood, cfg, root)
+    if out.is_complete():
+        return out
+    sae_dir = require_complete(sae)
+    hook = json.loads((sae_dir / "cfg.json").read_text()).get("metadata", {}).get("hook_name")
+    for ref_ in list(acts.values())[:1]:
+        acts_hook = ActivationStore.open(require_complete(ref_)).attrs.get("hook")
+        if hook and acts_hook and hook != acts_hook:
+            raise P.ProbingError(f"SAE at {sae_dir} reads hook {hook} but the probing activations are from {acts_hook}; "
+                                 "probe it with a profile whose activations.hook matches")
+    begin(out, cfg, [sae, *acts.values(), *ood.values()])
+    t0 = time.perf_counter()
+    name = sae_label(sae)
+    ks = {r: tuple(cfg.ks_normal if r == "normal" else cfg.ks_other) for r in cfg.regimes}
+    specs = _specs(cfg, acts, ood, sae_dir=str(sae_dir), sae_name=name, ks=ks, sae_penalty=cfg.sae_penalty,
+                   normalization=cfg.mean_diff_normalization, binarize=cfg.binarize)
+    df = _run_datasets(out, P.sae_rows, specs, cfg.n_jobs, f"probing SAE {name}")
+    df.to_parquet(out.dir / "rows.parquet", index=False)
+    summary = P.sae_summary(df)
+    (out.dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    mark_complete(out, rows=len(df), sae=name, seconds=time.perf_counter() - t0)
+    stage_logger().info("probing SAE %s: %s", name, json.dumps({k: round(v, 4) for k, v in summary.items()}))
+    return out
+
+
+# ---------------------------------------------------------------------------------- results
+def results_ref(baselines: ArtifactRef, saes: list[ArtifactRef], cfg: ProbingConfig, unknown: dict[str, str], root: str,
+                **_) -> ArtifactRef:
+    key = {"quiver_ks": list(cfg.quiver_ks), "methods": list(cfg.methods), "unknown": unknown}
+    return artifact_ref(root, STAGE_RESULTS, fingerprint(STAGE_RESULTS, key, baselines, *saes))
+
+
+def _plot(df: pd.DataFrame, regime: str, series: list[tuple[str, pd.Series]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, mask in series:
+        g = df[mask & (df["regime"] == regime) & df["skipped"].isna()]
+        if g.empty:
+            continue
+        m = g.groupby("setting")["test_auc"].apply(P.clean_mean).dropna()
+        ax.plot(m.index, m.values, marker="o", ms=3, label=label, lw=2 if label.startswith("quiver") else 1)
+    xlabel = {"scarcity": "train size", "imbalance": "positive fraction", "noise": "flipped train labels"}[regime]
+    if regime == "scarcity":
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("mean test AUC")
+    ax.set_title(f"sparse probing: {regime}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def picks_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per regime: how often the quiver with SAEs picked each method (SAE probes pooled)."""
+    q = df[(df["method"] == P.QUIVER_SAE) & df["skipped"].isna()]
+    rows = []
+    for regime, g in q.groupby("regime", sort=False):
+        picked = g["picked"].astype(str)
+        kind = picked.where(~picked.str.startswith("sae:"), "sae")
+        rec: dict[str, Any] = {"regime": regime, "n": len(g), "frac_sae": float((kind == "sae").mean())}
+        rec["frac_datasets_with_sae_pick"] = float(g.assign(s=kind == "sae").groupby("dataset")["s"].any().mean())
+        for m, c in kind.value_counts().items():
+            rec[f"picked_{m}"] = int(c)
+        rows.append(rec)
+    return pd.DataFrame(rows)
+
+
+@task(name="probing-results")
+def results_task(baselines: ArtifactRef, saes: list[ArtifactRef], cfg: ProbingConfig, unknown: dict[str, str],
+                 root: str) -> ArtifactRef:
+    out = results_ref(baselines, saes, cfg, unknown, root)
+    if out.is_complete():
+        return out
+    frames = [pd.read_parquet(require_complete(baselines) / "rows.parquet")]
+    frames += [pd.read_parquet(require_complete(s) / "rows.parquet") for s in saes]
+    frames.append(pd.DataFrame([{**{c: None for c in P.ROW_COLUMNS}, "dataset": n, "skipped": why} for n, why in unknown.items()],
+                               columns=list(P.ROW_COLUMNS)))
+    df = pd.concat([f for f in frames if len(f)], ignore_index=True)
+    df = P.add_quivers(df, cfg.quiver_ks, cfg.methods)
+    df["k"] = df["k"].astype("Int64")
+    for c in ("n_train", "n_test"):
+        df[c] = df[c].astype("Int64")
+    for c in ("setting", "val_auc", "test_auc", "test_acc", "test_f1"):
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
+    names = [str(completion_meta(s.dir)["sae"]) for s in saes]
+    summary = P.regime_summary(df, names, cfg.quiver_ks)
+    begin(out, cfg, [baselines, *saes])
+    paths = write_table(df, out.dir, TABLE)
+    paths += write_table(summary, out.dir, SUMMARY)
+    paths += write_table(picks_table(df), out.dir, PICKS)
+    series = [("quiver (baselines)", df["method"] == P.QUIVER), ("quiver + SAEs", df["method"] == P.QUIVER_SAE),
+              ("logreg", df["method"] == "logreg")]
+    series += [(f"{n} k{k}", (df["method"] == P.SAE_METHOD) & (df["sae"] == n) & (df["k"] == k).fillna(False))
+               for n in names for k in cfg.quiver_ks]
+    for regime, fname in PLOTS.items():
+        if regime in cfg.regimes:
+            paths.append(_plot(df, regime, series, out.dir / fname))
+    mark_complete(out, rows=len(df), skipped=int(df["skipped"].notna().sum()), files=[str(p) for p in paths])
+    publish_markdown("probing-summary", summary.to_markdown(index=False, floatfmt=".4f"), "Sparse probing: mean test AUC per regime")
+    stage_logger().info("probing summary:\n%s", summary.to_markdown(index=False, floatfmt=".4f"))
+    return out
+
+
+# ---------------------------------------------------------------------------------- entry point
 def run(ctx: EvalContext) -> EvalOutput:
-    """Evaluate every SAE in ``ctx.saes`` (see :class:`tasks.common.EvalContext`)."""
-    raise NotImplementedError("the probing evaluation is not implemented yet")
+    """Probe every SAE in ``ctx.saes`` on the configured datasets and regimes (SPEC 5)."""
+    cfg: ProbingConfig = ctx.config.probing
+    names, unknown = P.resolve_datasets(cfg.datasets)
+    if unknown:
+        stage_logger().warning("probing: skipping %d unknown dataset(s): %s", len(unknown), "; ".join(unknown.values()))
+    hook, mcfg = ctx.config.activations.hook, ctx.config.model
+    common = dict(model=ctx.model, model_cfg=mcfg, hook=hook, max_rows=cfg.max_rows, max_seq_len=cfg.max_seq_len,
+                  device=ctx.device, batch_tokens=cfg.batch_tokens)
+    acts = {n: ctx.stage(f"probing-acts-{n}", acts_ref, acts_task, dataset=n, ood=False, **common) for n in names}
+    ood = {}
+    if "ood" in cfg.regimes:
+        ood = {n: ctx.stage(f"probing-acts-{n}-ood", acts_ref, acts_task, dataset=n, ood=True, **common)
+               for n in names if n in P.ood_dataset_names()}
+    base = ctx.stage("probing-baselines", baselines_ref, baselines_task, acts=acts, ood=ood, cfg=cfg)
+    per_sae = [ctx.stage(f"probing-sae-{i}", sae_ref, sae_task, sae=s, acts=acts, ood=ood, cfg=cfg)
+               for i, s in enumerate(ctx.saes)]
+    res = ctx.stage("probing-results", results_ref, results_task, baselines=base, saes=per_sae, cfg=cfg, unknown=unknown)
+    return EvalOutput(per_sae=list(per_sae), results=res, refs=[*acts.values(), *ood.values(), base])

@@ -373,22 +373,6 @@ def test_pipeline_refuses_when_too_few_letters_pass(tmp_path):
         pipeline(cfg, str(tmp_path))
 
 
-@pytest.mark.slow
-def test_smoke_profile_absorption_on_smollm2(tmp_path):
-    from flows.pipeline import pipeline
-    from saeflow.config import AbsorptionConfig, load_config
-
-    cfg = load_config("configs/smoke.yaml")
-    cfg = cfg.model_copy(update={"absorption": AbsorptionConfig(
-        max_words=600, min_letters=5, probe_epochs=20, sparse_probe_epochs=20, max_ablation_prompts=2, max_k=5)})
-    out = pipeline(cfg, str(tmp_path))
-    results = tmp_path / "results" / "smoke" / "absorption"
-    s = pd.read_parquet(results / "absorption_summary.parquet")
-    assert len(s) == 4 and s["absorption_letters"].min() >= 5
-    assert s["absorption_mean_fraction"].between(0, 1).all()
-    assert out["refs"]["absorption"]["results"] is not None
-
-
 def test_prefix_cache_forward_is_exact(tiny_model):
     lm = tiny_model
     ids = ab.letter_token_ids(lm.tokenizer)

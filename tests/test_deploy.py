@@ -121,7 +121,9 @@ def test_deploy_from_prefect_yaml_run_smoke_on_a_worker_and_schedules_create_run
                                   stdout=open(logs / "worker.log", "w"), stderr=subprocess.STDOUT)
         t0 = time.monotonic()
         # the smoke profile into a tmp root, 20 training steps instead of 100 (CI time; every stage still runs)
-        params = {"artifacts": str(artifacts), "overrides": {"train": {"training_tokens": 10240}}}
+        # and the evaluations off (tests/test_smoke_e2e.py runs them on the same profile)
+        params = {"artifacts": str(artifacts), "overrides": {"train": {"training_tokens": 10240}, "absorption": None,
+                                                             "stitching": None, "meta_sae": None, "probing": None}}
         run = cli("deployment", "run", "saeflow-profile/pipeline-smoke", "--params", json.dumps(params),
                   "--watch", "--watch-interval", "3",
                   "--watch-timeout", "600", timeout=660)

@@ -18,6 +18,7 @@ def test_smoke_profile_end_to_end_then_fully_cached(tmp_path):
     out = pipeline(cfg, str(tmp_path))
     results = Path(out["refs"]["results"]["path"])
     table = pd.read_parquet(results / "core_metrics.parquet")
+    print(out["timings"])
     assert len(table) == 4 and len(out["refs"]["train"]) == 4 and all(m["trained"] for m in out["members"])
     assert list(zip(table["width"], table["k"])) == [(576, 8), (576, 16), (1152, 8), (1152, 16)]
     assert (table["model"] == "smollm2-135m-instruct").all() and (table["hook"] == "blocks.3.hook_resid_post").all()
@@ -31,6 +32,17 @@ def test_smoke_profile_end_to_end_then_fully_cached(tmp_path):
     ev = {(w, k): e for w, k, e in zip(table["width"], table["k"], table["explained_variance"])}
     assert ev[(1152, 16)] > ev[(576, 8)]
     assert (results / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # every evaluation the smoke profile enables ran on the family and reached the results
+    for name in ("absorption", "stitching", "meta_sae", "probing"):
+        if getattr(cfg, name) is None:
+            continue
+        assert out["refs"][name]["results"] is not None, name
+        files = sorted(p.name for p in (results / name).iterdir())
+        assert any(f.endswith(".parquet") for f in files) and any(f.endswith(".png") for f in files), (name, files)
+    assert table["absorption_mean_fraction"].between(0, 1).all()
+    assert ((table["meta_sae_fve"] > 0) & (table["meta_sae_fve"] <= 1)).all()
+    larger = table[table["width"] == 1152]
+    assert larger["stitching_novel_fraction"].between(0, 1).all() and larger["stitching_proxy_auc"].notna().all()
     again = pipeline(cfg, str(tmp_path))
     assert all(again["cached"].values()), again["cached"]
     assert not any(m["trained"] for m in again["members"])
