@@ -10,7 +10,7 @@ paper's ablation rate switched off (SAEBench does not compute it); SAEBench runs
 
 Command::
 
-    .venv/bin/python -m benchmarks.absorption --config /tmp/quick-absorption.yaml [--saes 6]
+    .venv/bin/python -m benchmarks.absorption --config configs/quick-evals.yaml [--saes 6]
 
 Prints both wall times and ``ratio: ours / SAEBench`` as the last line; writes a section to
 docs/benchmarks.md.
@@ -66,7 +66,7 @@ def _sb_run(spec_path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="/tmp/quick-absorption.yaml")
+    ap.add_argument("--config", default="configs/quick-evals.yaml")
     ap.add_argument("--artifacts", default="artifacts")
     ap.add_argument("--saes", type=int, default=None, help="only the first N SAEs of the family")
     ap.add_argument("--sb-spec", type=Path, help="(internal) run the SAEBench half")

@@ -131,7 +131,7 @@ def run_reference(acts: dict[str, ArtifactRef], saes: list[ArtifactRef], methods
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", default="/tmp/quick-probing.yaml", help="quick profile + a probing: section")
+    ap.add_argument("--profile", default="configs/quick-evals.yaml", help="a profile with a probing: section")
     ap.add_argument("--artifacts", default=str(default_root()))
     ap.add_argument("--datasets", nargs="+", default=DEFAULT_DATASETS)
     ap.add_argument("--saes", type=int, nargs="*", default=[0, 5], help="indices into the family")

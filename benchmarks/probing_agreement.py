@@ -38,7 +38,7 @@ DATASETS = ["5_hist_fig_ismale", "6_hist_fig_isamerican", "7_hist_fig_ispolitici
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", default="/tmp/quick-probing.yaml")
+    ap.add_argument("--profile", default="configs/quick-evals.yaml")
     ap.add_argument("--artifacts", default=str(default_root()))
     ap.add_argument("--datasets", nargs="+", default=DATASETS)
     ap.add_argument("--sae", type=int, default=0, help="index of the family member used for the SAE probe")
