@@ -1262,6 +1262,14 @@ def save_sae(sae: BaseSAE, out_dir: str | Path, cfg_extra: dict[str, Any] | None
 FOREIGN_ARCHITECTURES = {"topk": "topk", "standard": "relu", "jumprelu": "jumprelu"}
 
 
+def saved_hook(path: str | Path) -> str | None:
+    """The hook an SAE folder says it reads (``metadata.hook_name`` of its ``cfg.json``), if recorded."""
+    cfg_file = Path(path) / SAE_CFG_FILENAME
+    if not cfg_file.exists():
+        return None
+    return (json.loads(cfg_file.read_text()).get("metadata") or {}).get("hook_name")
+
+
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> BaseSAE:
     """Load an SAE folder written by :func:`save_sae` (or a SAELens standard / TopK / JumpReLU SAE).
 

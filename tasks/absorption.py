@@ -29,7 +29,7 @@ from saeflow.config import AbsorptionConfig, ModelConfig, PipelineConfig
 from saeflow.device import pick_device
 from saeflow.models import load_model, load_tokenizer
 from saeflow.plots import MARKERS
-from saeflow.sae import load_sae
+from saeflow.sae import load_sae, saved_hook
 from saeflow.store import ActivationStore
 from saeflow.tables import write_table
 from tasks.common import EvalContext, EvalOutput, Progress, publish_table, stage_logger, timed
@@ -177,10 +177,10 @@ def check_sae(sae_model, sae_dir, hook: str, d_model: int) -> None:
     if sae_model.d_in != d_model:
         raise SAEHookMismatchError(f"SAE at {sae_dir} has d_in={sae_model.d_in} but the model's width at {hook} is "
                                    f"{d_model}: evaluate it with the model and hook it was trained on")
-    meta = json.loads((sae_dir / "cfg.json").read_text()).get("metadata", {})
-    if meta.get("hook_name") and meta["hook_name"] != hook:
-        raise SAEHookMismatchError(f"SAE at {sae_dir} was trained on hook {meta['hook_name']} but the absorption "
-                                   f"evaluation reads {hook}: set activations.hook to {meta['hook_name']} or drop the SAE")
+    saved = saved_hook(sae_dir)
+    if saved and saved != hook:
+        raise SAEHookMismatchError(f"SAE at {sae_dir} was trained on hook {saved} but the absorption "
+                                   f"evaluation reads {hook}: set activations.hook to {saved} or drop the SAE")
 
 
 @task(name="absorption-sae")

@@ -14,7 +14,7 @@ from saeflow.corpus import special_token_ids
 from saeflow.device import pick_device
 from saeflow.metrics import CEReference, ce_metrics, ce_reference, reconstruction_metrics
 from saeflow.models import load_model
-from saeflow.sae import load_sae
+from saeflow.sae import load_sae, saved_hook
 from saeflow.store import ActivationStore
 from tasks.common import stage_logger, timed
 from tasks.corpus import load_tokens
@@ -48,8 +48,7 @@ def check_sae_fits(sae, sae_dir, store: ActivationStore) -> None:
             f"SAE at {sae_dir} has d_in={sae.d_in} but the activations at {store.root} have width {store.d_model}: "
             "evaluate it on activations of the model and hook it was trained on"
         )
-    meta_file = sae_dir / "cfg.json"
-    hook = json.loads(meta_file.read_text()).get("metadata", {}).get("hook_name") if meta_file.exists() else None
+    hook = saved_hook(sae_dir)
     if hook and store.attrs.get("hook") and hook != store.attrs["hook"]:
         raise SAEMismatchError(f"SAE at {sae_dir} was trained on hook {hook} but the activations are from {store.attrs['hook']}")
 

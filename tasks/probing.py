@@ -29,6 +29,7 @@ from saeflow.artifacts import ArtifactRef, artifact_ref, begin, completion_meta,
 from saeflow.config import ModelConfig, ProbingConfig
 from saeflow.device import pick_device
 from saeflow.models import load_model
+from saeflow.sae import saved_hook
 from saeflow.store import ActivationStore
 from saeflow.tables import write_table
 from tasks.common import EvalContext, EvalOutput, Progress, publish_markdown, stage_logger
@@ -162,7 +163,7 @@ def sae_task(sae: ArtifactRef, acts: dict[str, ArtifactRef], ood: dict[str, Arti
     if out.is_complete():
         return out
     sae_dir = require_complete(sae)
-    hook = json.loads((sae_dir / "cfg.json").read_text()).get("metadata", {}).get("hook_name")
+    hook = saved_hook(sae_dir)
     for ref_ in list(acts.values())[:1]:
         acts_hook = ActivationStore.open(require_complete(ref_)).attrs.get("hook")
         if hook and acts_hook and hook != acts_hook:
