@@ -97,11 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _root(arg: str | None) -> Path:
-    from flows.runner import check_root
-    from saeflow.artifacts import default_root
+    """The local folder listed / cleaned (for a URL root: this machine's mirror of it)."""
+    from flows.runner import local_root
 
-    check_root(arg)
-    return Path(arg) if arg else default_root()
+    return Path(local_root(arg))
 
 
 def _overrides(args: argparse.Namespace) -> dict:

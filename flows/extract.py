@@ -13,15 +13,14 @@ import sys
 from tasks import common  # noqa: F401  (sets Prefect's offline settings before prefect loads)
 from prefect import flow
 
-from flows.runner import StageRunner, check_root, load_profile, with_runner
-from saeflow.artifacts import ArtifactRef, default_root, ensure_writable_root
+from flows.runner import StageRunner, load_profile, resolve_root, with_runner
+from saeflow.artifacts import ArtifactRef
 from saeflow.config import PipelineConfig
 from tasks import activations, corpus, model
 
 
 def prepare_root(artifacts: str | None) -> str:
-    check_root(artifacts)
-    return str(ensure_writable_root(artifacts or default_root()).resolve())
+    return resolve_root(artifacts)
 
 
 def extract_stages(config: PipelineConfig, stage: StageRunner) -> tuple[ArtifactRef, ArtifactRef, ArtifactRef]:

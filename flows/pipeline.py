@@ -19,8 +19,9 @@ from pathlib import Path
 from tasks import common  # noqa: F401  (sets Prefect's offline settings before prefect loads)
 from prefect import flow
 
-from flows.runner import StageRunner, check_root, with_runner
-from saeflow.artifacts import ArtifactError, ArtifactRef, default_root, ensure_writable_root
+from flows.runner import StageRunner, resolve_root, with_runner
+from saeflow import remote
+from saeflow.artifacts import ArtifactError, ArtifactRef
 from saeflow.config import ConfigError, PipelineConfig, describe_sae, load_config
 from tasks import absorption, activations, corpus, imported, meta_sae, metrics, model, probing, report, stitching, tables, train, vocab
 from tasks.common import EvalContext, stage_logger
@@ -54,8 +55,7 @@ def pipeline(config: PipelineConfig, artifacts: str | None = None, extra_saes: l
     - ``timings``: stage name -> ``{"seconds", "cached"}`` (wall time seen by the flow).
     - ``report``: path of the run's self-contained HTML report (``results/<profile>/report.html``).
     """
-    check_root(artifacts)
-    root = str(ensure_writable_root(artifacts or default_root()).resolve())
+    root = resolve_root(artifacts)
     dev = config.train.device
     stage = StageRunner(root, config)
     states, timings = stage.states, stage.timings
@@ -71,7 +71,7 @@ def pipeline(config: PipelineConfig, artifacts: str | None = None, extra_saes: l
     c = stage("corpus", corpus.ref, corpus.corpus_task, model=m, cfg=config.corpus, prepend_bos=config.model.prepend_bos)
     a = stage("activations", activations.ref, activations.activations_task, model=m, model_cfg=config.model, corpus=c,
               cfg=config.activations, device=dev)
-    complete_before = [r.is_complete() for r in train.family_refs(a, saes, config.train, root)]
+    complete_before = [r.is_available() for r in train.family_refs(a, saes, config.train, root)]
     s = stage("train", train.family_refs, train.train_family_task, acts=a, members=saes, train_cfg=config.train,
               device=dev)
     ext = stage_all([(f"imported-{i}", imported.ref, imported.import_sae_task, {"path": p, "acts": a})
@@ -102,6 +102,9 @@ def pipeline(config: PipelineConfig, artifacts: str | None = None, extra_saes: l
     stage_logger().info("stages cached: %s", cached)
     timings["total"] = {"seconds": round(time.perf_counter() - t_flow, 3), "cached": all(cached.values())}
     html = report.report_task(config=config, results=r, timings=timings, root=root)
+    if remote.url_of(root) is not None:  # the report and the profile's results folder, to the URL root
+        remote.push_tree(r.dir)
+        remote.push_tree(Path(root) / "results" / config.name)
     members = [{"sae": describe_sae(cfg), "train_fingerprint": ref.fingerprint, "trained": not before,
                 "metrics_cached": hit[f"metrics-{i}"]}
                for i, (cfg, ref, before) in enumerate(zip(saes, s, complete_before))]
@@ -120,7 +123,6 @@ def pipeline(config: PipelineConfig, artifacts: str | None = None, extra_saes: l
 
 def run_pipeline(config: PipelineConfig, artifacts: str | None = None, extra_saes: list[ArtifactRef] | None = None) -> dict:
     """:func:`pipeline` on the profile's task runner (``runner:``: local or Dask)."""
-    check_root(artifacts)
     return with_runner(pipeline, config)(config, artifacts, extra_saes)
 
 

@@ -12,15 +12,13 @@ SAEs it finds:
   width is skipped with the reason (a bad file never stops the scheduled run).
 
 They are evaluated by the pipeline itself (the profile's family + dropped SAEs as ``import_saes``
-+ the other ``train/`` SAEs as ``extra_saes``): every stage's artifact is fingerprinted by its
-config and inputs, so what is complete is reused and only what is missing is computed: a new SAE,
-or an SAE whose evaluation config changed (new fingerprints). The flow reports, per SAE, whether
-this run computed any of its per-SAE results (``evaluated``) or found them all present.
-
-What "current" cannot see: a change of an evaluation's *code* alone. The Prefect cache key holds
-the task's source, so the task runs again, but its body finds the complete artifact of the same
-fingerprint and returns it; to re-evaluate after a code change, bump a field of that evaluation's
-config (or ``saeflow clean --stage <eval stage>``).
++ the other ``train/`` SAEs as ``extra_saes``): every evaluation stage's artifact is fingerprinted
+by its config, its inputs and its code version (:func:`tasks.common.code_version`: a hash of the
+evaluation's ``saeflow/<eval>.py`` and ``tasks/<eval>.py``), so what is complete is reused and only
+what is missing is computed: a new SAE, an SAE whose evaluation config changed, or every SAE of an
+evaluation whose code changed (a new saeflow version). Old result folders stay untouched (``saeflow
+clean`` removes them). The flow reports, per SAE, whether this run computed any of its per-SAE
+results (``evaluated``) or found them all present.
 """
 
 from __future__ import annotations

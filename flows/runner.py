@@ -9,31 +9,43 @@ worker GPU slots (``gpus_per_worker``, default one per worker).
 
 from __future__ import annotations
 
-import re
+import os
 
 from saeflow.config import PipelineConfig, RunnerConfig
 
-_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
-
-
 class UnsupportedRootError(ValueError):
-    """An artifacts root the artifact layer cannot use (an fsspec URL such as ``s3://``)."""
+    """An artifacts root that cannot be used (see :class:`saeflow.remote.RemoteRootError`)."""
 
 
-def check_root(root: str | None) -> None:
-    """Refuse fsspec URLs as artifacts root with the reason and what works instead.
+def resolve_root(artifacts: str | None) -> str:
+    """The artifacts root this machine works in: ``artifacts`` (or ``$SAEFLOW_ARTIFACTS``, or
+    ``artifacts/``) as an absolute local path, created and checked writable.
 
-    The artifact layer (``saeflow/artifacts.py``: completion markers, atomic renames, file locks of
-    the cache) works on POSIX paths; an object store has no atomic rename or lock files. Workers on
-    other machines share artifacts through a shared filesystem path (NFS, Lustre, a bucket mounted
-    with mountpoint-s3 / s3fs-fuse / gcsfuse) given as the same path on every machine.
+    An fsspec URL (``s3://bucket/prefix``, ``gs://...``) is checked writable and mapped to its local
+    mirror (:func:`saeflow.remote.mirror_of`, the same path on every machine); the stages then pull
+    what they read from the URL and push what they make (:func:`tasks.common.run_stage`).
+    ``file:///x`` is the local path ``/x``.
     """
-    if root and _URL.match(str(root)) and not str(root).startswith("file://"):
-        raise UnsupportedRootError(
-            f"artifacts root {root!r} is a URL; saeflow's artifacts need a filesystem path (completion markers are "
-            "renamed atomically, cache locks are files). Mount the bucket (mountpoint-s3, s3fs-fuse, gcsfuse) or use a "
-            "shared filesystem (NFS) and pass its path, the same on every worker: see docs/operations.md"
-        )
+    from saeflow import remote
+    from saeflow.artifacts import ENV_ROOT, ensure_writable_root
+
+    arg = str(artifacts or os.environ.get(ENV_ROOT) or "artifacts")
+    if remote.is_url(arg):
+        try:
+            mirror = remote.check_url_root(arg)
+        except remote.RemoteRootError as exc:
+            raise UnsupportedRootError(str(exc)) from exc
+        return str(ensure_writable_root(mirror).resolve())
+    return str(ensure_writable_root(remote.local_path(arg)).resolve())
+
+
+def local_root(artifacts: str | None) -> str:
+    """Where this machine keeps the artifacts of ``artifacts`` (a URL's mirror), without checks."""
+    from saeflow import remote
+    from saeflow.artifacts import ENV_ROOT
+
+    arg = str(artifacts or os.environ.get(ENV_ROOT) or "artifacts")
+    return str(remote.mirror_of(arg)) if remote.is_url(arg) else remote.local_path(arg)
 
 
 def uses_gpu(device: str) -> bool:

@@ -27,7 +27,7 @@ def train_family_flow(config: PipelineConfig, artifacts: str | None = None) -> d
     for sae_cfg in saes:
         train.check_sae_config(sae_cfg)
     m, c, a = extract_stages(config, stage)
-    before = [r.is_complete() for r in train.family_refs(a, saes, config.train, root)]
+    before = [r.is_available() for r in train.family_refs(a, saes, config.train, root)]
     s = stage("train", train.family_refs, train.train_family_task, acts=a, members=saes, train_cfg=config.train,
               device=config.train.device)
     out = summary(stage, {"model": m.model_dump(), "corpus": c.model_dump(), "activations": a.model_dump(),

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from saeflow.config import Frozen
 
-COMPLETE_MARKER = "_COMPLETE.json"
+from saeflow.remote import COMPLETE_MARKER, has_complete, pull  # noqa: F401  (re-exported)
 ENV_ROOT = "SAEFLOW_ARTIFACTS"
 
 
@@ -41,6 +41,10 @@ class ArtifactRef(BaseModel):
 
     def is_complete(self) -> bool:
         return is_complete(self.dir, self.fingerprint)
+
+    def is_available(self) -> bool:
+        """Complete here, or (artifacts root on an fsspec URL) complete at the URL."""
+        return self.is_complete() or has_complete(self.dir, self.fingerprint)
 
 
 def default_root() -> Path:
@@ -125,6 +129,10 @@ def completion_meta(path: str | Path) -> dict[str, Any]:
 
 
 def require_complete(ref: ArtifactRef) -> Path:
+    """The folder of a complete artifact, for reading it; under an fsspec URL root
+    (:mod:`saeflow.remote`) a complete copy is downloaded into this machine's mirror first."""
+    if not ref.is_complete():
+        pull(ref.dir)
     if not ref.is_complete():
         raise ArtifactError(
             f"{ref.stage} artifact {ref.path} is missing or partial; re-run the pipeline, which rebuilds it"

@@ -32,11 +32,16 @@ from saeflow.plots import MARKERS
 from saeflow.sae import load_sae, saved_hook
 from saeflow.store import ActivationStore
 from saeflow.tables import write_table
-from tasks.common import EvalContext, EvalOutput, Progress, publish_table, stage_logger, timed
+from tasks.common import EvalContext, EvalOutput, Progress, code_version, publish_table, stage_logger, timed
 
 DATA, PROBE, PER_SAE, RESULTS = "absorption_data", "absorption_probe", "absorption", "absorption_results"
 DATA_FIELDS = ("seed", "max_words", "icl_examples")
 PROBE_FIELDS = ("seed", "probe_epochs", "probe_batch_size", "probe_lr", "probe_weight_decay", "min_probe_f1")
+
+
+def _code() -> str:
+    """This evaluation's code version (its two modules): a code change gives its stages new fingerprints."""
+    return code_version("saeflow.absorption", "tasks.absorption")
 
 
 class SAEHookMismatchError(ab.AbsorptionError):
@@ -51,7 +56,7 @@ def _sub(cfg: AbsorptionConfig, fields: tuple[str, ...]) -> dict:
 def data_ref(model: ArtifactRef, model_cfg: ModelConfig, vocab: ArtifactRef, hook: str, cfg: AbsorptionConfig,
              root: str, **_) -> ArtifactRef:
     payload = {**_sub(cfg, DATA_FIELDS), "hook": hook, "dtype": model_cfg.dtype, "prepend_bos": model_cfg.prepend_bos}
-    return artifact_ref(root, DATA, fingerprint(DATA, payload, model, vocab))
+    return artifact_ref(root, DATA, fingerprint(DATA, payload, model, vocab, _code()))
 
 
 def _write_store(path, d_model: int, rows: np.ndarray, tok: np.ndarray, pos: np.ndarray, attrs: dict) -> None:
@@ -112,7 +117,7 @@ def _probe_split(df: pd.DataFrame, acts: dict[str, torch.Tensor], split: str) ->
 
 # ----------------------------------------------------------------------------------------- probe
 def probe_ref(data: ArtifactRef, cfg: AbsorptionConfig, root: str, **_) -> ArtifactRef:
-    return artifact_ref(root, PROBE, fingerprint(PROBE, _sub(cfg, PROBE_FIELDS), data))
+    return artifact_ref(root, PROBE, fingerprint(PROBE, _sub(cfg, PROBE_FIELDS), data, _code()))
 
 
 @task(name="absorption-probe")
@@ -170,7 +175,7 @@ def check_probe(probe: ArtifactRef, cfg: AbsorptionConfig) -> list[int]:
 # --------------------------------------------------------------------------------------- per SAE
 def sae_ref(model: ArtifactRef, model_cfg: ModelConfig, data: ArtifactRef, probe: ArtifactRef, sae: ArtifactRef,
             cfg: AbsorptionConfig, root: str, **_) -> ArtifactRef:
-    return artifact_ref(root, PER_SAE, fingerprint(PER_SAE, cfg, model, data, probe, sae, f"dtype={model_cfg.dtype}"))
+    return artifact_ref(root, PER_SAE, fingerprint(PER_SAE, cfg, model, data, probe, sae, f"dtype={model_cfg.dtype}", _code()))
 
 
 def check_sae(sae_model, sae_dir, hook: str, d_model: int) -> None:
@@ -237,7 +242,7 @@ def sae_task(model: ArtifactRef, model_cfg: ModelConfig, data: ArtifactRef, prob
 
 # ---------------------------------------------------------------------------------------- results
 def results_ref(per_sae: list[ArtifactRef], saes: list[ArtifactRef], root: str, **_) -> ArtifactRef:
-    return artifact_ref(root, RESULTS, fingerprint(RESULTS, None, *per_sae, *saes))
+    return artifact_ref(root, RESULTS, fingerprint(RESULTS, None, *per_sae, *saes, _code()))
 
 
 def _sae_identity(sae_dir) -> dict:

@@ -10,6 +10,11 @@ returned as is, a partial one is resumed.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
+import importlib
+import inspect
 import json
 import logging
 import os
@@ -37,9 +42,35 @@ from prefect.filesystems import LocalFileSystem  # noqa: E402
 from prefect.locking.filesystem import FileSystemLockManager  # noqa: E402
 from prefect.logging import get_run_logger  # noqa: E402
 
+from saeflow import remote  # noqa: E402
 from saeflow.artifacts import ArtifactRef  # noqa: E402
 
 log = logging.getLogger("saeflow")
+
+
+@functools.lru_cache(maxsize=None)
+def _source(part: str | Callable) -> str:
+    if isinstance(part, str):
+        module = importlib.import_module(part)
+        return Path(inspect.getfile(module)).read_text(encoding="utf-8").replace("\r\n", "\n")
+    return inspect.getsource(getattr(part, "fn", part))  # a Prefect task or a plain function
+
+
+def code_version(*parts: str | Callable) -> str:
+    """``"code=<hash>"``: an upstream token for :func:`saeflow.artifacts.fingerprint` naming the
+    source code behind a stage's results.
+
+    ``parts`` are module names (their whole file is hashed) or functions / Prefect tasks (their
+    source). Evaluation stages pass it, so a change of an evaluation's code gives its artifacts new
+    fingerprints: a re-run (and the scheduled ``reevaluate``) recomputes exactly the results that
+    code produced, and keeps the old folders untouched. Core stages (vocab, corpus, activations,
+    training) do not: a code edit there must not silently retrain a family; bump their config.
+    """
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(_source(part).encode())
+        digest.update(b"\0")
+    return "code=" + digest.hexdigest()[:12]
 
 
 def stage_logger() -> logging.Logger | logging.LoggerAdapter:
@@ -131,7 +162,46 @@ def _configured(task, ref_fn: Callable[..., ArtifactRef | list[ArtifactRef]], kw
     }
     if not all(e.is_complete() for e in expected):
         opts["refresh_cache"] = True
-    return task.with_options(**opts)
+    configured = task.with_options(**opts)
+    if remote.url_of(kwargs["root"]) is not None:
+        configured.fn = _synced(task.fn, ref_fn)
+    return configured
+
+
+def refs_in(obj: Any) -> list[ArtifactRef]:
+    """Every :class:`ArtifactRef` inside ``obj`` (dicts, lists, tuples, dataclasses such as
+    :class:`EvalOutput`); other pydantic models (configs) hold none."""
+    if isinstance(obj, ArtifactRef):
+        return [obj]
+    if isinstance(obj, dict):
+        return [r for v in obj.values() for r in refs_in(v)]
+    if isinstance(obj, (list, tuple)):
+        return [r for v in obj for r in refs_in(v)]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [r for f in dataclasses.fields(obj) for r in refs_in(getattr(obj, f.name))]
+    return []
+
+
+def _synced(fn: Callable, ref_fn: Callable[..., ArtifactRef | list[ArtifactRef]]) -> Callable:
+    """``fn`` for an artifacts root that mirrors an fsspec URL (:mod:`saeflow.remote`): on the
+    machine that runs the task, pull its input artifacts and its own (when the URL has them
+    complete), run it, push what it made. Source and signature stay ``fn``'s (the cache key)."""
+
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        named = dict(signature.bind(*args, **kwargs).arguments)  # Prefect passes some positionally
+        expected = ref_fn(**named)
+        expected = expected if isinstance(expected, list) else [expected]
+        for ref in refs_in(named) + expected:
+            remote.pull(ref.path)
+        result = fn(*args, **kwargs)
+        for ref in expected + refs_in(result):
+            remote.push(ref.path)
+        return result
+
+    return run
 
 
 def run_stage(task, ref_fn: Callable[..., ArtifactRef | list[ArtifactRef]], *, submit: bool = False,

@@ -51,7 +51,8 @@ from saeflow.models import load_tokenizer
 from saeflow.sae import BaseSAE, load_sae
 from saeflow.store import ActivationStore
 from saeflow.tables import write_table
-from tasks.common import EvalContext, EvalOutput, Progress, publish_markdown, publish_table, stage_logger, timed
+from tasks.common import (EvalContext, EvalOutput, Progress, code_version, publish_markdown, publish_table, stage_logger,
+                          timed)
 from tasks.corpus import load_tokens
 
 STAGE = "meta_sae"
@@ -69,6 +70,11 @@ CROSS_FIELDS = ("cross_size_k", "cross_size_threshold")
 #: Bumped when the example page's content changes (it is part of the page's fingerprint).
 PAGE_VERSION = 2
 EXAMPLE_FIELDS = ("seed", "example_sae", "n_examples", "example_rows", "example_snippets", "snippet_window")
+
+
+def _code() -> str:
+    """This evaluation's code version (its two modules): a code change gives its stages new fingerprints."""
+    return code_version("saeflow.meta_sae", "tasks.meta_sae")
 
 
 def _subset(cfg: MetaSAEConfig, fields: tuple[str, ...]) -> dict[str, Any]:
@@ -105,7 +111,7 @@ def _unit_decoder(sae_model: BaseSAE, sae_dir: Path) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ meta_sae (train)
 def train_ref(sae: ArtifactRef, cfg: MetaSAEConfig, root: str, **_) -> ArtifactRef:
-    return artifact_ref(root, STAGE, fingerprint(STAGE, _subset(cfg, TRAIN_FIELDS), sae))
+    return artifact_ref(root, STAGE, fingerprint(STAGE, _subset(cfg, TRAIN_FIELDS), sae, _code()))
 
 
 @task(name="meta-sae-train")
@@ -167,7 +173,7 @@ def meta_train_task(sae: ArtifactRef, cfg: MetaSAEConfig, root: str, device: str
 # ------------------------------------------------------------------------- meta_sae-sae (summary)
 def summary_ref(sae: ArtifactRef, meta: ArtifactRef, smaller: list[ArtifactRef], cfg: MetaSAEConfig, root: str,
                 **_) -> ArtifactRef:
-    return artifact_ref(root, SAE_STAGE, fingerprint(SAE_STAGE, _subset(cfg, CROSS_FIELDS), sae, meta, *smaller))
+    return artifact_ref(root, SAE_STAGE, fingerprint(SAE_STAGE, _subset(cfg, CROSS_FIELDS), sae, meta, *smaller, _code()))
 
 
 @task(name="meta-sae-summary")
@@ -225,7 +231,7 @@ def examples_ref(model: ArtifactRef, corpus: ArtifactRef, acts: ArtifactRef, sae
                  cfg: MetaSAEConfig, root: str, **_) -> ArtifactRef:
     return artifact_ref(root, EXAMPLES_STAGE,
                         fingerprint(EXAMPLES_STAGE, {"page": PAGE_VERSION, **_subset(cfg, EXAMPLE_FIELDS)}, model, corpus,
-                                    acts, sae, meta))
+                                    acts, sae, meta, _code()))
 
 
 def _read_blocks(store: ActivationStore, blocks: list[tuple[int, int]]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -363,7 +369,7 @@ def examples_task(model: ArtifactRef, corpus: ArtifactRef, acts: ArtifactRef, sa
 def results_ref(saes: list[ArtifactRef], trains: list[ArtifactRef], per_sae: list[ArtifactRef],
                 examples: ArtifactRef | None, cfg: MetaSAEConfig, show: int, root: str, **_) -> ArtifactRef:
     ups = [*saes, *trains, *per_sae] + ([examples] if examples is not None else [])
-    return artifact_ref(root, RESULTS_STAGE, fingerprint(RESULTS_STAGE, {"show": show, **_subset(cfg, CROSS_FIELDS)}, *ups))
+    return artifact_ref(root, RESULTS_STAGE, fingerprint(RESULTS_STAGE, {"show": show, **_subset(cfg, CROSS_FIELDS)}, *ups, _code()))
 
 
 def _plots(out_dir: Path, infos: list[dict], trains: list[ArtifactRef], per_sae: list[ArtifactRef],

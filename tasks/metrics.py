@@ -16,10 +16,15 @@ from saeflow.metrics import CEReference, ce_metrics, ce_reference, reconstructio
 from saeflow.models import load_model
 from saeflow.sae import load_sae, saved_hook
 from saeflow.store import ActivationStore
-from tasks.common import stage_logger, timed
+from tasks.common import code_version, stage_logger, timed
 from tasks.corpus import load_tokens
 
 STAGE = "metrics"
+
+
+def _code() -> str:
+    """This evaluation's code version (its two modules): a code change gives its stages new fingerprints."""
+    return code_version("saeflow.metrics", "tasks.metrics")
 
 
 _CE_REFERENCE: dict[tuple, CEReference] = {}  # one per process: the family's SAEs share it
@@ -39,7 +44,7 @@ class SAEMismatchError(ValueError):
 
 def ref(model: ArtifactRef, model_cfg: ModelConfig, corpus: ArtifactRef, acts: ArtifactRef, sae: ArtifactRef,
         cfg: MetricsConfig, root: str, **_) -> ArtifactRef:
-    return artifact_ref(root, STAGE, fingerprint(STAGE, cfg, model, corpus, acts, sae, f"dtype={model_cfg.dtype}"))
+    return artifact_ref(root, STAGE, fingerprint(STAGE, cfg, model, corpus, acts, sae, f"dtype={model_cfg.dtype}", _code()))
 
 
 def check_sae_fits(sae, sae_dir, store: ActivationStore) -> None:

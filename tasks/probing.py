@@ -32,18 +32,29 @@ from saeflow.models import load_model
 from saeflow.sae import saved_hook
 from saeflow.store import ActivationStore
 from saeflow.tables import write_table
-from tasks.common import EvalContext, EvalOutput, Progress, publish_markdown, stage_logger
+from tasks.common import EvalContext, EvalOutput, Progress, code_version, publish_markdown, stage_logger
 
 STAGE_ACTS, STAGE_BASE, STAGE_SAE, STAGE_RESULTS = "probing-acts", "probing-baselines", "probing-sae", "probing-results"
 TABLE, SUMMARY, PICKS = "probing_results", "probing_summary", "probing_quiver_picks"
 PLOTS = {"scarcity": "auc_vs_train_size.png", "imbalance": "auc_vs_imbalance.png", "noise": "auc_vs_noise.png"}
 
 
+def _code() -> str:
+    """This evaluation's code version (its two modules): a code change gives its stages new fingerprints."""
+    return code_version("saeflow.probing", "tasks.probing")
+
+
+def _acts_code() -> str:
+    """The activation cache's code version: only the functions that produce it (an edit elsewhere in
+    the probing modules, e.g. a probe or a plot, must not re-extract 113 datasets)."""
+    return code_version(acts_task, P.load_dataset, P.tokenize_prompts, P.last_token_activations)
+
+
 # ---------------------------------------------------------------------------------- activations
 def acts_ref(model: ArtifactRef, model_cfg: ModelConfig, hook: str, dataset: str, ood: bool, max_rows: int | None,
              max_seq_len: int, root: str, **_) -> ArtifactRef:
     key = {"dataset": dataset, "ood": ood, "hook": hook, "max_rows": None if ood else max_rows, "max_seq_len": max_seq_len}
-    return artifact_ref(root, STAGE_ACTS, fingerprint(STAGE_ACTS, key, model, f"dtype={model_cfg.dtype}"))
+    return artifact_ref(root, STAGE_ACTS, fingerprint(STAGE_ACTS, key, model, f"dtype={model_cfg.dtype}", _acts_code()))
 
 
 @task(name="probing-acts", task_run_name="probing-acts-{dataset}")
@@ -130,7 +141,7 @@ def _specs(cfg: ProbingConfig, acts: dict[str, ArtifactRef], ood: dict[str, Arti
 def baselines_ref(acts: dict[str, ArtifactRef], ood: dict[str, ArtifactRef], cfg: ProbingConfig, root: str, **_) -> ArtifactRef:
     key = {**_split_key(cfg), "methods": list(cfg.methods), "logreg_penalty": cfg.logreg_penalty,
            "datasets": sorted(acts), "ood": sorted(ood)}
-    return artifact_ref(root, STAGE_BASE, fingerprint(STAGE_BASE, key, *acts.values(), *ood.values()))
+    return artifact_ref(root, STAGE_BASE, fingerprint(STAGE_BASE, key, *acts.values(), *ood.values(), _code()))
 
 
 @task(name="probing-baselines")
@@ -153,7 +164,7 @@ def sae_ref(sae: ArtifactRef, acts: dict[str, ArtifactRef], ood: dict[str, Artif
     key = {**_split_key(cfg), "ks_normal": list(cfg.ks_normal), "ks_other": list(cfg.ks_other),
            "sae_penalty": cfg.sae_penalty, "normalization": cfg.mean_diff_normalization, "binarize": cfg.binarize,
            "datasets": sorted(acts), "ood": sorted(ood)}
-    return artifact_ref(root, STAGE_SAE, fingerprint(STAGE_SAE, key, sae, *acts.values(), *ood.values()))
+    return artifact_ref(root, STAGE_SAE, fingerprint(STAGE_SAE, key, sae, *acts.values(), *ood.values(), _code()))
 
 
 @task(name="probing-sae", task_run_name="probing-sae-{sae.fingerprint}")
@@ -188,7 +199,7 @@ def sae_task(sae: ArtifactRef, acts: dict[str, ArtifactRef], ood: dict[str, Arti
 def results_ref(baselines: ArtifactRef, saes: list[ArtifactRef], cfg: ProbingConfig, unknown: dict[str, str], root: str,
                 **_) -> ArtifactRef:
     key = {"quiver_ks": list(cfg.quiver_ks), "methods": list(cfg.methods), "unknown": unknown}
-    return artifact_ref(root, STAGE_RESULTS, fingerprint(STAGE_RESULTS, key, baselines, *saes))
+    return artifact_ref(root, STAGE_RESULTS, fingerprint(STAGE_RESULTS, key, baselines, *saes, _code()))
 
 
 def _plot(df: pd.DataFrame, regime: str, series: list[tuple[str, pd.Series]], path: Path) -> Path:

@@ -55,7 +55,7 @@ from saeflow.stitching import (
 )
 from saeflow.store import ActivationStore
 from saeflow.tables import write_table
-from tasks.common import EvalContext, EvalOutput, Progress, publish_markdown, stage_logger, timed
+from tasks.common import EvalContext, EvalOutput, Progress, code_version, publish_markdown, stage_logger, timed
 from tasks.corpus import load_tokens
 from tasks.metrics import check_sae_fits, shared_ce_reference
 
@@ -64,6 +64,11 @@ PAIR_VERSION = 2
 FORM_STAGE, PAIR_STAGE, SUMMARY_STAGE, RESULTS_STAGE = ("stitching-form", "stitching-pair", "stitching-summary",
                                                         "stitching-results")
 ROW_BATCH = 4096
+
+
+def _code() -> str:
+    """This evaluation's code version (its two modules): a code change gives its stages new fingerprints."""
+    return code_version("saeflow.stitching", "tasks.stitching")
 
 
 #: Bumped when the form computation changes (2: dead TopK latents stay dead in the JumpReLU form).
@@ -103,7 +108,7 @@ def read_infos(saes: list[ArtifactRef]) -> list[SAEInfo]:
 
 # ------------------------------------------------------------------------------------ form
 def form_ref(sae: ArtifactRef, index: int, acts: ArtifactRef, cfg: StitchingConfig, root: str, **_) -> ArtifactRef:
-    return artifact_ref(root, FORM_STAGE, fingerprint(FORM_STAGE, {**_form_cfg(cfg), "index": index}, sae, acts))
+    return artifact_ref(root, FORM_STAGE, fingerprint(FORM_STAGE, {**_form_cfg(cfg), "index": index}, sae, acts, _code()))
 
 
 @task(name="stitching-form")
@@ -155,7 +160,7 @@ def pair_ref(small: ArtifactRef, large: ArtifactRef, small_form: ArtifactRef, la
              model: ArtifactRef, model_cfg: ModelConfig, corpus: ArtifactRef, acts: ArtifactRef, cfg: StitchingConfig,
              root: str, **_) -> ArtifactRef:
     return artifact_ref(root, PAIR_STAGE, fingerprint(PAIR_STAGE, _pair_cfg(cfg), small, large, small_form, large_form,
-                                                      model, corpus, acts, f"dtype={model_cfg.dtype}"))
+                                                      model, corpus, acts, f"dtype={model_cfg.dtype}", _code()))
 
 
 @task(name="stitching-pair")
@@ -276,7 +281,7 @@ def _pair_summary(p: ArtifactRef) -> dict:
 
 # ------------------------------------------------------------------------------------ per-SAE summary
 def summary_ref(form: ArtifactRef, pair: ArtifactRef | None, root: str, **_) -> ArtifactRef:
-    return artifact_ref(root, SUMMARY_STAGE, fingerprint(SUMMARY_STAGE, None, form, *([pair] if pair else [])))
+    return artifact_ref(root, SUMMARY_STAGE, fingerprint(SUMMARY_STAGE, None, form, *([pair] if pair else []), _code()))
 
 
 @task(name="stitching-summary")
@@ -305,7 +310,7 @@ def summary_task(form: ArtifactRef, pair: ArtifactRef | None, root: str) -> Arti
 
 # ------------------------------------------------------------------------------------ results
 def results_ref(pairs: list[ArtifactRef], forms: list[ArtifactRef], hist_bins: int, root: str, **_) -> ArtifactRef:
-    return artifact_ref(root, RESULTS_STAGE, fingerprint(RESULTS_STAGE, {"hist_bins": hist_bins}, *pairs, *forms))
+    return artifact_ref(root, RESULTS_STAGE, fingerprint(RESULTS_STAGE, {"hist_bins": hist_bins}, *pairs, *forms, _code()))
 
 
 @task(name="stitching-results")

@@ -109,7 +109,18 @@ def test_clean_refuses_paths_outside_the_root(root, tmp_path):
     (root / "linked").symlink_to(outside)  # a symlinked stage folder pointing out
     assert main(["clean", "--stage", "linked", "--yes", "--artifacts", str(root)]) == 2
     assert (outside / "x" / "keep" / COMPLETE_MARKER).is_file() and (root / "train" / "cccc3333").is_dir()
-    assert main(["clean", "--stage", "train", "--yes", "--artifacts", "s3://bucket/x"]) == 1  # URL roots refused
+
+
+
+def test_list_and_clean_on_a_url_root_act_on_this_machines_mirror(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SAEFLOW_MIRROR", str(tmp_path / "mirror"))
+    mirror = tmp_path / "mirror" / "s3" / "bucket" / "x"
+    _artifact(mirror, "train", "eeee5555", complete=False)
+    keep = _artifact(mirror, "train", "ffff6666")
+    assert main(["list-artifacts", "--artifacts", "s3://bucket/x"]) == 0
+    assert "eeee5555" in capsys.readouterr().out
+    assert main(["clean", "--stage", "train", "--partial-only", "--yes", "--artifacts", "s3://bucket/x"]) == 0
+    assert not (mirror / "train" / "eeee5555").exists() and (keep / COMPLETE_MARKER).is_file()
 
 
 def test_report_command_rebuilds_from_the_results_folder(tmp_path, capsys):

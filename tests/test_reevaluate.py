@@ -1,6 +1,7 @@
 """``reevaluate`` evaluates exactly the SAEs lacking current results (tiny random model, real
 Prefect flows, no mocks): adding one SAE (a ``train-family`` run, or a SAELens folder dropped in)
-triggers one evaluation; a changed evaluation config re-evaluates every SAE; bad drops are skipped."""
+triggers one evaluation; a changed evaluation config or evaluation code re-evaluates every SAE; bad
+drops are skipped."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from flows.pipeline import pipeline
 from flows.reevaluate import reevaluate
 from flows.train_family import train_family
 from saeflow.sae import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+from tasks import common
 from tests.helpers import tiny_config, write_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,6 +80,33 @@ def test_reevaluate_evaluates_only_saes_lacking_results(tmp_path):
     out = reevaluate(profile, root, sae_folder=str(incoming), overrides={"metrics": {"n_variance_tokens": 256}})
     assert len(out["evaluated"]) == 3 and out["up_to_date"] == []
     assert torch.isfinite(torch.tensor(pd.read_parquet(Path(out["results"]) / "core_metrics.parquet")["l0"].to_numpy())).all()
+
+
+def test_changed_evaluation_code_reevaluates_every_sae_and_keeps_old_results(tmp_path, monkeypatch):
+    root = str(tmp_path / "artifacts")
+    profile = str(write_config(tiny_config(), tmp_path / "tiny.yaml"))
+    first = pipeline(tiny_config(), root)
+    train_family(profile, root, overrides={"sae": {"k": 4}})
+    assert len(reevaluate(profile, root)["evaluated"]) == 1
+    old_metrics = sorted(p.name for p in (Path(root) / "metrics").iterdir())
+    before = pd.read_parquet(Path(first["refs"]["results"]["path"]) / "core_metrics.parquet")
+
+    # a new version of the core-metrics code (its module's text changes; simulated by reading it
+    # with one appended line, as after an upgrade) -> both SAEs are no longer current
+    source, version = common._source, common.code_version("saeflow.metrics", "tasks.metrics")
+    other = common.code_version("saeflow.probing")
+    monkeypatch.setattr(common, "_source",
+                        lambda part: source(part) + "\n# edited\n" if part == "saeflow.metrics" else source(part))
+    assert common.code_version("saeflow.metrics", "tasks.metrics") != version
+    assert common.code_version("saeflow.probing") == other
+    out = reevaluate(profile, root)
+    assert len(out["evaluated"]) == 2 and out["up_to_date"] == []
+    new_metrics = sorted(p.name for p in (Path(root) / "metrics").iterdir())
+    assert set(old_metrics) < set(new_metrics) and len(new_metrics) == 2 * len(old_metrics)  # old folders kept
+    after = pd.read_parquet(Path(out["results"]) / "core_metrics.parquet")
+    row = after[after["sae_fingerprint"] == before["sae_fingerprint"].iloc[0]]
+    assert row["explained_variance"].iloc[0] == pytest.approx(before["explained_variance"].iloc[0], rel=1e-6)  # same maths
+    assert reevaluate(profile, root)["evaluated"] == []  # and now current again
 
 
 def test_sae_of_other_activations_is_skipped_not_evaluated(tmp_path):

@@ -1,13 +1,17 @@
-"""End-to-end: the CI smoke profile on a real packaged model (SmolLM2-135M-Instruct)."""
+"""End-to-end: the CI smoke profile on a real packaged model (SmolLM2-135M-Instruct), with every
+evaluation, fully cached on a re-run; then the same profile on prefect-dask's ``DaskTaskRunner``
+(2-worker ``LocalCluster``) gives the same results table."""
 
+import base64
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from flows.pipeline import pipeline
-from saeflow.config import load_config
+from flows.pipeline import pipeline, run_pipeline
+from saeflow.config import RunnerConfig, load_config
+from tasks.report import PNG_MAGIC
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,3 +50,28 @@ def test_smoke_profile_end_to_end_then_fully_cached(tmp_path):
     again = pipeline(cfg, str(tmp_path))
     assert all(again["cached"].values()), again["cached"]
     assert not any(m["trained"] for m in again["members"])
+
+    # the same profile on a 2-worker Dask LocalCluster, in a fresh root: everything computed on the
+    # cluster (family members and per-SAE evaluations submitted together), same fingerprints, same table
+    dask = run_pipeline(cfg.model_copy(update={"runner": RunnerConfig(kind="dask", n_workers=2)}), str(tmp_path / "dask"))
+    assert not any(dask["cached"].values()), dask["cached"]
+
+    def fps(o):
+        return {k: [r and r["fingerprint"] for r in v] if isinstance(v, list) else
+                v["fingerprint"] if "fingerprint" in v else {kk: str(vv) for kk, vv in v.items()}
+                for k, v in o["refs"].items()}
+
+    assert fps(dask) == fps(out)
+    other = pd.read_parquet(Path(dask["refs"]["results"]["path"]) / "core_metrics.parquet")
+    assert list(other.columns) == list(table.columns) and len(other) == len(table)
+    num = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
+    pd.testing.assert_frame_equal(table.drop(columns=num), other.drop(columns=num))
+    for c in num:
+        x, y = table[c].astype(float).to_numpy(), other[c].astype(float).to_numpy()
+        assert np.allclose(x, y, rtol=1e-4, atol=1e-6, equal_nan=True), (c, x, y)
+    for name in ("absorption", "stitching", "meta_sae", "probing"):
+        assert sorted(p.name for p in (Path(dask["refs"]["results"]["path"]) / name).iterdir()) == \
+            sorted(p.name for p in (results / name).iterdir()), name
+    html = Path(dask["report"]).read_text()
+    src = html.split("src='data:image/png;base64,", 1)[1].split("'", 1)[0]
+    assert base64.b64decode(src).startswith(PNG_MAGIC)
