@@ -11,9 +11,10 @@ Two halves, because SAEBench lives in its own venv (/work/sbvenv, no zarr there)
    -> ``add_feature_splits_to_metrics_df`` (split latents), and
    ``FeatureAbsorptionCalculator.calculate_absorption`` (absorption fraction, full absorption) with
    a stand-in model whose ``run_with_cache`` returns our stored word activations at position -6 for
-   our prompts, aggregated as SAEBench's ``main._aggregate_results_df``. The projection step is run
-   twice: with SAEBench's split latents (end to end) and with ours (isolates the projection code
-   from the randomness of the L1 probe).
+   our prompts, aggregated as SAEBench's ``main._aggregate_results_df``. Three variants:
+   ``sb_end_to_end`` (SAEBench trains its own L1 probe on the latents), ``sb_given_our_l1_probe``
+   (SAEBench's k-sparse step, refits, F1 and split rule given our L1 probe: the same probes) and
+   ``sb_projection_our_splits`` (SAEBench's projection code on our split latents).
 
 Command (project venv; it runs the second half in /work/sbvenv itself)::
 
@@ -67,6 +68,7 @@ def export(sae_eval: Path, out: Path) -> None:
     np.savez(out / "probe.npz", weight=z["weight"], bias=z["bias"])
     pd.read_parquet(probe / "probe_metrics.parquet").to_parquet(out / "probe_metrics.parquet")
     pd.read_parquet(sae_eval / "letters.parquet").to_parquet(out / "ours_letters.parquet")
+    pd.read_parquet(sae_eval / "k_sparse.parquet").to_parquet(out / "ours_k_sparse.parquet")
     (out / "meta.json").write_text(json.dumps({"sae_dir": str(sae_dir), "sae_eval": str(sae_eval),
                                                "max_k": cfg["config"]["max_k"]}))
 
@@ -98,14 +100,39 @@ def compare(out: Path) -> None:
     test_words = pd.read_parquet(out / "test_words.parquet")["word"].tolist()
     train_labels = list(zip(train_words, d["y_train"].tolist()))
     test_labels = list(zip(test_words, d["y_test"].tolist()))
+    import sae_bench.evals.absorption.k_sparse_probing as ksp
+
     max_k = int(meta["max_k"])
-    kp = train_k_sparse_probes(sae, train_labels, torch.from_numpy(d["x_train"]), ks=list(range(1, max_k + 1)),
-                               precalc_sae_acts=True)
-    raw = eval_probe_and_sae_k_sparse_raw_scores(sae, probe, kp, test_labels, torch.from_numpy(d["x_test"]))
-    md = sae_k_sparse_metadata(sae, probe, kp, sae_name="sae", layer=0)
-    metrics = build_metrics_df(raw, md, max_k_value=max_k)
-    add_feature_splits_to_metrics_df(metrics, max_k_value=max_k)
-    sb_splits = {r.letter: [int(x) for x in r.split_feats] for r in metrics.itertuples()}
+
+    def sb_split_latents() -> tuple[dict[str, list[int]], pd.DataFrame]:
+        """SAEBench's k-sparse probing (top-k of the L1 probe, sklearn refits, test F1, split rule)."""
+        kp = train_k_sparse_probes(sae, train_labels, torch.from_numpy(d["x_train"]), ks=list(range(1, max_k + 1)),
+                                   precalc_sae_acts=True)
+        raw = eval_probe_and_sae_k_sparse_raw_scores(sae, probe, kp, test_labels, torch.from_numpy(d["x_test"]))
+        md = sae_k_sparse_metadata(sae, probe, kp, sae_name="sae", layer=0)
+        metrics = build_metrics_df(raw, md, max_k_value=max_k)
+        add_feature_splits_to_metrics_df(metrics, max_k_value=max_k)
+        return {r.letter: [int(x) for x in r.split_feats] for r in metrics.itertuples()}, raw
+
+    # 1. end to end: SAEBench trains its own L1 probe on the latents
+    sb_splits, raw = sb_split_latents()
+    # 2. the same probes: SAEBench's k-sparse step given our L1 probe. That step reads the L1 probe
+    #    only through ``weights[letter].topk(k)``, k <= max_k; our k = max_k row lists those latents
+    #    in topk order, so a probe with descending weights on them selects exactly the same latents.
+    ours_ks = pd.read_parquet(out / "ours_k_sparse.parquet")
+    l1_ours = torch.zeros(26, sae.cfg.d_sae)
+    for r in ours_ks[ours_ks["k"] == max_k].itertuples():
+        l1_ours[LETTERS.index(r.letter), list(r.feats)] = torch.arange(max_k, 0, -1, dtype=torch.float32)
+    given = LinearProbe(sae.cfg.d_sae, 26)
+    with torch.no_grad():
+        given.fc.weight.copy_(l1_ours)
+        given.fc.bias.zero_()
+    real_train = ksp.train_sparse_multi_probe
+    ksp.train_sparse_multi_probe = lambda *a, **k: given
+    try:
+        sb_splits_given, _ = sb_split_latents()
+    finally:
+        ksp.train_sparse_multi_probe = real_train
 
     absorb = pd.read_parquet(out / "absorb.parquet").reset_index(drop=True)
     x_abs = torch.from_numpy(d["x_absorb"])
@@ -132,7 +159,9 @@ def compare(out: Path) -> None:
     pm = pd.read_parquet(out / "probe_metrics.parquet").set_index("letter")
     ours = pd.read_parquet(out / "ours_letters.parquet").set_index("letter")
     rows = []
-    for variant, splits in (("sb_splits", sb_splits), ("our_splits", {k: list(v) for k, v in ours["split_feats"].items()})):
+    our_splits = {k: [int(x) for x in v] for k, v in ours["split_feats"].items()}
+    for variant, splits in (("sb_end_to_end", sb_splits), ("sb_given_our_l1_probe", sb_splits_given),
+                            ("sb_projection_our_splits", our_splits)):
         recs = []
         for letter in ours.index:
             li = LETTERS.index(letter)
@@ -154,8 +183,8 @@ def compare(out: Path) -> None:
                          "ours_split": int(ours.loc[letter, "num_split_feats"]),
                          "sb_split": int(agg.loc[letter, "num_split_feats"]),
                          "ours_latents": ",".join(str(int(x)) for x in ours.loc[letter, "split_feats"]),
-                         "sb_latents": ",".join(str(int(x)) for x in sb_splits[letter]),
-                         "same_split_latents": [int(x) for x in ours.loc[letter, "split_feats"]] == sb_splits[letter]})
+                         "sb_latents": ",".join(str(int(x)) for x in splits[letter]),
+                         "same_split_latents": our_splits[letter] == [int(x) for x in splits[letter]]})
     table = pd.DataFrame(rows)
     lines = []
     for variant, g in table.groupby("variant"):

@@ -21,8 +21,8 @@ def test_runner_config_and_roots():
     assert runner.cluster_kwargs["n_workers"] == 3 and "resources" not in runner.cluster_kwargs
     gpu = make_task_runner(RunnerConfig(kind="dask"), device="cuda")
     assert gpu.cluster_kwargs["resources"] == {"GPU": 1}
-    remote = make_task_runner(RunnerConfig(kind="dask", address="tcp://10.0.0.1:8786"))
-    assert remote.address == "tcp://10.0.0.1:8786"
+    remote = make_task_runner(RunnerConfig(kind="dask", address="tcp://127.0.0.1:8786"))
+    assert remote.address == "tcp://127.0.0.1:8786"
     with pytest.raises(ValueError, match="only used with runner.kind: dask"):
         RunnerConfig(address="tcp://h:1")
     with pytest.raises(ValueError, match="not a scheduler address"):

@@ -137,3 +137,36 @@ def test_report_of_a_moved_artifacts_root(tmp_path):
     d.rename(new)  # _COMPLETE.json still lists the old absolute paths
     tables, plots = result_files(new)
     assert len(tables) == 3 and len(plots) == 3 and all(p.is_relative_to(new) for p in tables + plots)
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no headless Chromium (Debian: apt-get install chromium; .ci/run installs it)")
+def test_report_renders_in_headless_chromium(tmp_path):
+    """What a person sees: the HTML report opened in headless Chromium renders its tables and
+    embedded plots (a screenshot that is a real, non-blank PNG of the window size)."""
+    import subprocess
+
+    import matplotlib.image as mpimg
+
+    d = _results_folder(tmp_path)
+    config = {"name": "demo", "model": {"name": "tiny-random"}, "activations": {"hook": "blocks.1.hook_resid_post"}}
+    html_path, _ = build_report(d, config, {"model": {"seconds": 1.0, "cached": False}}, {"flow_run": "test"})
+    shot = tmp_path / "report.png"
+    proc = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1280,2400",
+                           f"--screenshot={shot}", html_path.resolve().as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert shot.exists(), proc.stderr[-2000:]
+    assert shot.read_bytes().startswith(PNG_MAGIC)
+    img = mpimg.imread(shot)
+    assert img.shape[:2] == (2400, 1280)
+    rgb = img[..., :3].reshape(-1, 3)
+    # not a blank page: dark text pixels and coloured plot lines (matplotlib's default blue) are drawn
+    assert (rgb.max(axis=1) < 0.3).mean() > 0.001
+    blue = (rgb[:, 2] > 0.6) & (rgb[:, 0] < 0.3)
+    assert blue.sum() > 200, blue.sum()
