@@ -114,8 +114,11 @@ def compare(out: Path) -> None:
         add_feature_splits_to_metrics_df(metrics, max_k_value=max_k)
         return {r.letter: [int(x) for x in r.split_feats] for r in metrics.itertuples()}, raw
 
-    # 1. end to end: SAEBench trains its own L1 probe on the latents
+    # 1. end to end: SAEBench trains its own L1 probe on the latents; and once more with another
+    #    torch seed (SAEBench against itself: how determined are its split latents on this SAE?)
     sb_splits, raw = sb_split_latents()
+    torch.manual_seed(1)
+    sb_splits_seed1, _ = sb_split_latents()
     # 2. the same probes: SAEBench's k-sparse step given our L1 probe. That step reads the L1 probe
     #    only through ``weights[letter].topk(k)``, k <= max_k; our k = max_k row lists those latents
     #    in topk order, so a probe with descending weights on them selects exactly the same latents.
@@ -194,6 +197,10 @@ def compare(out: Path) -> None:
                      f"{int(g.same_split_latents.sum())}/{len(g)}; mean fraction ours {g.ours_fraction.mean():.4f} "
                      f"vs SAEBench {g.sb_fraction.mean():.4f}, mean full ours {g.ours_full.mean():.4f} vs "
                      f"{g.sb_full.mean():.4f}, mean split ours {g.ours_split.mean():.3f} vs {g.sb_split.mean():.3f}")
+    same = [x for x in ours.index if sb_splits[x] == sb_splits_seed1[x]]
+    lines.append(f"SAEBench end to end, torch seed 42 vs seed 1 (its own L1 probe twice): identical split latents on "
+                 f"{len(same)}/{len(ours.index)} letters, equal counts on "
+                 f"{sum(len(sb_splits[x]) == len(sb_splits_seed1[x]) for x in ours.index)}/{len(ours.index)}")
     md = "\n".join(lines) + "\n\n" + table.to_markdown(index=False, floatfmt=".4f") + "\n"
     (out / "agreement.md").write_text(md)
     table.to_csv(out / "agreement.csv", index=False)

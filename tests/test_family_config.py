@@ -78,3 +78,21 @@ def test_pipeline_config_family_replaces_sae():
     assert [m.width for m in cfg.sae_configs()] == [64, 128]
     with pytest.raises(ValidationError, match="set either sae"):
         PipelineConfig.model_validate({"sae": {"width": 64}, "family": {"widths": [64]}})
+
+
+@pytest.mark.parametrize("profile", ["quick.yaml", "quick-evals.yaml", "smoke.yaml", "paper-gemma-2-2b.yaml"])
+def test_every_shipped_profile_loads(profile):
+    """The profiles users run (README, prefect.yaml) parse and validate; quick-evals extends quick
+    and shares its model, activations and family, so only the evaluations run after `make run`."""
+    from pathlib import Path
+
+    from saeflow.config import load_config
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    cfg = load_config(configs / profile)
+    assert cfg.sae_configs()
+    if profile == "quick-evals.yaml":
+        quick = load_config(configs / "quick.yaml")
+        assert (cfg.model, cfg.corpus, cfg.activations, cfg.family, cfg.train) == \
+               (quick.model, quick.corpus, quick.activations, quick.family, quick.train)
+        assert all(getattr(cfg, e) is not None for e in ("absorption", "stitching", "meta_sae", "probing"))
