@@ -78,6 +78,7 @@ def compare(out: Path) -> None:
     import numpy as np
     import pandas as pd
     import torch
+    import sae_bench.evals.absorption.k_sparse_probing as ksp
     from sae_bench.evals.absorption.feature_absorption_calculator import FeatureAbsorptionCalculator
     from sae_bench.evals.absorption.k_sparse_probing import (
         add_feature_splits_to_metrics_df, build_metrics_df, eval_probe_and_sae_k_sparse_raw_scores,
@@ -100,8 +101,6 @@ def compare(out: Path) -> None:
     test_words = pd.read_parquet(out / "test_words.parquet")["word"].tolist()
     train_labels = list(zip(train_words, d["y_train"].tolist()))
     test_labels = list(zip(test_words, d["y_test"].tolist()))
-    import sae_bench.evals.absorption.k_sparse_probing as ksp
-
     max_k = int(meta["max_k"])
 
     def sb_split_latents() -> tuple[dict[str, list[int]], pd.DataFrame]:

@@ -1,10 +1,13 @@
 """FamilyConfig: grid / explicit expansion, derived Matryoshka levels, fingerprints, bad input."""
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
 from saeflow.artifacts import ArtifactRef
-from saeflow.config import FamilyConfig, PipelineConfig, SAEConfig, TrainConfig, default_matryoshka_widths, describe_sae
+from saeflow.config import (FamilyConfig, PipelineConfig, SAEConfig, TrainConfig, default_matryoshka_widths, describe_sae,
+                             load_config)
 from tasks import train
 
 
@@ -84,10 +87,6 @@ def test_pipeline_config_family_replaces_sae():
 def test_every_shipped_profile_loads(profile):
     """The profiles users run (README, prefect.yaml) parse and validate; quick-evals extends quick
     and shares its model, activations and family, so only the evaluations run after `make run`."""
-    from pathlib import Path
-
-    from saeflow.config import load_config
-
     configs = Path(__file__).resolve().parent.parent / "configs"
     cfg = load_config(configs / profile)
     assert cfg.sae_configs()
