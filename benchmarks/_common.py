@@ -22,14 +22,14 @@ def machine() -> str:
             f"{'cuda' if torch.cuda.is_available() else 'cpu'}")
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace (or append) the section delimited by ``<!-- name -->`` markers in docs/benchmarks.md."""
-    DOC.parent.mkdir(exist_ok=True)
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nEvery figure below was measured by the script named in its section, on the machine it names.\n"
+def write_section(name: str, body: str, doc: Path = DOC) -> None:
+    """Replace (or append) the section delimited by ``<!-- name -->`` markers in ``doc`` (docs/benchmarks.md)."""
+    doc.parent.mkdir(exist_ok=True)
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n\nEvery figure below was measured by the script named in its section, on the machine it names.\n"
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     block = f"{start}\n{body.strip()}\n{end}"
     if start in text:
         text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(text)
+    doc.write_text(text)

@@ -175,10 +175,37 @@ class SAEConfig(Frozen):
     """TopK / BatchTopK / Matryoshka aux loss coefficient."""
 
     dead_feature_window: int = Field(1000, ge=1)
-    """A latent is dead after this many steps without firing."""
+    """A latent is dead after this many steps without firing (SAELens default 1000). Overridden by
+    ``dead_window_fraction`` when that is set."""
 
-    decoder_init_norm: float = Field(0.1, gt=0.0)
-    """Decoder rows initialised to this norm, encoder = decoder transpose."""
+    dead_window_fraction: float | None = Field(0.05, gt=0.0, le=1.0)
+    """Dead-latent window as a fraction of the run's steps (``max(1, round(f * steps))``), so the
+    aux-k loss (and resampling) wake up on short runs too (dictionary_learning counts the window in
+    tokens, 10M; SAELens in steps, 1000, longer than the quick run's 366). Default 0.05 (measured,
+    docs/training.md). ``None`` uses ``dead_feature_window`` (SAELens)."""
+
+    resample_dead_at: tuple[float, ...] = ()
+    """Fractions of the run (each in (0, 1)) after which latents dead by the window above are
+    re-initialised toward badly reconstructed inputs of the current batch (Anthropic's resampling,
+    as dictionary_learning's ``StandardTrainer``; Anthropic resamples at 25/50/75/100k of 200k+
+    steps). Empty = never."""
+
+    resample_encoder_scale: float = Field(0.2, gt=0.0)
+    """Resampling: a resampled encoder column is its direction times this times the mean alive
+    encoder norm (Anthropic, dictionary_learning: 0.2)."""
+
+    b_dec_init: Literal["zeros", "mean", "geometric_median"] = "geometric_median"
+    """Initial decoder bias: ``geometric_median`` of a sample of training activations
+    (dictionary_learning's TopK / BatchTopK trainers; computed once per family by the train stage,
+    ``train.init_sample_rows`` rows), their ``mean``, or ``zeros`` (SAELens 6.x). On a residual
+    stream with a large shared offset ``zeros`` leaves most latents dead (docs/training.md)."""
+
+    decoder_init_norm: float | None = Field(None, gt=0.0)
+    """Decoder rows initialised to this norm, encoder = decoder transpose. ``None`` = per
+    architecture (:meth:`effective_decoder_init_norm`): 1.0 (unit rows) for ``topk`` /
+    ``batchtopk`` / ``matryoshka`` (dictionary_learning's TopK / BatchTopK, OpenAI; measured better
+    here, docs/training.md), 0.1 for ``relu`` / ``jumprelu`` (SAELens' default for every
+    architecture, Anthropic's April 2024 update)."""
 
     rescale_acts_by_decoder_norm: bool = True
     """TopK / BatchTopK / Matryoshka: multiply pre-activations by decoder row norms (SAELens
@@ -248,6 +275,9 @@ class SAEConfig(Frozen):
             )
         if self.architecture in K_ARCHITECTURES and self.k > self.width:
             raise ValueError(f"k={self.k} exceeds width={self.width}: choose k <= width")
+        r = list(self.resample_dead_at)
+        if any(not 0.0 < f < 1.0 for f in r) or any(a >= b for a, b in zip(r, r[1:])):
+            raise ValueError(f"resample_dead_at={r} must be strictly increasing fractions of the run in (0, 1)")
         if self.matryoshka_widths is not None:
             w = list(self.matryoshka_widths)
             if not w:
@@ -264,6 +294,12 @@ class SAEConfig(Frozen):
                 f"e.g. [{max(1, self.width // 8)}, {max(1, self.width // 2)}, {self.width}])"
             )
         return self
+
+    def effective_decoder_init_norm(self) -> float:
+        """``decoder_init_norm``, or its per-architecture default when ``None``."""
+        if self.decoder_init_norm is not None:
+            return float(self.decoder_init_norm)
+        return 1.0 if self.architecture in K_ARCHITECTURES else 0.1
 
     def effective_matryoshka_widths(self) -> tuple[int, ...]:
         """``matryoshka_widths`` with ``width`` appended when missing (SAELens semantics)."""
@@ -460,6 +496,19 @@ class TrainConfig(Frozen):
 
     lr_decay_steps: int = Field(0, ge=0)
     """Linear decay to 0 over the last this-many steps."""
+
+    lr_warm_up_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    """Warm-up as a fraction of the run: the warm-up lasts ``max(lr_warm_up_steps, round(f * steps))``
+    steps, so a default fits any run length."""
+
+    lr_decay_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    """Decay as a fraction of the run: the decay lasts ``max(lr_decay_steps, round(f * steps))``
+    steps (dictionary_learning decays linearly over the last 20%)."""
+
+    init_sample_rows: int = Field(16_384, ge=256)
+    """Training rows sampled (seeded, whole chunks spread over the store) to compute a
+    data-dependent ``b_dec`` init (``sae.b_dec_init``); once per family (>= 256 rows,
+    ``saeflow.sae_init.MIN_INIT_ROWS``)."""
 
     grad_clip: float = Field(1.0, gt=0.0)
     """Gradient-norm clip."""

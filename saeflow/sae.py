@@ -127,7 +127,8 @@ class BaseSAE(nn.Module):
     """Common parameters, SAELens initialisation (SPEC 3.1) and weight folding.
 
     Initialisation: ``W_dec`` (d_sae, d_in) is kaiming-uniform, each row is rescaled to norm
-    ``cfg.decoder_init_norm``, ``W_enc = W_dec.T`` and both biases are zero. The random draw uses a
+    ``cfg.effective_decoder_init_norm()``, ``W_enc = W_dec.T`` and both biases are zero (a
+    data-dependent ``b_dec``, ``cfg.b_dec_init``, is set by the trainer). The random draw uses a
     local ``torch.Generator`` seeded with ``seed``; the global RNG is neither read nor advanced.
     """
 
@@ -151,7 +152,7 @@ class BaseSAE(nn.Module):
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
         w_dec = torch.empty(d_sae, d_in, dtype=torch.float32)
         nn.init.kaiming_uniform_(w_dec, generator=gen)
-        w_dec = w_dec / w_dec.norm(dim=-1, keepdim=True) * cfg.decoder_init_norm
+        w_dec = w_dec / w_dec.norm(dim=-1, keepdim=True) * cfg.effective_decoder_init_norm()
         self.W_enc = nn.Parameter(w_dec.T.clone().contiguous())
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(w_dec.contiguous())

@@ -40,6 +40,7 @@ import torch
 from saeflow.artifacts import ArtifactError, write_json_atomic
 from saeflow.config import SAEConfig, TrainConfig
 from saeflow.sae import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, BaseSAE, build_sae, save_sae
+from saeflow.sae_init import b_dec_from_sample, resample_dead_latents
 
 __all__ = [
     "BatchLoader",
@@ -105,12 +106,31 @@ def lr_at_step(step: int, total_steps: int, train_cfg: TrainConfig) -> float:
     """
     lr = train_cfg.lr
     factor = 1.0
-    w, d = train_cfg.lr_warm_up_steps, train_cfg.lr_decay_steps
+    w, d = schedule_lengths(total_steps, train_cfg)
     if w > 0 and step < w:
         factor = min(factor, (step + 1) / w)
     if d > 0 and step >= total_steps - d:
         factor = min(factor, (total_steps - step) / d)
     return lr * factor
+
+
+def schedule_lengths(total_steps: int, train_cfg: TrainConfig) -> tuple[int, int]:
+    """(warm-up, decay) steps: the larger of the step counts and the run fractions of ``train_cfg``."""
+    w = max(train_cfg.lr_warm_up_steps, round(train_cfg.lr_warm_up_fraction * total_steps))
+    d = max(train_cfg.lr_decay_steps, round(train_cfg.lr_decay_fraction * total_steps))
+    return int(w), int(d)
+
+
+def dead_window(sae_cfg: SAEConfig, total_steps: int) -> int:
+    """Steps without firing after which a latent counts as dead (``dead_window_fraction`` wins when set)."""
+    if sae_cfg.dead_window_fraction is not None:
+        return max(1, round(sae_cfg.dead_window_fraction * total_steps))
+    return int(sae_cfg.dead_feature_window)
+
+
+def resample_steps(sae_cfg: SAEConfig, total_steps: int) -> frozenset[int]:
+    """1-based steps after which dead latents are resampled (``resample_dead_at`` fractions; never the last)."""
+    return frozenset(s for s in (round(f * total_steps) for f in sae_cfg.resample_dead_at) if 1 <= s < total_steps)
 
 
 @torch.no_grad()
@@ -318,6 +338,14 @@ def _read_done(out_dir: Path, fingerprint: str) -> dict[str, Any] | None:
     return dict(done["summary"])
 
 
+def _check_batch_shape(batch: torch.Tensor, step: int, batch_size: int, d_in: int) -> None:
+    if batch.ndim != 2 or batch.shape[1] != d_in or batch.shape[0] != batch_size:
+        raise ValueError(
+            f"loader yielded a batch of shape {tuple(batch.shape)} at step {step}; expected "
+            f"[{batch_size}, {d_in}] (train.batch_size, d_in)"
+        )
+
+
 class _Member:
     """One SAE of a family: its model, optimiser, dead-latent counters, logs and position."""
 
@@ -326,7 +354,10 @@ class _Member:
         self.index, self.cfg, self.out_dir, self.cfg_extra = index, sae_cfg, Path(out_dir), cfg_extra
         self.fingerprint = _fingerprint(sae_cfg, train_cfg, d_in)
         self.normalizes = sae_cfg.normalize_activations == "expected_average_only_in"
-        self.window = sae_cfg.dead_feature_window
+        self.window = dead_window(sae_cfg, total_steps)
+        self.resample_at = resample_steps(sae_cfg, total_steps)
+        self.n_resampled = 0
+        self.b_dec_init: dict[str, Any] | None = None
         self.done: dict[str, Any] | None = None
         self.step = 0
         self.resumed_from: int | None = None
@@ -356,6 +387,8 @@ class _Member:
             self.logs = json.loads(ck["logs"])
             self.step = self.resumed_from = int(ck["step"])
             self.scale = ck["scaling_factor"]
+            self.n_resampled = int(ck.get("n_resampled", 0))
+            self.b_dec_init = json.loads(ck["b_dec_init"]) if ck.get("b_dec_init") else None
             self.ckpt = {"loader": ck["loader"], "rng": ck["rng"], "path": ckpt_path}
         self.last_log_time, self.last_log_step = time.perf_counter(), self.step
 
@@ -399,6 +432,14 @@ class _Member:
             self.since_fired.add_(1)
             self.since_fired.masked_fill_(out["fired"], 0)  # type: ignore[arg-type]
         self.step = step + 1
+        if self.step in self.resample_at:
+            dead = self.since_fired > self.window
+            gen = torch.Generator(device="cpu").manual_seed(int(train_cfg.seed) * 1_000_003 + self.step)
+            n = resample_dead_latents(self.sae, dead, x, self.optimizer, gen, self.cfg.resample_encoder_scale)
+            with torch.no_grad():
+                self.since_fired.masked_fill_(dead, 0)
+            self.n_resampled += n
+            out["resampled"] = n
         return out
 
     def log_entry(self, out: dict[str, Any], lr: float, batch_size: int) -> dict[str, Any]:
@@ -412,6 +453,7 @@ class _Member:
             "frac_dead": float((self.since_fired > self.window).float().mean()),
             "lr": lr,
             "tokens_per_s": (self.step - self.last_log_step) * batch_size / max(now - self.last_log_time, 1e-9),
+            "resampled": self.n_resampled,
         }
         self.last_log_time, self.last_log_step = now, self.step
         self.logs.append(entry)
@@ -429,6 +471,8 @@ class _Member:
             "rng": _rng_state(device),
             "scaling_factor": self.scale,
             "logs": json.dumps(self.logs),
+            "n_resampled": self.n_resampled,
+            "b_dec_init": json.dumps(self.b_dec_init) if self.b_dec_init is not None else "",
         })
 
     def finish(self, total_steps: int, train_cfg: TrainConfig, d_in: int, t_start: float) -> dict[str, Any]:
@@ -443,6 +487,9 @@ class _Member:
             "scaling_factor_folded": self.scale,
             "final": self.logs[-1] if self.logs else {},
             "n_dead": int((self.since_fired > self.window).sum()),
+            "dead_window_steps": self.window,
+            "n_resampled": self.n_resampled,
+            "b_dec_init": self.b_dec_init,
         }
         save_sae(self.sae, self.out_dir, cfg_extra=self.cfg_extra, training_info=training_info)
         write_json_atomic(self.out_dir / TRAINING_LOG, self.logs)
@@ -480,6 +527,7 @@ def train_saes(
     scaling_factor: float | None = None,
     on_log: Callable[[int, dict[str, Any]], None] | None = None,
     stop_after_steps: int | None = None,
+    init_sample: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """Train a family of SAEs from ONE pass over ``loader``; return one JSON-able summary per member.
 
@@ -506,6 +554,16 @@ def train_saes(
       normalise (a family mixing ``"none"`` members would start on different batches), otherwise
       pass the factor (the pipeline always does). A resumed member keeps the factor of its
       checkpoint (:class:`CheckpointError` when a different one is passed).
+    - **Data-dependent b_dec** (``sae.b_dec_init`` ``mean`` / ``geometric_median``): computed once
+      per method from ``init_sample`` (raw activation rows ``[n, d_in]``; the pipeline passes a
+      seeded sample of the store, :func:`saeflow.sae_init.sample_rows`), or, when it is ``None``,
+      from the first ``ceil(train.init_sample_rows / batch_size)`` batches of a fresh loader (the
+      same batches the normalisation estimate reads; training continues after them), then scaled by
+      the member's normalisation factor and written into ``b_dec`` before step 0. Resumed members
+      keep theirs (it is in the checkpoint's weights).
+    - **Dead latents**: a latent is dead after :func:`dead_window` steps without firing (feeds the
+      aux losses); at :func:`resample_steps` dead latents are resampled
+      (:func:`saeflow.sae_init.resample_dead_latents`, on the step's batch, seeded by the step).
     - ``on_log(i, d)`` for member ``i`` every ``log_every`` steps and after its last step (``d`` is
       also appended to its ``training_log.json``; ``tokens_per_s`` is the rate of the whole pass).
     - ``stop_after_steps``: return right after global step ``stop_after_steps`` as if killed there
@@ -539,6 +597,12 @@ def train_saes(
             "(e.g. sqrt(d_in) / mean activation norm), or train them separately"
         )
 
+    data_init = [m[0].b_dec_init != "zeros" for m in members]
+    if init_sample is None and any(data_init) and not all(data_init):
+        raise ValueError(
+            "these SAEs mix b_dec_init 'zeros' with a data-dependent b_dec_init: pass init_sample (e.g. "
+            "saeflow.sae_init.sample_rows(store, ...)), or train them separately"
+        )
     state = [_Member(i, cfg, out_dir, extra, train_cfg, d_in, device, total_steps) for i, (cfg, out_dir, extra) in enumerate(members)]
     active = [m for m in state if m.done is None]
     if not active:
@@ -551,14 +615,40 @@ def train_saes(
         loader.load_state_dict(json.loads(lead.ckpt["loader"]))
         _set_rng_state(lead.ckpt["rng"], device)
     batches = iter(loader)
+    need_init = [m for m in active if m.ckpt is None and m.cfg.b_dec_init != "zeros"]
+    # decided from the configs (not from which members have checkpoints), so a resume draws the same batches
+    from_loader = init_sample is None and any(cfg.b_dec_init != "zeros" for cfg, _, _ in members)
+    drawn: list[torch.Tensor] = []
+    if lead.ckpt is None and (estimate or from_loader):
+        n_drawn = max(NORM_ESTIMATE_BATCHES if estimate else 0,
+                      math.ceil(train_cfg.init_sample_rows / train_cfg.batch_size) if from_loader else 0)
+        drawn = [next(batches) for _ in range(n_drawn)]
+        for b in drawn:
+            _check_batch_shape(b, 1, train_cfg.batch_size, d_in)
     if lead.ckpt is None and estimate:
-        estimated = estimate_scaling_factor(batches, d_in, NORM_ESTIMATE_BATCHES)
+        estimated = estimate_scaling_factor(drawn, d_in, NORM_ESTIMATE_BATCHES)
         for m in active:
             m.check_factor(estimated)
         scaling_factor = estimated
     for m in active:
         if m.ckpt is None:
             m.scale = float(scaling_factor) if (m.normalizes and scaling_factor is not None) else None
+    if need_init:
+        sample = torch.cat(drawn)[: train_cfg.init_sample_rows] if from_loader else init_sample
+        assert sample is not None
+        if sample.ndim != 2 or sample.shape[1] != d_in:
+            raise ValueError(f"init_sample must be [rows, {d_in}], got {tuple(sample.shape)}")
+        computed: dict[str, torch.Tensor | None] = {}
+        for m in need_init:
+            method = m.cfg.b_dec_init
+            if method not in computed:
+                computed[method] = b_dec_from_sample(sample.float(), method)
+            b = computed[method]
+            assert b is not None
+            with torch.no_grad():
+                m.sae.b_dec.copy_((b * (m.scale if m.scale is not None else 1.0)).to(m.sae.b_dec.device))
+            m.b_dec_init = {"method": method, "rows": int(sample.shape[0]), "norm": float(b.double().norm()),
+                            "source": "loader" if from_loader else "sample"}
 
     check_every_step = device.type == "cpu"  # a host sync is free on CPU; elsewhere check on log/checkpoint steps
     batch_size = train_cfg.batch_size
@@ -572,11 +662,7 @@ def train_saes(
             return [{**m.done, "already_complete": True} if m.done is not None else m.partial_summary(total_steps)
                     for m in state]
         batch = next(batches)
-        if batch.ndim != 2 or batch.shape[1] != d_in or batch.shape[0] != batch_size:
-            raise ValueError(
-                f"loader yielded a batch of shape {tuple(batch.shape)} at step {step + 1}; expected "
-                f"[{batch_size}, {d_in}] (train.batch_size, d_in)"
-            )
+        _check_batch_shape(batch, step + 1, batch_size, d_in)
         raw = batch.to(device, non_blocking=True)
         if raw.dtype != torch.float32:
             raw = raw.float()
@@ -621,6 +707,7 @@ def train_sae(
     on_log: Callable[[dict[str, Any]], None] | None = None,
     stop_after_steps: int | None = None,
     cfg_extra: dict[str, Any] | None = None,
+    init_sample: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Train one SAE (a one-member :func:`train_saes`), resuming from ``out_dir/checkpoint``; return a summary.
 
@@ -641,6 +728,7 @@ def train_sae(
     - ``stop_after_steps``: return right after global step ``stop_after_steps`` as if the process
       had been killed there (no extra checkpoint, no final save); the summary has
       ``completed=False``.
+    - ``init_sample``: raw activation rows for a data-dependent ``b_dec`` (see :func:`train_saes`).
     - ``cfg_extra`` goes into the saved ``cfg.json`` metadata (e.g. ``model_name``, ``hook_name``).
     - a finished ``out_dir`` (see :data:`DONE_FILE`) is not trained again: its stored summary is
       returned with ``already_complete=True``.
@@ -652,4 +740,4 @@ def train_sae(
         raise ValueError("scaling_factor was given but sae.normalize_activations is 'none'; pass scaling_factor=None")
     return train_saes([(sae_cfg, Path(out_dir), cfg_extra)], train_cfg, loader, d_in, device,
                       scaling_factor=scaling_factor, on_log=(lambda _i, d: on_log(d)) if on_log is not None else None,
-                      stop_after_steps=stop_after_steps)[0]
+                      stop_after_steps=stop_after_steps, init_sample=init_sample)[0]

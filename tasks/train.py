@@ -22,6 +22,7 @@ from saeflow.artifacts import ArtifactRef, artifact_ref, begin, fingerprint, mar
 from saeflow.config import SAEConfig, TrainConfig, describe_sae
 from saeflow.device import pick_device
 from saeflow.sae import REGISTRY
+from saeflow.sae_init import sample_rows
 from saeflow.store import ActivationStore, ShuffledLoader
 from saeflow.training import train_saes
 from tasks.common import Progress, stage_logger
@@ -66,6 +67,9 @@ def train_members(acts: ArtifactRef, members: list[SAEConfig], train_cfg: TrainC
     scaling = None
     if any(members[i].normalize_activations == "expected_average_only_in" for i in idx):
         scaling = math.sqrt(store.d_model) / store.mean_norm()
+    init_sample = None
+    if any(members[i].b_dec_init != "zeros" for i in idx):  # once per family, from a seeded store sample
+        init_sample = sample_rows(store, train_cfg.init_sample_rows, train_cfg.seed)
     for i in idx:
         begin(outs[i], {"sae": members[i].model_dump(mode="json"), "train": train_cfg.model_dump(mode="json")}, [acts])
     steps = max(1, train_cfg.training_tokens // train_cfg.batch_size)
@@ -78,7 +82,7 @@ def train_members(acts: ArtifactRef, members: list[SAEConfig], train_cfg: TrainC
     extra = {"hook_name": store.attrs.get("hook"), "model_name": store.attrs.get("model"),
              "activations_fingerprint": acts.fingerprint}
     summaries = train_saes([(members[i], outs[i].dir, extra) for i in idx], train_cfg, loader, store.d_model,
-                           pick_device(device), scaling_factor=scaling, on_log=on_log)
+                           pick_device(device), scaling_factor=scaling, on_log=on_log, init_sample=init_sample)
     together = [outs[i].fingerprint for i in idx]
     for i, summary in zip(idx, summaries):
         meta = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}

@@ -175,13 +175,22 @@ def test_registry_holds_every_architecture():
 @pytest.mark.parametrize("arch", NEW)
 def test_init_matches_sae_lens(arch):
     """Same seed -> the same initial weights as SAELens (which draws from the global RNG)."""
-    cfg = SAEConfig(architecture=arch, width=96, k=4, matryoshka_widths=(8, 96) if arch == "matryoshka" else None)
+    cfg = SAEConfig(architecture=arch, width=96, k=4, matryoshka_widths=(8, 96) if arch == "matryoshka" else None,
+                    decoder_init_norm=0.1)  # SAELens' setting, pinned (saeflow's k-architecture default is 1.0)
     ours = build_sae(cfg, 24, seed=7)
     template = twin_of(build_sae(cfg, 24, seed=0))  # for its SAELens config
     torch.manual_seed(7)
     fresh = type(template)(template.cfg)
     for name, t in fresh.state_dict().items():
         torch.testing.assert_close(getattr(ours, name).detach().to(t.dtype), t, rtol=0, atol=1e-7, msg=name)
+
+
+def test_decoder_init_norm_defaults_per_architecture():
+    for arch in ("topk", "batchtopk", "matryoshka", "relu", "jumprelu"):
+        cfg = SAEConfig(architecture=arch, width=32, k=4, matryoshka_widths=(8, 32) if arch == "matryoshka" else None)
+        norms = build_sae(cfg, 16, seed=0).W_dec.norm(dim=-1)
+        want = 1.0 if arch in ("topk", "batchtopk", "matryoshka") else 0.1
+        torch.testing.assert_close(norms, torch.full((32,), want), rtol=1e-5, atol=0)
 
 
 # --------------------------------------------------------------------------------------- parity

@@ -82,7 +82,8 @@ def test_init_matches_sae_lens_and_leaves_global_rng_alone():
     d_in, d_sae, seed = 24, 96, 7
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    ours = build_sae(SAEConfig(width=d_sae, k=4), d_in, seed=seed)
+    sl_cfg = SAEConfig(width=d_sae, k=4, decoder_init_norm=0.1)  # SAELens' setting, pinned (our TopK default: 1.0)
+    ours = build_sae(sl_cfg, d_in, seed=seed)
     assert torch.equal(torch.get_rng_state(), before), "init must not touch the global RNG"
     # SAELens draws kaiming-uniform from the global RNG; with the same seed the draw is the same
     torch.manual_seed(seed)
@@ -92,8 +93,12 @@ def test_init_matches_sae_lens_and_leaves_global_rng_alone():
     torch.testing.assert_close(ours.W_dec.norm(dim=-1), torch.full((d_sae,), 0.1), rtol=1e-5, atol=0)
     assert torch.equal(ours.W_enc, ours.W_dec.T)
     assert not ours.b_enc.any() and not ours.b_dec.any()
-    again = build_sae(SAEConfig(width=d_sae, k=4), d_in, seed=seed)
+    again = build_sae(sl_cfg, d_in, seed=seed)
     assert all(torch.equal(getattr(ours, n), getattr(again, n)) for n in NAMES)
+    # our default for TopK: the same directions with unit-norm rows (dictionary_learning's TopK init)
+    unit = build_sae(SAEConfig(width=d_sae, k=4), d_in, seed=seed)
+    torch.testing.assert_close(unit.W_dec, ours.W_dec * 10, rtol=1e-6, atol=1e-7)
+    assert torch.equal(unit.W_enc, unit.W_dec.T)
 
 
 # --------------------------------------------------------------------------------------- parity

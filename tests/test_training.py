@@ -85,7 +85,7 @@ def planted_data(n: int, d: int, n_features: int, active: int, seed: int = 0) ->
 # small resumable setup: 41 steps, checkpoints every 7, a short dead window so the aux loss is live
 D_IN = 16
 DATA, _ = planted_data(3000, D_IN, 32, 3, seed=1)
-SAE_CFG = SAEConfig(width=64, k=4, dead_feature_window=3)
+SAE_CFG = SAEConfig(width=64, k=4, dead_feature_window=3, dead_window_fraction=None, decoder_init_norm=0.1)
 TRAIN_CFG = TrainConfig(training_tokens=64 * 41 + 10, batch_size=64, lr=3e-3, lr_warm_up_steps=4,
                         lr_decay_steps=8, seed=5, checkpoint_every=7, log_every=5)
 
@@ -143,7 +143,7 @@ def test_lr_schedule_matches_sae_lens():
 def test_recovers_planted_dictionary(tmp_path):
     # 50k samples, each a positive combination of 3 of 64 random unit directions in R^32.
     data, dictionary = planted_data(50_000, 32, 64, 3, seed=0)
-    sae_cfg = SAEConfig(width=128, k=3, dead_feature_window=50)
+    sae_cfg = SAEConfig(width=128, k=3, dead_feature_window=50, dead_window_fraction=None)
     train_cfg = TrainConfig(training_tokens=100_000, batch_size=256, lr=1e-2, seed=0, checkpoint_every=10**6, log_every=50)
     summary = train_sae(sae_cfg, train_cfg, InMemoryLoader(data, 256, seed=0), 32, tmp_path, CPU)
     sae = load_sae(tmp_path)
@@ -171,7 +171,7 @@ def test_outputs_logs_and_sae_lens_load(reference):
     assert not list(reference.glob(".checkpoint*"))
     logs = json.loads((reference / TRAINING_LOG).read_text())
     assert [e["step"] for e in logs] == [5, 10, 15, 20, 25, 30, 35, 40, 41]
-    assert set(logs[0]) == {"step", "loss", "mse", "aux", "l0", "frac_dead", "lr", "tokens_per_s"}
+    assert set(logs[0]) == {"step", "loss", "mse", "aux", "l0", "frac_dead", "lr", "tokens_per_s", "resampled"}
     assert all(math.isfinite(e["loss"]) and e["l0"] <= 4 for e in logs)
     assert any(e["aux"] > 0 for e in logs), "dead latents should have fed the aux loss"
     cfg = json.loads((reference / SAE_CFG_FILENAME).read_text())
@@ -227,12 +227,15 @@ def test_resume_is_bit_exact(tmp_path, reference, stops):
 # the other architectures: their extra state (BatchTopK / Matryoshka moving threshold buffer, JumpReLU
 # threshold parameter, warm-up coefficients that depend on the step) must survive a resume too
 OTHER_ARCHITECTURES = {
-    "batchtopk": SAEConfig(architecture="batchtopk", width=64, k=4, dead_feature_window=3),
-    "matryoshka": SAEConfig(architecture="matryoshka", width=64, k=4, dead_feature_window=3,
+    # SAELens' decoder norm 0.1 and a 3-step window: latents die, so the aux losses are exercised
+    "batchtopk": SAEConfig(architecture="batchtopk", width=64, k=4, dead_feature_window=3, dead_window_fraction=None,
+                           decoder_init_norm=0.1),
+    "matryoshka": SAEConfig(architecture="matryoshka", width=64, k=4, dead_feature_window=3, dead_window_fraction=None,
+                            decoder_init_norm=0.1,
                             matryoshka_widths=(8, 32), use_matryoshka_aux_loss=True),
-    "jumprelu": SAEConfig(architecture="jumprelu", width=64, dead_feature_window=3, l0_coefficient=0.5,
+    "jumprelu": SAEConfig(architecture="jumprelu", width=64, dead_feature_window=3, dead_window_fraction=None, l0_coefficient=0.5,
                           l0_warm_up_steps=20, pre_act_loss_coefficient=1e-3),
-    "relu": SAEConfig(architecture="relu", width=64, dead_feature_window=3, l1_coefficient=0.5, l1_warm_up_steps=20),
+    "relu": SAEConfig(architecture="relu", width=64, dead_feature_window=3, dead_window_fraction=None, l1_coefficient=0.5, l1_warm_up_steps=20),
 }
 
 
@@ -325,7 +328,8 @@ def test_damaged_checkpoint_is_refused(tmp_path):
 
 # ------------------------------------------------------------------------------------------ NaN
 def test_nan_batch_names_step_and_keeps_checkpoint(tmp_path, monkeypatch):
-    sae_cfg = SAE_CFG.model_copy(update={"normalize_activations": "none"})  # batch i is step i + 1
+    # batch i is step i + 1 (no batches drawn for normalisation or the b_dec estimate)
+    sae_cfg = SAE_CFG.model_copy(update={"normalize_activations": "none", "b_dec_init": "zeros"})
     with pytest.raises(NonFiniteError, match=r"NaN/inf in the activation batch at training step 12: check the activation store"):
         run(tmp_path, sae_cfg=sae_cfg, loader=InMemoryLoader(DATA, 64, seed=2, nan_at=11))
     ckpt = training._load_checkpoint(tmp_path / CHECKPOINT_DIR, training._fingerprint(sae_cfg, TRAIN_CFG, D_IN))
@@ -341,7 +345,7 @@ def test_nan_batch_names_step_and_keeps_checkpoint(tmp_path, monkeypatch):
 
 def test_nonfinite_loss_from_finite_batch(tmp_path):
     huge = torch.full((256, D_IN), 1e30)
-    sae_cfg = SAE_CFG.model_copy(update={"normalize_activations": "none"})
+    sae_cfg = SAE_CFG.model_copy(update={"normalize_activations": "none", "b_dec_init": "zeros"})
     with pytest.raises(NonFiniteError, match=r"NaN/inf in the loss at training step 1.*lower train.lr"):
         run(tmp_path, sae_cfg=sae_cfg, loader=InMemoryLoader(huge, 64))
 
@@ -350,8 +354,8 @@ def test_nonfinite_loss_from_finite_batch(tmp_path):
 # three SAEs of different architectures and widths fed from one pass over the same loader
 FAMILY = [
     SAE_CFG,
-    SAEConfig(architecture="batchtopk", width=32, k=2, dead_feature_window=3),
-    SAEConfig(architecture="jumprelu", width=48, dead_feature_window=3, l0_coefficient=0.5, l0_warm_up_steps=20),
+    SAEConfig(architecture="batchtopk", width=32, k=2, dead_feature_window=3, dead_window_fraction=None),
+    SAEConfig(architecture="jumprelu", width=48, dead_feature_window=3, dead_window_fraction=None, l0_coefficient=0.5, l0_warm_up_steps=20),
 ]
 FAMILY_NAMES = [{"W_enc", "b_enc", "W_dec", "b_dec"}, {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"},
                 {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}]
