@@ -63,6 +63,10 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "gm + decoder init norm 1 + aux-k window 5%": ({"b_dec_init": "geometric_median", "decoder_init_norm": 1.0,
                                                     "dead_window_fraction": 0.05}, {}),
     "gm + aux-k window 10%": ({"b_dec_init": "geometric_median", "dead_window_fraction": 0.1}, {}),
+    "gm + unit decoder + aux-k window 10%": ({"b_dec_init": "geometric_median", "decoder_init_norm": 1.0,
+                                             "dead_window_fraction": 0.1}, {}),
+    "gm + unit decoder + aux-k window 20%": ({"b_dec_init": "geometric_median", "decoder_init_norm": 1.0,
+                                             "dead_window_fraction": 0.2}, {}),
 }
 
 

@@ -115,7 +115,8 @@ def main() -> None:
     rows, ratios = [], {}
     for arch in args.arch:
         arch_cfg = base.model_copy(update={"architecture": arch, "width": width, "normalize_activations": "none",
-                                         "dead_feature_window": 1000})  # SAELens default, both sides
+                                         "dead_feature_window": 1000, "dead_window_fraction": None})
+        # ^ SAELens' dead window on both sides (aux-k off in so short a run): the same work per step
         ours, theirs = [], []
         for _ in range(args.repeats):
             ours.append(run_ours(arch_cfg, batches, args.steps, batch, device))

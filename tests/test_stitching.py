@@ -250,6 +250,7 @@ def test_native_topk_interpolation_endpoints_are_the_topk_saes():
 
 # ----------------------------------------------------------------------------- JumpReLU forms
 def _trained_like(arch: str, seed: int = 0, width: int = 48, d: int = 16, **kw):
+    kw.setdefault("decoder_init_norm", 0.1)  # the scale these synthetic weights were chosen for
     sae = build_sae(SAEConfig(architecture=arch, width=width, k=6, normalize_activations="none", **kw), d, seed)
     with torch.no_grad():
         g = torch.Generator().manual_seed(seed + 1)
