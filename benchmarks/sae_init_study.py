@@ -41,8 +41,8 @@ from saeflow.training import train_saes
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "training.md"
 
-#: name -> (SAEConfig overrides, TrainConfig overrides), each relative to SAELens-like settings
-#: (b_dec = 0, dead window 1000 steps, constant lr): the state before issue #12.
+#: name -> (SAEConfig overrides, TrainConfig overrides), each relative to SAELens' settings pinned in
+#: ``main`` (b_dec = 0, decoder norm 0.1, dead window 1000 steps, constant lr): the state before issue #12.
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "before (b_dec=0, SAELens)": ({"b_dec_init": "zeros"}, {}),
     "b_dec=mean": ({"b_dec_init": "mean"}, {}),
@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     diag = diagnose(store, args.width, args.k, args.diagnose_rows, config.train.seed)
     for k, v in diag:
         print(f"{k}: {v}", flush=True)
-    base_sae = SAEConfig(width=args.width, k=args.k)
+    # the variants are relative to SAELens' settings (as measured in docs/training.md), not to today's defaults
+    base_sae = SAEConfig(width=args.width, k=args.k, b_dec_init="zeros", decoder_init_norm=0.1, dead_window_fraction=None)
     base_train = config.train.model_copy(update={"lr_warm_up_steps": 0, "lr_decay_steps": 0,
                                                  "lr_warm_up_fraction": 0.0, "lr_decay_fraction": 0.0})
     workdir = Path(tempfile.mkdtemp(prefix="sae_init_study-"))
