@@ -36,7 +36,6 @@ Run (about 25 minutes on 2 CPU cores, mostly SAELens)::
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import shutil
 import sys
@@ -128,7 +127,7 @@ def our_sae_config(config: PipelineConfig, arch: str, width: int, k: int) -> SAE
 
 def scaling_factor(store: ActivationStore) -> float:
     """The pipeline's normalisation factor (``tasks/train.py``)."""
-    return math.sqrt(store.d_model) / store.mean_norm()
+    return store.normalization_factor()
 
 
 # ---------------------------------------------------------------------------------------- ours

@@ -116,7 +116,7 @@ def held_out(store: ActivationStore, n: int):
 
 def run_variants(store: ActivationStore, base_sae: SAEConfig, base_train: TrainConfig, names: list[str],
                  workdir: Path, eval_rows: int) -> list[dict[str, Any]]:
-    scaling = math.sqrt(store.d_model) / store.mean_norm()
+    scaling = store.normalization_factor()
     groups: dict[str, list[str]] = {}
     for name in names:
         groups.setdefault(repr(sorted(VARIANTS[name][1].items())), []).append(name)

@@ -207,6 +207,10 @@ class ActivationStore:
         for s in range(start, end, batch_size):
             yield torch.from_numpy(self.read(s, min(end, s + batch_size)))
 
+    def normalization_factor(self) -> float:
+        """``sqrt(d_model) / mean ||x||``: the factor ``expected_average_only_in`` multiplies activations by."""
+        return math.sqrt(self.d_model) / self.mean_norm()
+
     def mean_norm(self, n_rows: int = 65_536, end: int | None = None) -> float:
         """Mean L2 norm of the first ``n_rows`` rows (before ``end``), for activation normalisation."""
         end = self.train_rows if end is None else end

@@ -14,7 +14,6 @@ function; a cached result is trusted only while *every* member's folder is compl
 
 from __future__ import annotations
 
-import math
 
 from prefect import task
 
@@ -66,7 +65,7 @@ def train_members(acts: ArtifactRef, members: list[SAEConfig], train_cfg: TrainC
     loader = ShuffledLoader(store, train_cfg.batch_size, train_cfg.seed, train_cfg.buffer_chunks, 0, store.train_rows)
     scaling = None
     if any(members[i].normalize_activations == "expected_average_only_in" for i in idx):
-        scaling = math.sqrt(store.d_model) / store.mean_norm()
+        scaling = store.normalization_factor()
     init_sample = None
     if any(members[i].b_dec_init != "zeros" for i in idx):  # once per family, from a seeded store sample
         init_sample = sample_rows(store, train_cfg.init_sample_rows, train_cfg.seed)
