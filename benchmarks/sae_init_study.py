@@ -67,6 +67,15 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                                              "dead_window_fraction": 0.1}, {}),
     "gm + unit decoder + aux-k window 20%": ({"b_dec_init": "geometric_median", "decoder_init_norm": 1.0,
                                              "dead_window_fraction": 0.2}, {}),
+    "gm + unit decoder + aux-k 5% + k-anneal 2k over 25%": (
+        {"b_dec_init": "geometric_median", "decoder_init_norm": 1.0, "dead_window_fraction": 0.05,
+         "k_anneal_from": 2.0, "k_anneal_fraction": 0.25}, {}),
+    "gm + unit decoder + aux-k 5% + k-anneal 4k over 25%": (
+        {"b_dec_init": "geometric_median", "decoder_init_norm": 1.0, "dead_window_fraction": 0.05,
+         "k_anneal_from": 4.0, "k_anneal_fraction": 0.25}, {}),
+    "gm + unit decoder + aux-k 5% + k-anneal 4k over 50%": (
+        {"b_dec_init": "geometric_median", "decoder_init_norm": 1.0, "dead_window_fraction": 0.05,
+         "k_anneal_from": 4.0, "k_anneal_fraction": 0.5}, {}),
 }
 
 
@@ -148,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--artifacts", default=None)
     ap.add_argument("--width", type=int, default=4096)
     ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--architecture", default="topk", choices=["topk", "batchtopk", "matryoshka"])
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--diagnose-rows", type=int, default=50_000)
     ap.add_argument("--eval-rows", type=int, default=50_000)
@@ -165,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     for k, v in diag:
         print(f"{k}: {v}", flush=True)
     # the variants are relative to SAELens' settings (as measured in docs/training.md), not to today's defaults
-    base_sae = SAEConfig(width=args.width, k=args.k, b_dec_init="zeros", decoder_init_norm=0.1, dead_window_fraction=None)
+    base_sae = SAEConfig(architecture=args.architecture, width=args.width, k=args.k, b_dec_init="zeros",
+                         decoder_init_norm=0.1, dead_window_fraction=None)
     base_train = config.train.model_copy(update={"lr_warm_up_steps": 0, "lr_decay_steps": 0,
                                                  "lr_warm_up_fraction": 0.0, "lr_decay_fraction": 0.0})
     workdir = Path(tempfile.mkdtemp(prefix="sae_init_study-"))
@@ -177,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [f"Command: `python -m benchmarks.sae_init_study --config {args.config}`. Machine: {machine()}.", "",
              f"Store: `{store.attrs.get('model')}` `{store.attrs.get('hook')}`, {store.train_rows:,} training rows.", "",
              "| quantity | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in diag], "",
-             f"Ablation: TopK width {args.width}, k {args.k}, {base_train.training_tokens:,} tokens ({steps} steps of "
+             f"Ablation: {args.architecture} width {args.width}, k {args.k}, {base_train.training_tokens:,} tokens ({steps} steps of "
              f"{base_train.batch_size}), lr {base_train.lr}, seed {base_train.seed}; members sharing a training config "
              f"were trained together from one pass (one batch stream). Judged on {results[0]['n_eval_rows']:,} held-out rows.", "",
              "| variant | frac_dead (held-out) | explained variance | L0 | dead at end of training (window) | resampled | family wall s |",

@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -81,14 +81,37 @@ def ensure_writable_root(root: str | Path) -> Path:
     return root
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], None], mode: int = 0o644) -> Path:
+    """Write ``path`` so that readers see the old file or the whole new one, never a part.
+
+    ``content`` is text, bytes, or a function writing a temporary path it is given (for writers
+    such as ``safetensors.save_file`` or ``DataFrame.to_parquet``). The temporary file sits beside
+    ``path``; it is fsynced, given ``mode``, then renamed over ``path`` (``os.replace``); on any
+    error it is removed and ``path`` is untouched. The one atomic-write helper of the project.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        if callable(content):
+            os.close(fd)
+            content(tmp)
+        else:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(content.encode() if isinstance(content, str) else content)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)  # mkstemp makes it private
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 def begin(ref: ArtifactRef, config: Frozen | dict[str, Any] | None, upstream: list[ArtifactRef] | None = None) -> Path:

@@ -171,6 +171,15 @@ class SAEConfig(Frozen):
     aux_k: int | None = None
     """TopK / BatchTopK / Matryoshka aux loss: number of dead latents used (default d_in // 2)."""
 
+    k_anneal_from: float = Field(1.0, ge=1.0)
+    """TopK / BatchTopK / Matryoshka: training starts with ``round(k_anneal_from * k)`` active latents
+    (capped at ``width``) and lowers it linearly to ``k`` over the first ``k_anneal_fraction`` of the
+    run (Llama Scope's K-annealing, He et al. 2024), so fewer latents lose every slot early on.
+    1.0 = off (SAELens, dictionary_learning); inference always uses ``k``."""
+
+    k_anneal_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Fraction of the run's steps over which ``k`` anneals from ``k_anneal_from * k`` (0 = off)."""
+
     aux_coefficient: float = Field(1.0, ge=0.0)
     """TopK / BatchTopK / Matryoshka aux loss coefficient."""
 

@@ -51,6 +51,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saeflow.cosine import max_cosine
+
 if TYPE_CHECKING:  # transformer_lens is slow to import; only needed for the type
     from transformer_lens import HookedTransformer
 
@@ -67,7 +69,6 @@ DENSITY_HIST_EDGES: np.ndarray = np.linspace(-10.0, 0.25, 42)
 
 _LOG_DENSITY_EPS = 1e-10
 _L2_RATIO_MIN_NORM = 1e-4
-_COSINE_CHUNK_ELEMENTS = 1 << 24  # ~64 MB of float32 similarities per chunk
 _LOGIT_CHUNK_ELEMENTS = 1 << 25  # ~128 MB of float32 logits per log-softmax chunk
 
 
@@ -84,29 +85,13 @@ def _sae_dtype(sae: torch.nn.Module) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def max_cosine_similarity(vectors: Tensor, chunk_rows: int | None = None) -> Tensor:
     """For each row of ``vectors`` [n, d], the max cosine similarity to any *other* row.
 
-    Computed ``chunk_rows`` rows at a time (default: about 16M similarity entries per chunk), so
-    memory is ``O(chunk_rows * n)`` rather than ``O(n^2)``. Zero rows have cosine 0 with
-    everything. Returns a float32 tensor [n] on ``vectors.device``; NaN everywhere when n == 1.
+    :func:`saeflow.cosine.max_cosine` of the rows against themselves: memory ``O(chunk_rows * n)``,
+    zero rows have cosine 0 with everything; float32 [n] on ``vectors.device``; NaN when n == 1.
     """
-    v = vectors.detach().float()
-    n = v.shape[0]
-    if n < 2:
-        return torch.full((n,), float("nan"), device=v.device)
-    unit = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    if chunk_rows is None:
-        chunk_rows = max(1, _COSINE_CHUNK_ELEMENTS // n)
-    out = torch.empty(n, device=v.device)
-    for start in range(0, n, chunk_rows):
-        stop = min(start + chunk_rows, n)
-        sims = unit[start:stop] @ unit.T  # [chunk, n]
-        rows = torch.arange(stop - start, device=v.device)
-        sims[rows, rows + start] = -float("inf")  # exclude self-similarity
-        out[start:stop] = sims.max(dim=1).values
-    return out
+    return max_cosine(vectors, chunk_rows=chunk_rows)[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from saeflow.artifacts import write_atomic  # noqa: E402
+
+
+
+def save_figure(fig, path: str | Path, dpi: int | None = None) -> Path:
+    """Save ``fig`` to ``path`` (parents created, written atomically) and close it: the one plot-save helper."""
+    path = Path(path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png"))
+    plt.close(fig)
+    return path
+
+
 MARKERS = {"topk": "o", "batchtopk": "s", "relu": "^", "jumprelu": "D", "matryoshka": "P"}
 
 
@@ -31,7 +43,4 @@ def frontier_plot(df: pd.DataFrame, path: str | Path, y: str = "explained_varian
     ax.legend(fontsize=7, ncol=2)
     ax.set_title(f"{y.replace('_', ' ')} vs L0")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

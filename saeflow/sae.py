@@ -401,6 +401,9 @@ class TopKSAE(BaseSAE):
         super().__init__(cfg, d_in, seed)
         self.k = int(cfg.k)
         self.rescale = bool(cfg.rescale_acts_by_decoder_norm)
+        #: Steps over which the training ``k`` anneals down to ``k`` (set by the trainer from
+        #: ``k_anneal_fraction``; 0 = train with ``k`` throughout).
+        self.k_anneal_steps = 0
 
     # ------------------------------------------------------------------ inference
     def _pre_acts(self, x: torch.Tensor) -> torch.Tensor:
@@ -431,6 +434,15 @@ class TopKSAE(BaseSAE):
         return _rows_times_dense(idx, vals, self.W_dec) + self.b_dec
 
     # ------------------------------------------------------------------ training
+    def train_k(self, step: int) -> int:
+        """``k`` used by the training forward of 0-based ``step``: linear from
+        ``min(width, round(k_anneal_from * k))`` at step 0 to ``k`` at ``k_anneal_steps`` (K-annealing)."""
+        n = self.k_anneal_steps
+        if n <= 0 or step >= n:
+            return self.k
+        k0 = min(self.d_sae, max(self.k, round(self.cfg.k_anneal_from * self.k)))
+        return int(round(k0 + (self.k - k0) * step / n))
+
     def _k_aux(self) -> int:
         return int(self.cfg.aux_k) if self.cfg.aux_k is not None else max(1, self.d_in // 2)
 
@@ -438,9 +450,10 @@ class TopKSAE(BaseSAE):
                          return_feature_acts: bool = True, *, step: int = 0) -> dict[str, Any]:
         if x.ndim != 2 or x.shape[1] != self.d_in:
             raise ValueError(f"training batch must be [batch, {self.d_in}], got {tuple(x.shape)}")
+        k = self.train_k(step)
         if self.sparse_kernels:
-            return self._training_forward_sparse(x, dead_mask, return_feature_acts)
-        return self._training_forward_dense(x, dead_mask, return_feature_acts)
+            return self._training_forward_sparse(x, dead_mask, return_feature_acts, k)
+        return self._training_forward_dense(x, dead_mask, return_feature_acts, k)
 
     def _aux_setup(self, dead_mask: torch.Tensor | None) -> tuple[int, int, float]:
         """(n_dead, k_aux, scale); n_dead needs one host sync, as in SAELens."""
@@ -454,13 +467,13 @@ class TopKSAE(BaseSAE):
         return n_dead, min(k_aux, n_dead), scale
 
     def _training_forward_dense(self, x: torch.Tensor, dead_mask: torch.Tensor | None,
-                                return_feature_acts: bool) -> dict[str, torch.Tensor | None]:
+                                return_feature_acts: bool, k: int | None = None) -> dict[str, torch.Tensor | None]:
         """Reference implementation: the SAELens computation with dense tensors."""
         n = self.W_dec.norm(dim=-1)
         hidden_pre = (x - self.b_dec) @ self.W_enc + self.b_enc
         if self.rescale:
             hidden_pre = hidden_pre * n
-        vals, idx = torch.topk(hidden_pre, self.k, dim=-1, sorted=False)
+        vals, idx = torch.topk(hidden_pre, self.k if k is None else k, dim=-1, sorted=False)
         feature_acts = torch.zeros_like(hidden_pre).scatter(-1, idx, vals.relu())
         acts = feature_acts * (1 / n) if self.rescale else feature_acts
         x_hat = acts @ self.W_dec + self.b_dec
@@ -487,7 +500,7 @@ class TopKSAE(BaseSAE):
                 "feature_acts": feature_acts if return_feature_acts else None, "fired": fired, "l0": l0}
 
     def _training_forward_sparse(self, x: torch.Tensor, dead_mask: torch.Tensor | None,
-                                 return_feature_acts: bool) -> dict[str, torch.Tensor | None]:
+                                 return_feature_acts: bool, k: int | None = None) -> dict[str, torch.Tensor | None]:
         """Same maths as the dense path; only the selected latents enter the backward pass."""
         d_sae = self.d_sae
         n = self.W_dec.norm(dim=-1)  # differentiable (it scales the selection and the decoder)
@@ -496,7 +509,7 @@ class TopKSAE(BaseSAE):
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, sae_in, self.W_enc)  # dense [B, d_sae], no graph
             hidden_pre = pre * n if self.rescale else pre
-        _, idx = _sorted_topk(hidden_pre, self.k)
+        _, idx = _sorted_topk(hidden_pre, self.k if k is None else k)
         sel = _GatherPreActs.apply(pre.gather(1, idx), sae_in, self.W_enc, self.b_enc, self.b_dec, idx)
         if self.rescale:
             sel = sel * _take(n, idx)
@@ -722,27 +735,28 @@ class BatchTopKSAE(TopKSAE):
         vals, idx = flat.topk(self._n_keep(h.shape[:-1].numel()), sorted=False)
         return torch.zeros_like(flat).scatter(0, idx, vals).view(h.shape)
 
-    def _n_keep(self, n_rows: int) -> int:
-        return int(self.k * n_rows)
+    def _n_keep(self, n_rows: int, k: int | None = None) -> int:
+        return int((self.k if k is None else k) * n_rows)
 
     # ------------------------------------------------------------------ training
     def training_forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None,
                          return_feature_acts: bool = True, *, step: int = 0) -> dict[str, Any]:
         self._check_batch(x)
+        k = self.train_k(step)
         if self.sparse_kernels:
-            parts = self._forward_sparse(x)
+            parts = self._forward_sparse(x, k)
         else:
-            parts = self._forward_dense(x)
+            parts = self._forward_dense(x, k)
         return self._finish(x, parts, dead_mask, return_feature_acts)
 
-    def _forward_dense(self, x: torch.Tensor) -> "_BTParts":
+    def _forward_dense(self, x: torch.Tensor, k: int | None = None) -> "_BTParts":
         """Reference: the SAELens computation with dense tensors."""
         n = self.W_dec.norm(dim=-1)
         hidden_pre = (x - self.b_dec) @ self.W_enc + self.b_enc
         if self.rescale:
             hidden_pre = hidden_pre * n
         flat = hidden_pre.relu().flatten()
-        vals, fidx = flat.topk(self._n_keep(x.shape[0]), sorted=False)
+        vals, fidx = flat.topk(self._n_keep(x.shape[0], k), sorted=False)
         feature_acts = torch.zeros_like(flat).scatter(0, fidx, vals).view_as(hidden_pre)
         acts = feature_acts * (1 / n) if self.rescale else feature_acts
         x_hat = acts @ self.W_dec + self.b_dec
@@ -753,7 +767,7 @@ class BatchTopKSAE(TopKSAE):
         return _BTParts(n=n, x_hat=x_hat, decode_block=decode_prefix, feature_acts=feature_acts,
                         dense_hidden_pre=hidden_pre, sparse=None, pre=None, sae_in=None)
 
-    def _forward_sparse(self, x: torch.Tensor) -> "_BTParts":
+    def _forward_sparse(self, x: torch.Tensor, k: int | None = None) -> "_BTParts":
         """Same maths as :meth:`_forward_dense`; only the selected activations enter the backward."""
         n = self.W_dec.norm(dim=-1)
         inv_n = 1 / n
@@ -761,7 +775,7 @@ class BatchTopKSAE(TopKSAE):
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, sae_in, self.W_enc)  # dense [B, d_sae], no graph
             hidden_pre = pre * n if self.rescale else pre
-            rows, cols = _batch_topk_select(hidden_pre, self._n_keep(x.shape[0]))
+            rows, cols = _batch_topk_select(hidden_pre, self._n_keep(x.shape[0], k))
         sel = _GatherPreActsCOO.apply(pre[rows, cols], sae_in, self.W_enc, self.b_enc, self.b_dec, rows, cols)
         if self.rescale:
             sel = sel * n.index_select(0, cols)

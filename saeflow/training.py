@@ -128,6 +128,13 @@ def dead_window(sae_cfg: SAEConfig, total_steps: int) -> int:
     return int(sae_cfg.dead_feature_window)
 
 
+def k_anneal_steps(sae_cfg: SAEConfig, total_steps: int) -> int:
+    """Steps over which a k-based SAE's training ``k`` anneals down to ``k`` (0 = no annealing)."""
+    if sae_cfg.k_anneal_from <= 1.0 or sae_cfg.k_anneal_fraction <= 0.0:
+        return 0
+    return int(round(sae_cfg.k_anneal_fraction * total_steps))
+
+
 def resample_steps(sae_cfg: SAEConfig, total_steps: int) -> frozenset[int]:
     """1-based steps after which dead latents are resampled (``resample_dead_at`` fractions; never the last)."""
     return frozenset(s for s in (round(f * total_steps) for f in sae_cfg.resample_dead_at) if 1 <= s < total_steps)
@@ -373,6 +380,8 @@ class _Member:
             return
         (self.out_dir / DONE_FILE).unlink(missing_ok=True)  # stale: another config's, or damaged weights
         self.sae: BaseSAE = build_sae(sae_cfg, d_in, seed=train_cfg.seed).to(device)
+        if hasattr(self.sae, "k_anneal_steps"):
+            self.sae.k_anneal_steps = k_anneal_steps(sae_cfg, total_steps)
         self.optimizer = _make_adam(self.sae, lr_at_step(0, total_steps, train_cfg))
         self.params = list(self.sae.parameters())
         self.since_fired = torch.zeros(self.sae.d_sae, dtype=torch.long, device=device)
