@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict
 
-from saeflow.config import Frozen
+from saeflow.frozen import Frozen
 
 from saeflow.remote import COMPLETE_MARKER, has_complete, pull  # noqa: F401  (re-exported)
 ENV_ROOT = "SAEFLOW_ARTIFACTS"

@@ -1,0 +1,3 @@
+"""What the evaluations share."""
+
+from __future__ import annotations
