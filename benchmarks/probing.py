@@ -9,8 +9,8 @@ same rows (the quick profile caps each dataset to a balanced 1500-row prefix). T
 
 - sae-probes: ``run_all_baseline_normal(methods=...)`` then ``run_sae_evals(sae, setting="normal",
   reg_type="l1", ks=...)`` per SAE (SAELens ``SAE.load_from_disk``), device cpu;
-- saeflow: :func:`saeflow.probing.baseline_rows` and :func:`saeflow.probing.sae_rows` per dataset
-  (and per SAE), spread over ``--n-jobs`` processes (one BLAS thread each), each dataset encoded
+- saeflow: :func:`saeflow.evals.probing.baseline_rows` and :func:`saeflow.evals.probing.sae_rows` per
+  dataset (and per SAE), spread over ``--n-jobs`` processes (one BLAS thread each), each dataset encoded
   once per SAE.
 
 Run: ``.venv/bin/python -m benchmarks.probing [--datasets ...] [--saes 0 5] [--methods logreg pca]``.
@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 from benchmarks._common import machine, write_section  # noqa: E402
-from saeflow import probing as P  # noqa: E402
 from saeflow.artifacts import ArtifactRef, default_root  # noqa: E402
 from saeflow.config import load_config  # noqa: E402
+from saeflow.evals import probing as P  # noqa: E402
 
 DEFAULT_DATASETS = ["5_hist_fig_ismale", "6_hist_fig_isamerican", "7_hist_fig_ispolitician", "87_glue_cola"]
 

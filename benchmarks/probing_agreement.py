@@ -6,7 +6,7 @@ The same numpy arrays go to both sides: the quick profile's cached probing activ
 activations encoded once by one SAE of the quick family. sae-probes side: ``get_train_test_indices``
 (split), ``find_best_reg`` (L2, the logreg baseline), ``get_sorted_indices`` with
 ``mean_act_normalization`` then ``find_best_reg`` (L1) on the top-k latents (what ``run_sae_eval``
-does after encoding). saeflow side: :func:`saeflow.probing.make_split`, :func:`fit_logreg`,
+does after encoding). saeflow side: :func:`saeflow.evals.probing.make_split`, :func:`fit_logreg`,
 :func:`sae_probe`.
 
 Run: ``.venv/bin/python -m benchmarks.probing_agreement [--sae 0] [--ks 1 16 128]``; prints one
@@ -28,8 +28,9 @@ import numpy as np  # noqa: E402
 
 from benchmarks._common import machine, write_section  # noqa: E402
 from benchmarks.probing import quick_inputs  # noqa: E402
-from saeflow import probing as P  # noqa: E402
 from saeflow.artifacts import default_root  # noqa: E402
+from saeflow.evals import probing as P  # noqa: E402
+from saeflow.evals.common import encode_rows  # noqa: E402
 
 DATASETS = ["5_hist_fig_ismale", "6_hist_fig_isamerican", "7_hist_fig_ispolitician", "87_glue_cola", "66_living-room",
             "22_headline_isobama", "105_click_bait", "92_glue_sst2", "114_nyc_borough_Manhattan",
@@ -69,7 +70,7 @@ def main() -> None:
             same = bool(np.array_equal(tr, sp.train) and np.array_equal(te, sp.test))
             theirs = ut.find_best_reg(X[tr], y[tr], X[te], y[te], penalty="l2", seed=42).metrics.test_auc
             ours = P.fit_logreg(X[sp.train], sp.y_train, X[sp.test], sp.y_test, "l2", 42)["test_auc"]
-            F = P.encode_all(sae, X)
+            F = encode_rows(sae, X, P.ENCODE_BATCH).numpy()
             Ftr, Fte = torch.from_numpy(F[tr]), torch.from_numpy(F[te])
             order = rse.get_sorted_indices(Ftr, torch.from_numpy(y[tr]), rse.mean_act_normalization)
             ours_sae = dict(P.sae_probe(F[sp.train], sp.y_train, F[sp.test], sp.y_test, args.ks, "l1", 42))

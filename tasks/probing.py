@@ -1,4 +1,5 @@
-"""Stages of the sparse-probing evaluation (SPEC 5). Entry point for the flow: :func:`run`.
+"""Stages of the sparse-probing evaluation (SPEC 5), wired by the subflow :mod:`flows.evals.probing`;
+the computations are in :mod:`saeflow.evals.probing`.
 
 - ``probing-acts`` (one per dataset, and one per OOD test file): last-token activations of every
   prompt at the profile's hook, a Zarr :class:`~saeflow.store.ActivationStore` plus ``labels.npy``;
@@ -17,31 +18,33 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from prefect import task
 
-from saeflow import probing as P
-from saeflow.artifacts import ArtifactRef, artifact_ref, begin, completion_meta, fingerprint, mark_complete, require_complete
-from saeflow.config import ModelConfig, ProbingConfig
+from saeflow.artifacts import (ArtifactRef, artifact_ref, begin, completion_meta, fingerprint, mark_complete,
+                               require_complete, write_atomic)
+from saeflow.config import ModelConfig
 from saeflow.device import pick_device
+from saeflow.evals import probing as P
+from saeflow.evals.common import package_modules, sae_info
+from saeflow.evals.probing.config import ProbingConfig
 from saeflow.models import load_model
 from saeflow.sae import saved_hook
 from saeflow.store import ActivationStore
 from saeflow.tables import write_table
-from tasks.common import EvalContext, EvalOutput, Progress, code_version, publish_markdown, stage_logger
+from tasks.common import Progress, code_version, publish_markdown, stage_logger
 
 STAGE_ACTS, STAGE_BASE, STAGE_SAE, STAGE_RESULTS = "probing-acts", "probing-baselines", "probing-sae", "probing-results"
 TABLE, SUMMARY, PICKS = "probing_results", "probing_summary", "probing_quiver_picks"
-PLOTS = {"scarcity": "auc_vs_train_size.png", "imbalance": "auc_vs_imbalance.png", "noise": "auc_vs_noise.png"}
 
 
 def _code() -> str:
-    """This evaluation's code version (its two modules): a code change gives its stages new fingerprints."""
-    return code_version("saeflow.probing", "tasks.probing")
+    """This evaluation's code version (every module of :mod:`saeflow.evals.probing`, the shared
+    :mod:`saeflow.evals.common` and this one): a code change gives its stages new fingerprints."""
+    return code_version(*package_modules("saeflow.evals.probing"), "saeflow.evals.common", "tasks.probing")
 
 
 def _acts_code() -> str:
@@ -111,9 +114,7 @@ def _run_datasets(out: ArtifactRef, fn, specs: list[P.RunSpec], n_jobs: int, lab
     if done:
         stage_logger().info("%s: resuming, %d of %d datasets already done", label, done, len(specs))
     for i, df in P.run_parallel(fn, todo, n_jobs):
-        tmp = parts / f".{todo[i].dataset}.parquet.tmp"
-        df.to_parquet(tmp, index=False)
-        tmp.replace(parts / f"{todo[i].dataset}.parquet")
+        write_atomic(parts / f"{todo[i].dataset}.parquet", lambda tmp: df.to_parquet(tmp, index=False))
         done += 1
         progress.update(done, len(specs), f"{done}/{len(specs)} datasets ({todo[i].dataset})", force=True)
     frames = [pd.read_parquet(parts / f"{s.dataset}.parquet") for s in specs]
@@ -121,13 +122,8 @@ def _run_datasets(out: ArtifactRef, fn, specs: list[P.RunSpec], n_jobs: int, lab
 
 
 def sae_label(sae: ArtifactRef) -> str:
-    """Short name of an SAE for tables: ``topk-w1024-k16`` (architecture, width, k when it has one)."""
-    cfg = json.loads((require_complete(sae) / "cfg.json").read_text())
-    inner = cfg.get("saeflow", {}).get("sae_config", {})
-    arch = inner.get("architecture") or cfg.get("architecture", "sae")
-    label = f"{arch}-w{cfg.get('d_sae', inner.get('width', '?'))}"
-    k = inner.get("k") if arch in ("topk", "batchtopk", "matryoshka") else cfg.get("k")
-    return label + (f"-k{k}" if k else "")
+    """Short name of an SAE artifact for tables: ``topk-w1024-k16`` (:func:`saeflow.evals.probing.sae_label`)."""
+    return P.sae_label(sae_info(require_complete(sae)))
 
 
 def _specs(cfg: ProbingConfig, acts: dict[str, ArtifactRef], ood: dict[str, ArtifactRef], **kw: Any) -> list[P.RunSpec]:
@@ -202,48 +198,6 @@ def results_ref(baselines: ArtifactRef, saes: list[ArtifactRef], cfg: ProbingCon
     return artifact_ref(root, STAGE_RESULTS, fingerprint(STAGE_RESULTS, key, baselines, *saes, _code()))
 
 
-def _plot(df: pd.DataFrame, regime: str, series: list[tuple[str, pd.Series]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, mask in series:
-        g = df[mask & (df["regime"] == regime) & df["skipped"].isna()]
-        if g.empty:
-            continue
-        m = g.groupby("setting")["test_auc"].apply(P.clean_mean).dropna()
-        ax.plot(m.index, m.values, marker="o", ms=3, label=label, lw=2 if label.startswith("quiver") else 1)
-    xlabel = {"scarcity": "train size", "imbalance": "positive fraction", "noise": "flipped train labels"}[regime]
-    if regime == "scarcity":
-        ax.set_xscale("log", base=2)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("mean test AUC")
-    ax.set_title(f"sparse probing: {regime}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def picks_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Per regime: how often the quiver with SAEs picked each method (SAE probes pooled)."""
-    q = df[(df["method"] == P.QUIVER_SAE) & df["skipped"].isna()]
-    rows = []
-    for regime, g in q.groupby("regime", sort=False):
-        picked = g["picked"].astype(str)
-        kind = picked.where(~picked.str.startswith("sae:"), "sae")
-        rec: dict[str, Any] = {"regime": regime, "n": len(g), "frac_sae": float((kind == "sae").mean())}
-        rec["frac_datasets_with_sae_pick"] = float(g.assign(s=kind == "sae").groupby("dataset")["s"].any().mean())
-        for m, c in kind.value_counts().items():
-            rec[f"picked_{m}"] = int(c)
-        rows.append(rec)
-    return pd.DataFrame(rows)
-
-
 @task(name="probing-results")
 def results_task(baselines: ArtifactRef, saes: list[ArtifactRef], cfg: ProbingConfig, unknown: dict[str, str],
                  root: str) -> ArtifactRef:
@@ -252,51 +206,15 @@ def results_task(baselines: ArtifactRef, saes: list[ArtifactRef], cfg: ProbingCo
         return out
     frames = [pd.read_parquet(require_complete(baselines) / "rows.parquet")]
     frames += [pd.read_parquet(require_complete(s) / "rows.parquet") for s in saes]
-    frames.append(pd.DataFrame([{**{c: None for c in P.ROW_COLUMNS}, "dataset": n, "skipped": why} for n, why in unknown.items()],
-                               columns=list(P.ROW_COLUMNS)))
-    df = pd.concat([f for f in frames if len(f)], ignore_index=True)
-    df = P.add_quivers(df, cfg.quiver_ks, cfg.methods)
-    df["k"] = df["k"].astype("Int64")
-    for c in ("n_train", "n_test"):
-        df[c] = df[c].astype("Int64")
-    for c in ("setting", "val_auc", "test_auc", "test_acc", "test_f1"):
-        df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
+    df = P.results_table(frames, unknown, cfg.quiver_ks, cfg.methods)
     names = [str(completion_meta(s.dir)["sae"]) for s in saes]
     summary = P.regime_summary(df, names, cfg.quiver_ks)
     begin(out, cfg, [baselines, *saes])
     paths = write_table(df, out.dir, TABLE)
     paths += write_table(summary, out.dir, SUMMARY)
-    paths += write_table(picks_table(df), out.dir, PICKS)
-    series = [("quiver (baselines)", df["method"] == P.QUIVER), ("quiver + SAEs", df["method"] == P.QUIVER_SAE),
-              ("logreg", df["method"] == "logreg")]
-    series += [(f"{n} k{k}", (df["method"] == P.SAE_METHOD) & (df["sae"] == n) & (df["k"] == k).fillna(False))
-               for n in names for k in cfg.quiver_ks]
-    for regime, fname in PLOTS.items():
-        if regime in cfg.regimes:
-            paths.append(_plot(df, regime, series, out.dir / fname))
+    paths += write_table(P.picks_table(df), out.dir, PICKS)
+    paths += P.plot_regimes(df, cfg.regimes, names, cfg.quiver_ks, out.dir)
     mark_complete(out, rows=len(df), skipped=int(df["skipped"].notna().sum()), files=[str(p) for p in paths])
     publish_markdown("probing-summary", summary.to_markdown(index=False, floatfmt=".4f"), "Sparse probing: mean test AUC per regime")
     stage_logger().info("probing summary:\n%s", summary.to_markdown(index=False, floatfmt=".4f"))
     return out
-
-
-# ---------------------------------------------------------------------------------- entry point
-def run(ctx: EvalContext) -> EvalOutput:
-    """Probe every SAE in ``ctx.saes`` on the configured datasets and regimes (SPEC 5)."""
-    cfg: ProbingConfig = ctx.config.probing
-    names, unknown = P.resolve_datasets(cfg.datasets)
-    if unknown:
-        stage_logger().warning("probing: skipping %d unknown dataset(s): %s", len(unknown), "; ".join(unknown.values()))
-    hook, mcfg = ctx.config.activations.hook, ctx.config.model
-    common = dict(model=ctx.model, model_cfg=mcfg, hook=hook, max_rows=cfg.max_rows, max_seq_len=cfg.max_seq_len,
-                  device=ctx.device, batch_tokens=cfg.batch_tokens)
-    acts = {n: ctx.stage(f"probing-acts-{n}", acts_ref, acts_task, dataset=n, ood=False, **common) for n in names}
-    ood = {}
-    if "ood" in cfg.regimes:
-        ood = {n: ctx.stage(f"probing-acts-{n}-ood", acts_ref, acts_task, dataset=n, ood=True, **common)
-               for n in names if n in P.ood_dataset_names()}
-    base = ctx.stage("probing-baselines", baselines_ref, baselines_task, acts=acts, ood=ood, cfg=cfg)
-    per_sae = [ctx.stage(f"probing-sae-{i}", sae_ref, sae_task, sae=s, acts=acts, ood=ood, cfg=cfg)
-               for i, s in enumerate(ctx.saes)]
-    res = ctx.stage("probing-results", results_ref, results_task, baselines=base, saes=per_sae, cfg=cfg, unknown=unknown)
-    return EvalOutput(per_sae=list(per_sae), results=res, refs=[*acts.values(), *ood.values(), base])

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saeflow import absorption as ab
+from saeflow.evals import absorption as ab
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -145,6 +145,33 @@ def test_feature_splits_jump_rule():
                        "f1": [0.5, 0.6, 0.62, 0.9]})
     s = ab.feature_splits(ks, 0.03).iloc[0]
     assert s["split_feats"] == [5, 6] and s["num_split_feats"] == 2  # k=3 gains only 0.02: stop there
+
+
+def _hand_binary_scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """The hand-written precision / recall / F1 that ``binary_scores`` used before sklearn (reference)."""
+    tp = float(np.sum(pred & truth))
+    fp = float(np.sum(pred & ~truth))
+    fn = float(np.sum(~pred & truth))
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * p * r / (p + r) if p + r else 0.0
+    return {"precision": p, "recall": r, "f1": f1}
+
+
+def test_binary_scores_match_the_hand_written_formulas():
+    rng = np.random.default_rng(0)
+    cases = [(np.zeros(7, bool), rng.random(7) < 0.5), (np.zeros(7, bool), np.zeros(7, bool)),  # no positive prediction
+             (np.ones(5, bool), np.ones(5, bool)), (rng.random(6) < 0.5, np.zeros(6, bool)),  # one class only
+             (np.ones(4, bool), np.zeros(4, bool)), (np.array([True]), np.array([False])),
+             (np.zeros(0, bool), np.zeros(0, bool))]  # no rows
+    for _ in range(2000):
+        n = int(rng.integers(1, 60))
+        pred, truth = rng.random(n) < rng.random(), rng.random(n) < rng.random()
+        cases.append((pred, truth))
+    for pred, truth in cases:
+        ours, ref = ab.binary_scores(pred, truth), _hand_binary_scores(pred, truth)
+        assert ours["precision"] == ref["precision"] and ours["recall"] == ref["recall"], (pred, truth)
+        assert ours["f1"] == pytest.approx(ref["f1"], rel=1e-12, abs=0), (pred, truth)  # 2tp/(2tp+fp+fn): last bit
 
 
 # --------------------------------------------------------------------------------- the toy finding

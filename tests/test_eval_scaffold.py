@@ -69,7 +69,7 @@ def fake_eval(monkeypatch):
 
 
 def test_evaluation_columns_and_tables_reach_the_results(tmp_path, fake_eval):
-    from saeflow.config import AbsorptionConfig
+    from saeflow.evals.absorption.config import AbsorptionConfig
 
     cfg = tiny_config(family={"architectures": ["topk"], "widths": [64, 128], "ks": [8]})
     cfg = cfg.model_copy(update={"absorption": AbsorptionConfig()})

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saeflow import probing as P
+from saeflow.evals import probing as P
 from saeflow.corpus import sae_probes_data_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread", "one_blas_thread")

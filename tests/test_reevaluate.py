@@ -94,11 +94,11 @@ def test_changed_evaluation_code_reevaluates_every_sae_and_keeps_old_results(tmp
     # a new version of the core-metrics code (its module's text changes; simulated by reading it
     # with one appended line, as after an upgrade) -> both SAEs are no longer current
     source, version = common._source, common.code_version("saeflow.metrics", "tasks.metrics")
-    other = common.code_version("saeflow.probing")
+    other = common.code_version("saeflow.evals.probing")
     monkeypatch.setattr(common, "_source",
                         lambda part: source(part) + "\n# edited\n" if part == "saeflow.metrics" else source(part))
     assert common.code_version("saeflow.metrics", "tasks.metrics") != version
-    assert common.code_version("saeflow.probing") == other
+    assert common.code_version("saeflow.evals.probing") == other
     out = reevaluate(profile, root)
     assert len(out["evaluated"]) == 2 and out["up_to_date"] == []
     new_metrics = sorted(p.name for p in (Path(root) / "metrics").iterdir())
