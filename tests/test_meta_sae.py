@@ -202,12 +202,12 @@ def _page(words: dict[int, str], member_token: str = "cat"):
     def s(rank: int, pos: int, v: float) -> Snippet:
         return Snippet(rank, snippet(ctx, pos, lambda ids: "".join(words[i] for i in ids), 2), v)
 
+    latent_7 = LatentExample(7, 2, 0.98765, "sat", [s(1, 2, 3.5), s(2, 6, 1.25)], [
+        MetaExample(3, 0.75, 12, [Member(11, member_token), Member(40, "on")], 2, [s(1, 7, 0.5)]),
+        MetaExample(19, 0.125, 1, [], 0, [])])
+    latent_90 = LatentExample(90, 0, 0.5, "(silent)", [s(1, 8, 2.0)], [])
     return ExamplesPage(sae="topk width=128 k=8", meta_width=32, k=4, fve=0.91234, fve_threshold=0.9, rows=16384,
-                        seed=42, examples=[
-                            LatentExample(7, 2, 0.98765, "sat", [s(1, 2, 3.5), s(2, 6, 1.25)], [
-                                MetaExample(3, 0.75, 12, [Member(11, member_token), Member(40, "on")], 2, [s(1, 7, 0.5)]),
-                                MetaExample(19, 0.125, 1, [], 0, [])]),
-                            LatentExample(90, 0, 0.5, "(silent)", [s(1, 8, 2.0)], [])])
+                        seed=42, examples=[latent_7, latent_90])
 
 
 #: examples.md as the string-concatenating page code (before the Jinja2 template) wrote it for ``_page(_PLAIN_WORDS)``.

@@ -14,8 +14,8 @@ from saeflow.evals.meta_sae.config import MetaSAEConfig
 from saeflow.evals.meta_sae.training import MetaSAEInputError
 from saeflow.sae import BatchTopKSAE
 
-__all__ = ["decoder_variance_explained", "decompose", "cluster_sizes", "max_cosines", "sparse_code", "evaluate_meta_sae",
-           "cross_size"]
+__all__ = ["decoder_variance_explained", "decompose", "cluster_sizes", "max_cosines", "sparse_code",
+           "evaluate_meta_sae", "cross_size"]
 
 
 @torch.no_grad()
@@ -144,8 +144,8 @@ def sparse_code(Y: torch.Tensor, D: torch.Tensor, k: int, chunk: int = 1024, rid
     return {"idx": torch.cat(idx_all).numpy(), "coef": torch.cat(coef_all).numpy(), "cos": torch.cat(cos_all).numpy()}
 
 
-def evaluate_meta_sae(meta: BatchTopKSAE, decoder: torch.Tensor, cfg: MetaSAEConfig,
-                      train_summary: dict[str, Any]) -> tuple[dict[str, Any], pd.DataFrame, np.ndarray, dict[str, np.ndarray]]:
+def evaluate_meta_sae(meta: BatchTopKSAE, decoder: torch.Tensor, cfg: MetaSAEConfig, train_summary: dict[str, Any]
+                      ) -> tuple[dict[str, Any], pd.DataFrame, np.ndarray, dict[str, np.ndarray]]:
     """Everything the ``meta_sae`` stage reports about a trained meta-SAE of the unit rows ``decoder``.
 
     Returns ``(metrics, decomposition, cluster_sizes, max_cosines)``: the ``metrics.json`` numbers

@@ -55,8 +55,8 @@ FORM_METRICS = ("l0", "mse", "explained_variance", "frac_dead")
 #: Leading columns of the pairs table (the others follow in their order).
 PAIR_COLUMNS = ["pair", "small_width", "large_width", "n_novel", "n_reconstruction", "n_inactive", "novel_fraction",
                 "proxy_auc", "mean_max_cos_novel", "mean_max_cos_reconstruction", "n_events", "n_events_changing",
-                "violations", "violations_at_points", "mse_small", "mse_after_novel", "mse_large", "ev_small", "ev_large",
-                "ce_small", "ce_large", "seconds_delta_mse", "seconds_event_curve", "seconds_curve_points"]
+                "violations", "violations_at_points", "mse_small", "mse_after_novel", "mse_large", "ev_small",
+                "ev_large", "ce_small", "ce_large", "seconds_delta_mse", "seconds_event_curve", "seconds_curve_points"]
 
 
 @dataclass
