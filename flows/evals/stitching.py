@@ -9,18 +9,8 @@ import prefect
 from flows.evals import stage_all
 from saeflow.artifacts import ArtifactRef
 from saeflow.evals.stitching import StitchingConfig, StitchingError, adjacent_pair_for, find_pairs
+from tasks import stitching as stages
 from tasks.common import EvalContext, EvalOutput, stage_logger
-from tasks.stitching import (
-    form_ref,
-    form_task,
-    pair_ref,
-    pair_task,
-    read_infos,
-    results_ref,
-    results_task,
-    summary_ref,
-    summary_task,
-)
 
 
 @prefect.flow(name="stitching", validate_parameters=False)
@@ -29,7 +19,7 @@ def flow(ctx: EvalContext) -> EvalOutput:
     a JumpReLU form per SAE in a pair, one ``stitching-pair`` stage per pair, a per-SAE summary and
     the results tables."""
     cfg: StitchingConfig = ctx.config.stitching
-    infos = read_infos(ctx.saes)
+    infos = stages.read_infos(ctx.saes)
     pairs = find_pairs(infos, cfg)
     if not pairs:
         raise StitchingError(
@@ -39,11 +29,11 @@ def flow(ctx: EvalContext) -> EvalOutput:
     stage_logger().info("stitching %d pairs: %s", len(pairs),
                         "; ".join(f"{infos[s].label} -> {infos[l].label}" for s, l in pairs))
     involved = sorted({i for p in pairs for i in p})
-    form_list = stage_all(ctx, [(f"stitching-form-{i}", form_ref, form_task,
+    form_list = stage_all(ctx, [(f"stitching-form-{i}", stages.form_ref, stages.form_task,
                                  {"sae": ctx.saes[i], "index": i, "acts": ctx.acts, "cfg": cfg, "device": ctx.device})
                                 for i in involved])
     forms = dict(zip(involved, form_list))
-    pair_list = stage_all(ctx, [(f"stitching-pair-{s}-{l}", pair_ref, pair_task,
+    pair_list = stage_all(ctx, [(f"stitching-pair-{s}-{l}", stages.pair_ref, stages.pair_task,
                                  {"small": ctx.saes[s], "large": ctx.saes[l], "small_form": forms[s],
                                   "large_form": forms[l], "model": ctx.model, "model_cfg": ctx.config.model,
                                   "corpus": ctx.corpus, "acts": ctx.acts, "cfg": cfg, "device": ctx.device})
@@ -51,11 +41,11 @@ def flow(ctx: EvalContext) -> EvalOutput:
     pair_refs = dict(zip(pairs, pair_list))
     per_sae: list[ArtifactRef | None] = [None] * len(ctx.saes)
     adjacent = {i: adjacent_pair_for(i, pairs, infos) for i in involved}
-    summaries = stage_all(ctx, [(f"stitching-summary-{i}", summary_ref, summary_task,
+    summaries = stage_all(ctx, [(f"stitching-summary-{i}", stages.summary_ref, stages.summary_task,
                                  {"form": forms[i], "pair": pair_refs[adjacent[i]] if adjacent[i] else None})
                                 for i in involved])
     for i, ref_ in zip(involved, summaries):
         per_sae[i] = ref_
-    res = ctx.stage("stitching-results", results_ref, results_task, pairs=[pair_refs[p] for p in pairs],
-                    forms=[forms[i] for i in involved], hist_bins=cfg.hist_bins)
+    res = ctx.stage("stitching-results", stages.results_ref, stages.results_task,
+                    pairs=[pair_refs[p] for p in pairs], forms=[forms[i] for i in involved], hist_bins=cfg.hist_bins)
     return EvalOutput(per_sae=per_sae, results=res, refs=[*forms.values(), *pair_refs.values()])

@@ -13,6 +13,15 @@ from saeflow.plots import plt, save_figure
 __all__ = ["plot_cluster_sizes", "plot_cross_size", "plot_max_cosines"]
 
 
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: str | Path) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def plot_cluster_sizes(sizes: Sequence[tuple[str, np.ndarray]], path: str | Path) -> Path:
     """Per SAE (``(label, cluster sizes)``): histogram of how many latents use each used meta-latent."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
@@ -23,12 +32,8 @@ def plot_cluster_sizes(sizes: Sequence[tuple[str, np.ndarray]], path: str | Path
             ax.hist(used, bins=bins, histtype="step", label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("latents using the meta-latent (cluster size)")
-    ax.set_ylabel("meta-latents")
-    ax.set_title("Meta-latent cluster sizes")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    return save_figure(fig, path)
+    return _finish(fig, ax, "latents using the meta-latent (cluster size)", "meta-latents", "Meta-latent cluster sizes",
+                   path)
 
 
 def plot_cross_size(pairs: Sequence[tuple[str, np.ndarray]], threshold: float, path: str | Path) -> Path:
@@ -38,12 +43,8 @@ def plot_cross_size(pairs: Sequence[tuple[str, np.ndarray]], threshold: float, p
     for label, cos in pairs:
         ax.hist(cos, bins=np.linspace(0, 1, 51), histtype="step", label=label, density=True)
     ax.axvline(threshold, color="k", linestyle="--", linewidth=0.8)
-    ax.set_xlabel("cosine(larger latent, sparse code on the smaller decoder)")
-    ax.set_ylabel("density")
-    ax.set_title("Cross-size check: larger latents as sparse combinations of smaller ones")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    return save_figure(fig, path)
+    return _finish(fig, ax, "cosine(larger latent, sparse code on the smaller decoder)", "density",
+                   "Cross-size check: larger latents as sparse combinations of smaller ones", path)
 
 
 def plot_max_cosines(mc: Mapping[str, np.ndarray], label: str, path: str | Path) -> Path:

@@ -185,14 +185,7 @@ class StitchedSAE(torch.nn.Module):
         self.register_buffer("b_dec", small.b_dec.detach().float().clone())
         shift = torch.zeros_like(self.b_dec) if adjust_encoder_bias else large.b_dec.detach().float() - self.b_dec
         self.register_buffer("shift", shift)
-
-    @property
-    def d_in(self) -> int:
-        return int(self.W_dec.shape[1])
-
-    @property
-    def d_sae(self) -> int:
-        return int(self.W_dec.shape[0])
+        self.d_sae, self.d_in = (int(n) for n in self.W_dec.shape)  # fixed: the buffers are never replaced
 
     def encode(self, x: Tensor) -> Tensor:
         fs = self.small.encode(x).index_select(-1, self.keep_idx) * self.m_small
