@@ -7,9 +7,9 @@ SAEBench 0.6.0 runs in its own venv (``/work/sbvenv``) in a subprocess: seed 42
 ``_train_meta_structure_on_decoder`` and ``_decoder_variance_metrics`` with
 ``MetaStructureEvalConfig()`` defaults (width 0.25 x n, k 4, 1500 steps, batch 1024 drawn with
 replacement, Adam 5e-4 constant, eval batches of 4096, bf16 autocast ON by default; ``--no-autocast``
-adds a float32 run). Ours runs here: :func:`saeflow.meta_sae.train_meta_sae` with the default
-:class:`~saeflow.config.MetaSAEConfig` (the same settings, float32) and
-:func:`saeflow.meta_sae.decoder_variance_explained`. Goal: |FVE difference| <= 0.02.
+adds a float32 run). Ours runs here: :func:`saeflow.evals.meta_sae.train_meta_sae` with the default
+:class:`~saeflow.evals.meta_sae.MetaSAEConfig` (the same settings, float32) and
+:func:`saeflow.evals.meta_sae.decoder_variance_explained`. Goal: |FVE difference| <= 0.02.
 
 Prints both FVEs, MSEs, train times, the difference, and ``ratio: <ours / SAEBench FVE>`` last;
 writes the ``meta_sae_agreement`` section of docs/benchmarks.md.
@@ -35,8 +35,8 @@ import torch  # noqa: E402
 
 from benchmarks._common import machine, write_section  # noqa: E402
 from saeflow.artifacts import default_root  # noqa: E402
-from saeflow.config import MetaSAEConfig, describe_sae  # noqa: E402
-from saeflow.meta_sae import decoder_variance_explained, train_meta_sae, unit_rows  # noqa: E402
+from saeflow.config import describe_sae  # noqa: E402
+from saeflow.evals.meta_sae import MetaSAEConfig, decoder_variance_explained, train_meta_sae, unit_rows  # noqa: E402
 from saeflow.sae import load_sae  # noqa: E402
 
 SBVENV_PYTHON = "/work/sbvenv/bin/python"

@@ -2,7 +2,7 @@
 
 For a smaller SAE S (1024 latents) and larger SAEs L of 1k..16k latents (JumpReLU, d_in = 640 as
 Gemma 3 270M's residual stream), on N activation rows (Gaussian, 8192 rows by default; the cost
-does not depend on the values), it times :func:`saeflow.stitching.insertion_delta_mse` (all
+does not depend on the values), it times :func:`saeflow.evals.stitching.insertion_delta_mse` (all
 latents of L at once: per block of latents one encoder and one decoder-projection matmul) and the
 naive method: build S + latent j as an SAE and run a full forward over the rows, for a subset of
 latents, extrapolated to all of L. Both give the same ΔMSE (checked on the subset). Prints one
@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks._common import machine, write_section  # noqa: E402
-from saeflow.stitching import insertion_delta_mse, make_jumprelu, stitched_sae  # noqa: E402
+from saeflow.evals.stitching import insertion_delta_mse, make_jumprelu, stitched_sae  # noqa: E402
 
 D_IN = 640
 

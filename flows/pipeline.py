@@ -23,12 +23,12 @@ from flows.runner import StageRunner, resolve_root, with_runner
 from saeflow import remote
 from saeflow.artifacts import ArtifactError, ArtifactRef
 from saeflow.config import ConfigError, PipelineConfig, describe_sae, load_config
-from flows.evals import absorption, probing
-from tasks import activations, corpus, imported, meta_sae, metrics, model, report, stitching, tables, train, vocab
+from flows.evals import absorption, meta_sae, probing, stitching
+from tasks import activations, corpus, imported, metrics, model, report, tables, train, vocab
 from tasks.common import EvalContext, stage_logger
 
-#: Evaluations in the order they run: (PipelineConfig field, module with a subflow ``flow(ctx) -> EvalOutput``
-#: (flows/evals/) or ``run(ctx) -> EvalOutput``).
+#: Evaluations in the order they run: (PipelineConfig field, module of flows/evals/ with a subflow
+#: ``flow(ctx) -> EvalOutput``).
 EVALUATIONS = (("absorption", absorption), ("stitching", stitching), ("meta_sae", meta_sae), ("probing", probing))
 
 
@@ -90,7 +90,7 @@ def pipeline(config: PipelineConfig, artifacts: str | None = None, extra_saes: l
         before = set(states)
         ctx = EvalContext(config=config, root=root, model=m, vocab=v, corpus=c, acts=a, saes=s + ext,
                           stage=stage, device=dev, stage_all=stage.all)
-        evals[name] = ((module.flow if hasattr(module, "flow") else module.run)(ctx), sorted(set(states) - before))
+        evals[name] = (module.flow(ctx), sorted(set(states) - before))
     r = stage("results", tables.ref, tables.tables_task, config=config, saes=s + ext, metrics=mt,
               evals={name: out for name, (out, _) in evals.items()})
     hit = {name: st.name == "Cached" for name, st in states.items()}

@@ -29,7 +29,7 @@ from saeflow.config import ModelConfig
 from saeflow.device import pick_device
 from saeflow.evals import absorption as ab
 from saeflow.evals.absorption.config import AbsorptionConfig
-from saeflow.evals.common import package_modules, sae_info
+from saeflow.evals.common import package_modules, sae_identity
 from saeflow.models import load_model, load_tokenizer
 from saeflow.sae import load_sae, saved_hook
 from saeflow.store import ActivationStore
@@ -231,7 +231,7 @@ def results_task(per_sae: list[ArtifactRef], saes: list[ArtifactRef], root: str)
     summ, letters, examples = [], [], []
     for i, (r, s) in enumerate(zip(per_sae, saes)):
         d = require_complete(r)
-        ident = {"sae_index": i, "sae_fingerprint": s.fingerprint, **sae_info(require_complete(s)),
+        ident = {"sae_index": i, "sae_fingerprint": s.fingerprint, **sae_identity(require_complete(s)),
                  "word_l0": json.loads((d / "info.json").read_text())["word_l0"]}
         summ.append({**ident, **json.loads((d / "summary.json").read_text())})
         letters.append(pd.read_parquet(d / "letters.parquet"))

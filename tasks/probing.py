@@ -29,7 +29,7 @@ from saeflow.artifacts import (ArtifactRef, artifact_ref, begin, completion_meta
 from saeflow.config import ModelConfig
 from saeflow.device import pick_device
 from saeflow.evals import probing as P
-from saeflow.evals.common import package_modules, sae_info
+from saeflow.evals.common import package_modules, sae_identity
 from saeflow.evals.probing.config import ProbingConfig
 from saeflow.models import load_model
 from saeflow.sae import saved_hook
@@ -123,7 +123,7 @@ def _run_datasets(out: ArtifactRef, fn, specs: list[P.RunSpec], n_jobs: int, lab
 
 def sae_label(sae: ArtifactRef) -> str:
     """Short name of an SAE artifact for tables: ``topk-w1024-k16`` (:func:`saeflow.evals.probing.sae_label`)."""
-    return P.sae_label(sae_info(require_complete(sae)))
+    return P.sae_label(sae_identity(require_complete(sae)))
 
 
 def _specs(cfg: ProbingConfig, acts: dict[str, ArtifactRef], ood: dict[str, ArtifactRef], **kw: Any) -> list[P.RunSpec]:

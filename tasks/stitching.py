@@ -1,6 +1,5 @@
-"""Stages of the stitching evaluation (SPEC 2.3; the maths is in :mod:`saeflow.stitching`).
-
-Entry point for the flow: :func:`run`. Stages (all cached artifacts):
+"""Stages of the stitching evaluation (SPEC 2.3; the maths is in :mod:`saeflow.evals.stitching`, the
+stage graph in :mod:`flows.evals.stitching`). Stages (all cached artifacts):
 
 - ``stitching-form`` (one per SAE that is in a pair): the SAE's JumpReLU inference form, saved as
   an SAE folder, with ``form.json`` comparing it with the original on the held-out rows.
@@ -22,40 +21,26 @@ import torch
 from prefect import task
 
 from saeflow.artifacts import ArtifactRef, artifact_ref, begin, completion_meta, fingerprint, mark_complete, require_complete
-from saeflow.config import ModelConfig, StitchingConfig
+from saeflow.config import ModelConfig
 from saeflow.corpus import special_token_ids
 from saeflow.device import pick_device
-from saeflow.metrics import ce_metrics, reconstruction_metrics
-from saeflow.models import load_model
-from saeflow.sae import SAE_CFG_FILENAME, TopKSAE, load_sae, save_sae
-from saeflow.stitching import (
-    INACTIVE,
-    NOVEL,
-    RECONSTRUCTION,
-    SAEInfo,
-    StitchingError,
-    adjacent_pair_for,
+from saeflow.evals.common import SAEInfo, heldout_rows, package_modules, read_sae_info
+from saeflow.evals.stitching import (
+    CESetup,
+    StitchingConfig,
     check_pair,
-    changing_events,
-    classify,
-    count_violations,
-    curve_points,
-    decoder_cosines,
-    evaluate_curve,
-    event_mse_curve,
-    find_pairs,
-    insertion_delta_mse,
-    interpolation_events,
+    form_table_row,
+    jumprelu_form,
+    pairs_table,
     plot_interpolation,
     plot_max_cos_histograms,
-    proxy_auc,
-    sae_info,
-    tau_sweep,
-    to_jumprelu,
+    stitch_pair,
 )
+from saeflow.models import load_model
+from saeflow.sae import load_sae, save_sae
 from saeflow.store import ActivationStore
 from saeflow.tables import write_table
-from tasks.common import EvalContext, EvalOutput, Progress, code_version, publish_markdown, stage_logger, timed
+from tasks.common import Progress, code_version, publish_markdown, stage_logger, timed
 from tasks.corpus import load_tokens
 from tasks.metrics import check_sae_fits, shared_ce_reference
 
@@ -63,12 +48,14 @@ from tasks.metrics import check_sae_fits, shared_ce_reference
 PAIR_VERSION = 2
 FORM_STAGE, PAIR_STAGE, SUMMARY_STAGE, RESULTS_STAGE = ("stitching-form", "stitching-pair", "stitching-summary",
                                                         "stitching-results")
-ROW_BATCH = 4096
+#: The code behind this evaluation's results (every module of :mod:`saeflow.evals.stitching`, the
+#: shared evaluation helpers, this module).
+CODE_MODULES = (*package_modules("saeflow.evals.stitching"), "saeflow.evals.common", "tasks.stitching")
 
 
 def _code() -> str:
-    """This evaluation's code version (its two modules): a code change gives its stages new fingerprints."""
-    return code_version("saeflow.stitching", "tasks.stitching")
+    """This evaluation's code version: a code change gives its stages new fingerprints."""
+    return code_version(*CODE_MODULES)
 
 
 #: Bumped when the form computation changes (2: dead TopK latents stay dead in the JumpReLU form).
@@ -85,13 +72,6 @@ def _pair_cfg(cfg: StitchingConfig) -> dict:
     return {**{k: v for k, v in cfg.fingerprint_payload().items() if k not in skip}, "version": PAIR_VERSION}
 
 
-def heldout_rows(store: ActivationStore, n_tokens: int) -> tuple[int, int]:
-    start, end = store.train_rows, min(store.n_rows, store.train_rows + n_tokens)
-    if end <= start:
-        raise StitchingError(f"activation store at {store.root} has no held-out rows; raise corpus.eval_contexts")
-    return start, end
-
-
 def _info_json(info: SAEInfo) -> dict:
     return {"index": info.index, "architecture": info.architecture, "width": info.width, "d_in": info.d_in,
             "sparsity": info.sparsity, "hook": info.hook, "model": info.model, "path": info.path, "label": info.label}
@@ -102,8 +82,8 @@ def _info_from_json(d: dict) -> SAEInfo:
 
 
 def read_infos(saes: list[ArtifactRef]) -> list[SAEInfo]:
-    return [sae_info(i, json.loads((require_complete(s) / SAE_CFG_FILENAME).read_text()), str(s.dir))
-            for i, s in enumerate(saes)]
+    """The :class:`SAEInfo` of each SAE artifact (``index`` = its position in ``saes``)."""
+    return [read_sae_info(require_complete(s), i) for i, s in enumerate(saes)]
 
 
 # ------------------------------------------------------------------------------------ form
@@ -122,30 +102,19 @@ def form_task(sae: ArtifactRef, index: int, acts: ArtifactRef, cfg: StitchingCon
     dev = pick_device(device)
     store = ActivationStore.open(require_complete(acts))
     sae_dir = require_complete(sae)
-    info = sae_info(index, json.loads((sae_dir / SAE_CFG_FILENAME).read_text()), str(sae_dir))
+    info = read_sae_info(sae_dir, index)
     model = load_sae(sae_dir, device=dev)
     check_sae_fits(model, sae_dir, store)
-    start, end = heldout_rows(store, cfg.n_tokens)
-    calib, c0 = None, store.train_rows
-    if type(model) is TopKSAE:
-        c0 = max(0, store.train_rows - cfg.calibration_tokens)
-        if c0 >= store.train_rows:
-            raise StitchingError(f"activation store at {store.root} has no training rows to fit TopK thresholds on")
-        calib = torch.from_numpy(store.read(c0, store.train_rows))
     with timed(f"JumpReLU form of {info.label}"):
-        form = to_jumprelu(model, calib, cfg.topk_threshold)
-    orig = reconstruction_metrics(model, store.iter_rows(start, end, ROW_BATCH), dev)
-    new = reconstruction_metrics(form, store.iter_rows(start, end, ROW_BATCH), dev)
-    keys = ("l0", "mse", "explained_variance", "frac_dead")
-    result = {"sae": _info_json(info), "threshold_mode": cfg.topk_threshold if calib is not None else "native",
-              "calibration_rows": int(store.train_rows - c0), "heldout_rows": int(end - start),
-              "original": {k: float(orig[k]) for k in keys}, "jumprelu": {k: float(new[k]) for k in keys}}
+        form, fidelity = jumprelu_form(model, store, cfg, dev)
+    result = {"sae": _info_json(info), **fidelity}
     begin(out, {**_form_cfg(cfg), "index": index}, [sae, acts])
     save_sae(form, out.dir, cfg_extra={"hook_name": info.hook, "model_name": info.model,
                                        "stitching_source_fingerprint": sae.fingerprint,
                                        "stitching_source_architecture": info.architecture})
     (out.dir / "form.json").write_text(json.dumps(result, indent=2))
     mark_complete(out, label=info.label)
+    new, orig = fidelity["jumprelu"], fidelity["original"]
     logger.info("stitching form %s: EV %.4f (original %.4f), L0 %.2f (original %.2f)", info.label,
                 new["explained_variance"], orig["explained_variance"], new["l0"], orig["l0"])
     return out
@@ -183,26 +152,10 @@ def pair_task(small: ArtifactRef, large: ArtifactRef, small_form: ArtifactRef, l
     store = ActivationStore.open(require_complete(acts))
     start, end = heldout_rows(store, cfg.n_tokens)
     x = torch.from_numpy(store.read(start, end)).to(dev)
-    chunks = lambda: (x[i:i + ROW_BATCH] for i in range(0, x.shape[0], ROW_BATCH))  # noqa: E731
 
-    max_cos, match = decoder_cosines(S, L)
-    t0 = time.perf_counter()
-    ins = insertion_delta_mse(S, L, chunks(), cfg.adjust_encoder_bias)
-    t_delta = time.perf_counter() - t0
-    max_cos, match = max_cos.cpu().numpy(), match.cpu().numpy()
-    classes = classify(ins["delta_mse"], ins["fires"])
-    auc = proxy_auc(max_cos, classes)
-    taus = tau_sweep(max_cos, classes, cfg.taus)
-    events = interpolation_events(classes, ins["delta_mse"], max_cos, match, S.d_sae, cfg.novel_order, cfg.swap_order)
-    t0 = time.perf_counter()
-    fine = event_mse_curve(S, L, x, events, cfg.adjust_encoder_bias)
-    t_fine = time.perf_counter() - t0
-    changes = changing_events(fine)
-    points = curve_points(len(events), cfg.n_steps, changes)
-
-    lm = reference = eval_tokens = ignore = None
-    hook = s_info.hook or store.attrs.get("hook")
+    ce = None
     if cfg.ce_batches > 0:
+        hook = s_info.hook or store.attrs.get("hook")
         tokens = load_tokens(corpus)
         train_contexts = int(completion_meta(corpus.dir)["train_contexts"])
         eval_tokens = torch.from_numpy(
@@ -210,68 +163,29 @@ def pair_task(small: ArtifactRef, large: ArtifactRef, small_form: ArtifactRef, l
         lm = load_model(model_cfg, require_complete(model), dev)
         ignore = special_token_ids(lm.tokenizer)
         key = (model.fingerprint, model_cfg.dtype, corpus.fingerprint, hook, cfg.ce_batches, cfg.ce_batch_size, str(dev))
-        reference = shared_ce_reference(lm, key, hook, eval_tokens, cfg.ce_batch_size, ignore)
+        ce = CESetup(lm, hook, eval_tokens, cfg.ce_batch_size, ignore,
+                     shared_ce_reference(lm, key, hook, eval_tokens, cfg.ce_batch_size, ignore))
     progress = Progress(f"stitching {title}", every_s=10.0)
-    done = [0]
-
-    def evaluate(sae) -> dict:
-        rec = reconstruction_metrics(sae, chunks(), dev)
-        res = {k: rec[k] for k in ("mse", "explained_variance", "l0", "cossim", "frac_dead")}
-        res["fvu"] = 1.0 - rec["explained_variance"]
-        if lm is not None:
-            ce = ce_metrics(lm, sae, hook, eval_tokens, cfg.ce_batch_size, ignore, reference=reference)
-            res.update({k: ce[k] for k in ("ce_with_sae", "ce_loss_score", "ce_delta", "kl_with_sae")})
-        done[0] += 1
-        progress.update(done[0], len(points), f"{done[0]}/{len(points)} curve points")
-        return res
-
-    t0 = time.perf_counter()
-    curve = evaluate_curve(S, L, events, points, evaluate, cfg.adjust_encoder_bias)
-    t_curve = time.perf_counter() - t0
-    curve.insert(1, "fraction_of_path", curve["events_done"] / len(events))
-    curve["event_mse"] = fine[curve["events_done"].to_numpy()]
-    gap = float(np.max(np.abs(curve["mse"] - curve["event_mse"]) / np.maximum(curve["mse"].abs(), 1e-30)))
+    res = stitch_pair(S, L, x, cfg, s_info, l_info, dev, ce,
+                      on_point=lambda done, total: progress.update(done, total, f"{done}/{total} curve points"))
+    summary = {**res.summary, "seconds_total": time.perf_counter() - t_start}
+    gap = summary["max_relative_gap_event_vs_metrics"]
     if gap > 1e-3:
         logger.warning("stitching %s: exact per-event MSE and the metrics code differ by %.2e (relative)", title, gap)
 
-    n_novel, n_rec, n_inact = (int(np.sum(classes == c)) for c in (NOVEL, RECONSTRUCTION, INACTIVE))
-    active = n_novel + n_rec
-    first_swap = next((i for i, e in enumerate(events) if e.kind != "insert"), len(events))
-    summary = {
-        "form": cfg.form, "small": s_info.label, "large": l_info.label, "small_index": s_info.index, "large_index": l_info.index,
-        "small_width": s_info.width, "large_width": l_info.width, "n_tokens": int(ins["n_tokens"]),
-        "n_novel": n_novel, "n_reconstruction": n_rec, "n_inactive": n_inact,
-        "novel_fraction": n_novel / active if active else float("nan"),
-        "proxy_auc": auc, "mean_max_cos_novel": float(max_cos[classes == NOVEL].mean()) if n_novel else float("nan"),
-        "mean_max_cos_reconstruction": float(max_cos[classes == RECONSTRUCTION].mean()) if n_rec else float("nan"),
-        "n_events": len(events), "n_events_changing": int(changes.sum()),
-        "n_swaps": sum(e.kind == "swap" for e in events),
-        "violations": count_violations(fine), "violations_at_points": count_violations(curve["mse"].to_numpy()),
-        "mse_small": float(fine[0]), "mse_after_novel": float(fine[first_swap]), "mse_large": float(fine[-1]),
-        "ev_small": float(curve["explained_variance"].iloc[0]), "ev_large": float(curve["explained_variance"].iloc[-1]),
-        "max_relative_gap_event_vs_metrics": gap,
-        "seconds_delta_mse": t_delta, "seconds_event_curve": t_fine, "seconds_curve_points": t_curve,
-    }
-    if "ce_with_sae" in curve:
-        summary.update(ce_small=float(curve["ce_with_sae"].iloc[0]), ce_large=float(curve["ce_with_sae"].iloc[-1]),
-                       ce_violations_at_points=count_violations(curve["ce_with_sae"].to_numpy()))
-    for _, r in taus.iterrows():
-        summary[f"proxy_novel_fraction_tau{r['tau']:g}"] = float(r["proxy_novel_fraction"])
-    summary["seconds_total"] = time.perf_counter() - t_start
-
     begin(out, _pair_cfg(cfg), [small, large, small_form, large_form, model, corpus, acts])
-    latents = pd.DataFrame({"latent": np.arange(L.d_sae), "max_cos": max_cos, "match": match,
-                            "delta_mse": ins["delta_mse"], "fires": ins["fires"], "class": classes.astype(str)})
-    latents.to_parquet(out.dir / "latents.parquet", index=False)
-    taus.to_parquet(out.dir / "tau_sweep.parquet", index=False)
-    curve.to_parquet(out.dir / "curve.parquet", index=False)
-    np.save(out.dir / "event_mse.npy", fine)
-    (out.dir / "events.json").write_text(json.dumps([{"kind": e.kind, "add": e.add, "remove": e.remove} for e in events]))
+    res.latents.to_parquet(out.dir / "latents.parquet", index=False)
+    res.taus.to_parquet(out.dir / "tau_sweep.parquet", index=False)
+    res.curve.to_parquet(out.dir / "curve.parquet", index=False)
+    np.save(out.dir / "event_mse.npy", res.event_mse)
+    (out.dir / "events.json").write_text(json.dumps([{"kind": e.kind, "add": e.add, "remove": e.remove}
+                                                     for e in res.events]))
     (out.dir / "summary.json").write_text(json.dumps(summary, indent=2))
     mark_complete(out, title=title)
     logger.info("stitching %s: novel %.3f (%d/%d active, %d inactive), AUC %.3f, violations %d of %d events, "
-                "ΔMSE for %d latents in %.2f s", title, summary["novel_fraction"], n_novel, active, n_inact, auc,
-                summary["violations"], len(events), L.d_sae, t_delta)
+                "ΔMSE for %d latents in %.2f s", title, summary["novel_fraction"], summary["n_novel"],
+                summary["n_novel"] + summary["n_reconstruction"], summary["n_inactive"], summary["proxy_auc"],
+                summary["violations"], summary["n_events"], L.d_sae, summary["seconds_delta_mse"])
     return out
 
 
@@ -338,70 +252,16 @@ def results_task(pairs: list[ArtifactRef], forms: list[ArtifactRef], hist_bins: 
         hist.append({"title": title, "max_cos": lat["max_cos"].to_numpy(), "classes": lat["class"].to_numpy()})
         plots.append({"title": title, "fine_mse": np.load(d / "event_mse.npy"), "points": c["events_done"].to_numpy(),
                       "mse": c["mse"].to_numpy(), "ce": c["ce_with_sae"].to_numpy() if "ce_with_sae" in c else None})
-    cols = ["pair", "small_width", "large_width", "n_novel", "n_reconstruction", "n_inactive", "novel_fraction",
-            "proxy_auc", "mean_max_cos_novel", "mean_max_cos_reconstruction", "n_events", "n_events_changing",
-            "violations",
-            "violations_at_points", "mse_small", "mse_after_novel", "mse_large", "ev_small", "ev_large", "ce_small",
-            "ce_large", "seconds_delta_mse", "seconds_event_curve", "seconds_curve_points"]
-    table = pd.DataFrame(summaries)
-    table = table[[c for c in cols if c in table] + [c for c in table if c not in cols]]
+    table = pairs_table(summaries)
     files = write_table(table, out.dir, "stitching_pairs")
     files += write_table(pd.concat(taus, ignore_index=True), out.dir, "stitching_tau_sweep")
     files += write_table(pd.concat(curves, ignore_index=True), out.dir, "stitching_curves")
     lat_path = out.dir / "stitching_latents.parquet"
     pd.concat(latents, ignore_index=True).to_parquet(lat_path, index=False)
-    form_rows = []
-    for f in forms:
-        j = json.loads((require_complete(f) / "form.json").read_text())
-        form_rows.append({"sae": j["sae"]["label"], "threshold_mode": j["threshold_mode"],
-                          "calibration_rows": j["calibration_rows"],
-                          **{f"original_{k}": v for k, v in j["original"].items()},
-                          **{f"jumprelu_{k}": v for k, v in j["jumprelu"].items()}})
+    form_rows = [form_table_row(json.loads((require_complete(f) / "form.json").read_text())) for f in forms]
     files += write_table(pd.DataFrame(form_rows), out.dir, "stitching_jumprelu_form")
     files.append(plot_max_cos_histograms(hist, out.dir / "max_cos_hist.png", hist_bins))
     files.append(plot_interpolation(plots, out.dir / "interpolation.png"))
     mark_complete(out, pairs=len(pairs), files=[str(x) for x in [*files, lat_path]])
     publish_markdown("stitching-pairs", table.to_markdown(index=False, floatfmt=".4g"), "Stitching, one row per pair")
     return out
-
-
-# ------------------------------------------------------------------------------------ entry point
-def run(ctx: EvalContext) -> EvalOutput:
-    """Stitch every configured (smaller, larger) pair of ``ctx.saes`` (see :class:`StitchingConfig`)."""
-    cfg: StitchingConfig = ctx.config.stitching
-    infos = read_infos(ctx.saes)
-    pairs = find_pairs(infos, cfg)
-    if not pairs:
-        raise StitchingError(
-            "stitching found no (smaller, larger) pair among the evaluated SAEs: it needs SAEs on the same hook with "
-            "the same architecture and sparsity setting and different widths (e.g. family.widths: [1024, 2048, 4096]); "
-            "set stitching.pair_across_sparsity, list stitching.pairs, or set stitching: null")
-    stage_logger().info("stitching %d pairs: %s", len(pairs),
-                        "; ".join(f"{infos[s].label} -> {infos[l].label}" for s, l in pairs))
-    involved = sorted({i for p in pairs for i in p})
-
-    def stage_all(jobs: list[tuple]) -> list:
-        """Independent stages: in parallel when the flow's runner can (``ctx.stage_all``)."""
-        if ctx.stage_all is not None:
-            return ctx.stage_all(jobs)
-        return [ctx.stage(name, ref_fn, fn, **kw) for name, ref_fn, fn, kw in jobs]
-
-    form_list = stage_all([(f"stitching-form-{i}", form_ref, form_task,
-                            {"sae": ctx.saes[i], "index": i, "acts": ctx.acts, "cfg": cfg, "device": ctx.device})
-                           for i in involved])
-    forms = dict(zip(involved, form_list))
-    pair_list = stage_all([(f"stitching-pair-{s}-{l}", pair_ref, pair_task,
-                            {"small": ctx.saes[s], "large": ctx.saes[l], "small_form": forms[s], "large_form": forms[l],
-                             "model": ctx.model, "model_cfg": ctx.config.model, "corpus": ctx.corpus, "acts": ctx.acts,
-                             "cfg": cfg, "device": ctx.device}) for s, l in pairs])
-    pair_refs = dict(zip(pairs, pair_list))
-    per_sae: list[ArtifactRef | None] = [None] * len(ctx.saes)
-    adjacent = {i: adjacent_pair_for(i, pairs, infos) for i in involved}
-    summaries = stage_all([(f"stitching-summary-{i}", summary_ref, summary_task,
-                            {"form": forms[i], "pair": pair_refs[adjacent[i]] if adjacent[i] else None})
-                           for i in involved])
-    for i, ref_ in zip(involved, summaries):
-        per_sae[i] = ref_
-    res = ctx.stage("stitching-results", results_ref, results_task, pairs=[pair_refs[p] for p in pairs],
-                    forms=[forms[i] for i in involved], hist_bins=cfg.hist_bins)
-    return EvalOutput(per_sae=per_sae, results=res, refs=[*forms.values(), *pair_refs.values()])

@@ -52,12 +52,12 @@ def _fake_results(per_sae, root: str):
 
 
 def _module(offset: float):
-    def run(ctx):
+    def flow(ctx):
         per_sae = [ctx.stage(f"fake-{i}", _ref, _fake_task, sae=s, offset=offset) for i, s in enumerate(ctx.saes)]
         res = ctx.stage("fake-results", _results_ref, _fake_results, per_sae=per_sae)
         return EvalOutput(per_sae=per_sae, results=res)
 
-    return SimpleNamespace(run=run)
+    return SimpleNamespace(flow=flow)
 
 
 @pytest.fixture

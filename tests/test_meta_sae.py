@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 import torch
 
-from saeflow.config import MetaSAEConfig
-from saeflow.meta_sae import (
+from saeflow.evals.common import sample_store_rows
+from saeflow.evals.meta_sae import (
+    MetaSAEConfig,
     MetaSAEInputError,
     RowSampler,
     cluster_sizes,
@@ -22,7 +23,6 @@ from saeflow.meta_sae import (
     decoder_variance_explained,
     max_cosines,
     meta_width,
-    sample_store_rows,
     snippet,
     sparse_code,
     top_rows,
@@ -89,7 +89,7 @@ def test_finished_meta_sae_is_not_retrained_and_resume_is_exact(tmp_path, one_th
     assert s2.get("already_complete") and s2["train_time_seconds"] == 0.0
     assert torch.equal(full.W_dec, again.W_dec)
     # killed after 25 steps (checkpoint at 20), then resumed: bit-identical to the uninterrupted run
-    from saeflow.meta_sae import meta_sae_config, meta_train_config
+    from saeflow.evals.meta_sae import meta_sae_config, meta_train_config
     from saeflow.training import train_sae
 
     U = unit_rows(D)
@@ -118,7 +118,7 @@ def test_row_sampler_draws_with_replacement_and_replays():
 def test_variance_explained_matches_the_formula():
     D, _, _ = planted_decoder(n=300)
     U = unit_rows(D)
-    from saeflow.meta_sae import meta_sae_config
+    from saeflow.evals.meta_sae import meta_sae_config
 
     meta = BatchTopKSAE(meta_sae_config(300, MetaSAEConfig(width_ratio=0.1)), 32, seed=0)
     with torch.no_grad():
@@ -189,6 +189,80 @@ def test_example_helpers():
     words = {1: " the", 2: " cat", 3: " sat", 4: " on", 5: "\n"}
     s = snippet(np.array([1, 2, 3, 4, 5]), 2, lambda ids: "".join(words[i] for i in ids), window=1)
     assert s == "… cat **sat** on…"
+
+
+_PLAIN_WORDS = {1: " the", 2: " cat", 3: " sat", 4: " on", 5: "\n", 6: " mat", 7: " and", 8: " dog", 9: " ran"}
+
+
+def _page(words: dict[int, str], member_token: str = "cat"):
+    from saeflow.evals.meta_sae import ExamplesPage, LatentExample, Member, MetaExample, Snippet
+
+    ctx = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2])
+
+    def s(rank: int, pos: int, v: float) -> Snippet:
+        return Snippet(rank, snippet(ctx, pos, lambda ids: "".join(words[i] for i in ids), 2), v)
+
+    latent_7 = LatentExample(7, 2, 0.98765, "sat", [s(1, 2, 3.5), s(2, 6, 1.25)], [
+        MetaExample(3, 0.75, 12, [Member(11, member_token), Member(40, "on")], 2, [s(1, 7, 0.5)]),
+        MetaExample(19, 0.125, 1, [], 0, [])])
+    latent_90 = LatentExample(90, 0, 0.5, "(silent)", [s(1, 8, 2.0)], [])
+    return ExamplesPage(sae="topk width=128 k=8", meta_width=32, k=4, fve=0.91234, fve_threshold=0.9, rows=16384,
+                        seed=42, examples=[latent_7, latent_90])
+
+
+#: examples.md as the string-concatenating page code (before the Jinja2 template) wrote it for ``_page(_PLAIN_WORDS)``.
+_PLAIN_PAGE = (
+    "# Meta-SAE example decompositions: topk width=128 k=8\n\nMeta-SAE: BatchTopK, width 32, k=4; decoder variance "
+    "explained 0.9123 (batch top-k), 0.9000 (threshold inference). Each latent ≈ sum of weight × meta-latent decoder "
+    "direction (threshold inference). Snippets: the top-activating tokens (**bold**) among 16,384 activation rows "
+    "sampled with seed 42. A meta-latent is shown by the tokens where the *other* latents it covers fire (their "
+    "activations weighted by how strongly each uses the meta-latent, each relative to its own maximum in the sample), "
+    "and by its strongest member latents.\n\n## Latent 7\n\n2 meta-latents, reconstruction cosine 0.988: latent 7 ≈ "
+    "0.75·M3 + 0.12·M19\n\nTop activations:\n\n1.  the cat **sat** on⏎… (3.50)\n2. …⏎ mat **and** dog ran… (1.25)\n\n"
+    "### M3 (weight 0.75; used by 12 latents)\n\nStrongest other members (latent: its top token): 11: “cat”, 40: “on” "
+    "(2 members do not fire in the sample)\n\n1. … mat and **dog** ran the… (0.50)\n\n### M19 (weight 0.12; used by 1 "
+    "latents)\n\nStrongest other members (latent: its top token): none\n\n(its other members do not fire in the sampled "
+    "rows)\n\n## Latent 90\n\n0 meta-latents, reconstruction cosine 0.500: latent 90 ≈ \n\nTop activations:\n\n1. … and "
+    "dog **ran** the cat (2.00)\n\n")
+
+
+def test_examples_page_renders_as_before_and_escapes_tokens():
+    """The templated page has the bytes the string-building code wrote; decoded text is HTML-escaped
+    (markdown syntax in it escaped by ``snippet``) and reads as before."""
+    import html
+
+    from saeflow.evals.meta_sae import ExamplesPage, render_examples_page
+
+    assert render_examples_page(_page(_PLAIN_WORDS)) == _PLAIN_PAGE
+    empty = render_examples_page(ExamplesPage("relu width=64 l1=1", 16, 4, 0.5, 0.25, 1000, 1, []))
+    assert empty.startswith("# Meta-SAE example decompositions: relu width=64 l1=1\n\nMeta-SAE: BatchTopK, width 16")
+    assert empty.endswith("seed 1. A meta-latent is shown by the tokens where the *other* latents it covers fire (their "
+                          "activations weighted by how strongly each uses the meta-latent, each relative to its own "
+                          "maximum in the sample), and by its strongest member latents.\n\nNo latent has an active "
+                          "meta-latent and fires in the sampled rows; nothing to show.\n")
+
+    special = {**_PLAIN_WORDS, 6: " <b>x</b>", 7: " a|b*`c`", 8: " Tom's", 9: ' "q" & co'}
+    page = render_examples_page(_page(special, member_token="<i>&"))
+    heads = [line for line in page.splitlines() if line.startswith("#")]
+    assert heads == ["# Meta-SAE example decompositions: topk width=128 k=8", "## Latent 7",
+                     "### M3 (weight 0.75; used by 12 latents)", "### M19 (weight 0.12; used by 1 latents)",
+                     "## Latent 90"]
+    assert "<" not in page and ">" not in page  # no markup from the data
+    assert "2. …⏎ &lt;b&gt;x&lt;/b&gt; **a\\|b\\*&#39;c&#39;** Tom&#39;s &#34;q&#34; &amp; co… (1.25)" in page
+    assert "11: “&lt;i&gt;&amp;”, 40: “on”" in page
+    read = html.unescape(page)  # what a markdown viewer shows: the same words as the plain-text page had
+    assert "1. … a\\|b\\*'c' Tom's **\"q\" & co** the cat (2.00)" in read
+    assert "1. … <b>x</b> a\\|b\\*'c' **Tom's** \"q\" & co the… (0.50)" in read
+
+
+def test_code_version_names_every_module_of_the_evaluation():
+    import pkgutil
+
+    import saeflow.evals.meta_sae as pkg
+    from tasks import meta_sae as stages
+
+    modules = {pkg.__name__} | {f"{pkg.__name__}.{m.name}" for m in pkgutil.iter_modules(pkg.__path__)}
+    assert modules <= set(stages.CODE_MODULES)
 
 
 def test_meta_sae_through_the_pipeline(tmp_path, one_thread):

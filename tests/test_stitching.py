@@ -9,15 +9,14 @@ import pandas as pd
 import pytest
 import torch
 
-from saeflow.config import SAEConfig, StitchingConfig
-from saeflow.metrics import reconstruction_metrics
-from saeflow.sae import build_sae
-from saeflow.stitching import (
+from saeflow.config import SAEConfig
+from saeflow.evals.stitching import (
     INACTIVE,
     NOVEL,
     RECONSTRUCTION,
     SAEInfo,
     StitchedSAE,
+    StitchingConfig,
     StitchingError,
     adjacent_pair_for,
     check_pair,
@@ -38,6 +37,8 @@ from saeflow.stitching import (
     tau_sweep,
     to_jumprelu,
 )
+from saeflow.metrics import reconstruction_metrics
+from saeflow.sae import build_sae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -157,6 +158,47 @@ def test_inactive_latents_and_auc_edge_cases():
     # ties count one half
     assert proxy_auc(np.array([0.5, 0.5]), np.array([NOVEL, RECONSTRUCTION])) == 0.5
     assert count_violations([3.0, 2.0, 2.5, 1.0, 1.0]) == 1
+
+
+def _rank_sum_auc(max_cos: np.ndarray, classes: np.ndarray) -> float:
+    """The rank-sum (Mann-Whitney) AUC ``proxy_auc`` computed before it used scikit-learn (reference only)."""
+    s, c = np.asarray(max_cos, dtype=np.float64), np.asarray(classes)
+    active = c != INACTIVE
+    s, y = -s[active], c[active] == NOVEL
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = pd.Series(s).rank(method="average").to_numpy()
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def test_proxy_auc_agrees_with_the_rank_sum_formula():
+    """``proxy_auc`` (sklearn's ``roc_auc_score``) = the former rank-sum AUC on random inputs, ties
+    (cosines rounded to few values) and inactive latents included; NaN where one class is empty."""
+    rng = np.random.default_rng(0)
+    classes_all = np.array([NOVEL, RECONSTRUCTION, INACTIVE], dtype=object)
+    for trial in range(300):
+        n = int(rng.integers(1, 60))
+        s = rng.uniform(-0.2, 1.0, n)
+        if trial % 2:
+            s = np.round(s, 1)  # many ties
+        c = classes_all[rng.choice(3, size=n, p=rng.dirichlet(np.ones(3)))]
+        new, old = proxy_auc(s, c), _rank_sum_auc(s, c)
+        if np.isnan(old):
+            assert np.isnan(new)
+        else:
+            assert new == pytest.approx(old, rel=1e-12, abs=1e-12)
+    assert np.isnan(proxy_auc(np.array([0.3]), np.array([INACTIVE])))  # no active latent at all
+
+
+def test_code_version_names_every_module_of_the_evaluation():
+    import pkgutil
+
+    import saeflow.evals.stitching as pkg
+    from tasks import stitching as stages
+
+    modules = {pkg.__name__} | {f"{pkg.__name__}.{m.name}" for m in pkgutil.iter_modules(pkg.__path__)}
+    assert modules <= set(stages.CODE_MODULES)
 
 
 @pytest.mark.parametrize("adjust", [True, False])
@@ -394,12 +436,12 @@ def test_pipeline_stitching_on_tiny_random(tmp_path):
 
 
 def test_run_refuses_saes_without_pairs(tmp_path):
-    """``run(ctx)`` on SAEs of one width (only k differs): a clear error before any stage runs."""
+    """The stitching subflow on SAEs of one width (only k differs): a clear error before any stage runs."""
     from types import SimpleNamespace
 
     from saeflow.artifacts import artifact_ref, begin, mark_complete
     from saeflow.config import PipelineConfig
-    from tasks import stitching as task
+    from flows.evals import stitching as evaluation
 
     saes = []
     for i, k in enumerate((4, 8)):
@@ -417,7 +459,7 @@ def test_run_refuses_saes_without_pairs(tmp_path):
 
     ctx = SimpleNamespace(config=PipelineConfig(stitching=StitchingConfig()), saes=saes, stage=no_stage, stage_all=None)
     with pytest.raises(StitchingError, match="no \\(smaller, larger\\) pair"):
-        task.run(ctx)
+        evaluation.flow(ctx)
     ctx.config = PipelineConfig(stitching=StitchingConfig(pairs=[[0, 1]]))
     with pytest.raises(StitchingError, match="not more than"):
-        task.run(ctx)
+        evaluation.flow(ctx)

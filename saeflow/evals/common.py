@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pkgutil
+from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,104 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saeflow.config import K_ARCHITECTURES
+from saeflow.config import K_ARCHITECTURES, SAEConfig, describe_sae
+from saeflow.sae import FOREIGN_ARCHITECTURES, REGISTRY, SAE_CFG_FILENAME
+from saeflow.store import ActivationStore
+
+
+class EvalInputError(ValueError):
+    """Input an evaluation cannot work with (an activation store without held-out rows, ...); the
+    evaluations' own error classes derive from it."""
+
+
+# ------------------------------------------------------------------------ SAE info (cfg.json)
+@dataclass(frozen=True)
+class SAEInfo:
+    """What an evaluation needs to know about one evaluated SAE, read from its ``cfg.json`` (no weights).
+
+    ``sparsity`` is the sparsity setting the file states (``k``, or the L1 / L0 coefficient of a
+    saeflow-trained SAE; ``None`` when a foreign file does not say). ``description`` is
+    :func:`~saeflow.config.describe_sae` of the config the SAE loads with.
+    """
+
+    index: int
+    architecture: str
+    width: int
+    d_in: int
+    sparsity: float | None
+    hook: str | None
+    model: str | None
+    path: str = ""
+    description: str = ""
+
+    @property
+    def label(self) -> str:
+        """Short label with the SAE's position among the evaluated ones: ``#2 topk w=128 k=8``."""
+        s = "" if self.sparsity is None else (f" k={int(self.sparsity)}" if self.architecture in K_ARCHITECTURES
+                                               else f" c={self.sparsity:g}")
+        return f"#{self.index} {self.architecture} w={self.width}{s}"
+
+
+def sae_info(index: int, cfg_json: dict[str, Any], path: str = "") -> SAEInfo:
+    """:class:`SAEInfo` of an SAE folder's parsed ``cfg.json`` (saeflow-written or SAELens)."""
+    ours = (cfg_json.get("saeflow") or {}).get("sae_config")
+    meta = cfg_json.get("metadata") or {}
+    cfg: SAEConfig | None
+    if ours:
+        cfg = SAEConfig.model_validate(ours)
+        arch = cfg.architecture
+        sparsity: float | None = (float(cfg.k) if arch in K_ARCHITECTURES else
+                                  cfg.l1_coefficient if arch == "relu" else cfg.l0_coefficient if arch == "jumprelu" else None)
+    else:  # foreign: the architecture the loader maps it to, the config it loads with
+        arch = FOREIGN_ARCHITECTURES.get(str(cfg_json.get("architecture")), str(cfg_json.get("architecture")))
+        sparsity = float(cfg_json["k"]) if cfg_json.get("k") is not None else None
+        cfg = REGISTRY[arch].config_from_sae_lens(cfg_json) if arch in REGISTRY else None
+    return SAEInfo(index=index, architecture=arch, width=int(cfg_json["d_sae"]), d_in=int(cfg_json["d_in"]),
+                   sparsity=sparsity, hook=meta.get("hook_name"), model=meta.get("model_name"), path=path,
+                   description=describe_sae(cfg) if cfg is not None else arch)
+
+
+def read_sae_info(folder: str | Path, index: int = 0) -> SAEInfo:
+    """:func:`sae_info` of the SAE folder ``folder`` (its ``cfg.json``)."""
+    return sae_info(index, json.loads((Path(folder) / SAE_CFG_FILENAME).read_text()), str(folder))
+
+
+# ------------------------------------------------------------------------ activation-store rows
+def heldout_rows(store: ActivationStore, n_tokens: int) -> tuple[int, int]:
+    """``(start, end)``: the first ``n_tokens`` held-out rows of the store (from ``train_rows`` on;
+    fewer when the store holds fewer). Raises :class:`EvalInputError` when it holds none."""
+    start, end = store.train_rows, min(store.n_rows, store.train_rows + n_tokens)
+    if end <= start:
+        raise EvalInputError(f"activation store at {store.root} has no held-out rows; raise corpus.eval_contexts")
+    return start, end
+
+
+def sample_store_rows(n_rows: int, n_sample: int, seed: int, block: int = 512) -> list[tuple[int, int]]:
+    """Seeded random, disjoint, sorted ``[start, end)`` blocks of store rows totalling <= ``n_sample`` rows.
+
+    Blocks of contiguous rows keep Zarr reads cheap (each touches at most two chunks).
+    """
+    if n_rows <= n_sample:
+        return [(0, n_rows)] if n_rows else []
+    n_blocks_total = n_rows // block
+    want = max(1, n_sample // block)
+    if n_blocks_total <= want:
+        return [(0, min(n_rows, n_sample))]
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(n_blocks_total, size=want, replace=False))
+    return [(int(b) * block, int(b) * block + block) for b in chosen]
+
+
+#: Per-row metadata of an activation store read by :func:`read_row_blocks`.
+ROW_META = ("token_ids", "positions", "context")
+
+
+def read_row_blocks(store: ActivationStore, blocks: list[tuple[int, int]]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The activations of the row ``blocks`` (``[start, end)`` pairs, e.g. from :func:`sample_store_rows`),
+    concatenated, and their :data:`ROW_META` columns (token id, position, context index)."""
+    xs = [store.read(a, b) for a, b in blocks]
+    meta = {name: np.concatenate([store.read_rows(name, a, b) for a, b in blocks]) for name in ROW_META}
+    return np.concatenate(xs), meta
 
 
 # ------------------------------------------------------------------------ absorption and probing
@@ -34,11 +132,9 @@ def encode_rows(sae: Any, x: Tensor | np.ndarray, batch_size: int) -> Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, sae.W_dec.shape[0])
 
 
-def sae_info(sae_dir: str | Path) -> dict[str, Any]:
-    """``{"architecture", "width", "k"}`` of an SAE folder, from its ``cfg.json``: the saeflow block's
-    architecture (else the file's, for a SAELens-written SAE), ``d_sae``, and ``k`` for a k-based
-    architecture trained here (else ``None``)."""
-    raw = json.loads((Path(sae_dir) / "cfg.json").read_text())
-    cfg = (raw.get("saeflow") or {}).get("sae_config") or {}
-    return {"architecture": cfg.get("architecture", raw.get("architecture")), "width": int(raw["d_sae"]),
-            "k": cfg.get("k") if cfg.get("architecture") in K_ARCHITECTURES else None}
+def sae_identity(sae_dir: str | Path) -> dict[str, Any]:
+    """``{"architecture", "width", "k"}`` of an SAE folder (a results-table identity) from its
+    :func:`read_sae_info`: ``k`` for a k-based architecture, else ``None``."""
+    info = read_sae_info(sae_dir)
+    k = int(info.sparsity) if info.architecture in K_ARCHITECTURES and info.sparsity is not None else None
+    return {"architecture": info.architecture, "width": info.width, "k": k}

@@ -22,10 +22,10 @@ Pure code (torch / numpy / pandas, no Prefect), in pipeline order:
    :func:`family_tables`, :func:`plot_family`.
 
 The config is :class:`~saeflow.evals.absorption.config.AbsorptionConfig`; the names below are
-imported on first use (:mod:`saeflow.evals.lazy`).
+imported on first use (:func:`saeflow.evals.lazy_exports`).
 """
 
-from saeflow.evals.lazy import lazy_exports
+from saeflow.evals import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "config": ("AbsorptionConfig",),

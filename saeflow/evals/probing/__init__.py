@@ -29,10 +29,10 @@ run uses them:
 Every result is one row of the long table (:data:`ROW_COLUMNS`); a setting that cannot run is a row
 whose ``skipped`` column says why and whose metrics are NaN (never averaged, see
 :func:`regime_summary`). The config is :class:`~saeflow.evals.probing.config.ProbingConfig`; the
-names below are imported on first use (:mod:`saeflow.evals.lazy`).
+names below are imported on first use (:func:`saeflow.evals.lazy_exports`).
 """
 
-from saeflow.evals.lazy import lazy_exports
+from saeflow.evals import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "config": ("ProbingConfig",),

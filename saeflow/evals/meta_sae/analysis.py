@@ -1,0 +1,196 @@
+"""What a trained meta-SAE says about its base SAE: decoder variance explained, decompositions,
+cluster sizes, max cosines, and the cross-size sparse coding (:mod:`saeflow.evals.meta_sae`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from saeflow.cosine import max_cosine, unit_rows
+from saeflow.evals.meta_sae.config import MetaSAEConfig
+from saeflow.evals.meta_sae.training import MetaSAEInputError
+from saeflow.sae import BatchTopKSAE
+
+__all__ = ["decoder_variance_explained", "decompose", "cluster_sizes", "max_cosines", "sparse_code",
+           "evaluate_meta_sae", "cross_size"]
+
+
+@torch.no_grad()
+def decoder_variance_explained(meta: BatchTopKSAE, decoder: torch.Tensor, eval_batch_size: int = 4096,
+                               mode: str = "batch_topk") -> dict[str, float]:
+    """Fraction of decoder variance explained and MSE (SAEBench ``meta_structure`` metrics).
+
+    ``fve = 1 - sum ||d - d_hat||^2 / sum ||d - mean(d)||^2`` over all rows (``mean`` over all
+    rows), ``mse = sum ||d - d_hat||^2 / numel``. ``mode="batch_topk"``: ``d_hat`` from the
+    training activation (keep the ``k * rows`` largest activations of each consecutive batch of
+    ``eval_batch_size`` rows, as SAEBench); ``"threshold"``: the saved JumpReLU form (per row).
+    Also returns ``l0`` (mean active meta-latents per row).
+    """
+    if mode not in ("batch_topk", "threshold"):
+        raise ValueError(f"mode must be 'batch_topk' or 'threshold', got {mode!r}")
+    dev = meta.device
+    D = decoder.to(dev, torch.float32)
+    mean = D.mean(dim=0, keepdim=True)
+    resid = total = 0.0
+    active = 0
+    for s in range(0, D.shape[0], eval_batch_size):
+        b = D[s:s + eval_batch_size]
+        f = meta.encode_batch_topk(b) if mode == "batch_topk" else meta.encode(b)
+        rec = meta.decode(f)
+        resid += float((b - rec).double().pow(2).sum())
+        total += float((b - mean).double().pow(2).sum())
+        active += int((f > 0).sum())
+    mse = resid / D.numel()
+    fve = 0.0 if total == 0 else 1.0 - resid / total
+    return {"fve": fve, "mse": mse, "l0": active / D.shape[0]}
+
+
+@torch.no_grad()
+def decompose(meta: BatchTopKSAE, decoder: torch.Tensor, top: int = 8, batch: int = 4096) -> dict[str, np.ndarray]:
+    """Each latent's meta-latent decomposition, with the meta-SAE's per-row (JumpReLU) inference.
+
+    Returns numpy arrays: ``meta_idx`` / ``weight`` ``[n, top]`` (the ``top`` largest activations,
+    largest first; ``-1`` / 0 where fewer are active), ``n_active`` ``[n]`` (all active
+    meta-latents), ``recon_cos`` ``[n]`` (cosine between the row and its reconstruction
+    ``f @ W_dec + b_dec``) and ``pairs`` ``[m, 2]``: every active ``(latent, meta_latent)``.
+    """
+    dev = meta.device
+    D = decoder.to(dev, torch.float32)
+    n, width = D.shape[0], meta.d_sae
+    t = min(top, width)
+    idx_out = np.full((n, top), -1, dtype=np.int64)
+    w_out = np.zeros((n, top), dtype=np.float32)
+    n_active = np.zeros(n, dtype=np.int64)
+    cos = np.zeros(n, dtype=np.float32)
+    pairs: list[np.ndarray] = []
+    for s in range(0, n, batch):
+        b = D[s:s + batch]
+        f = meta.encode(b)
+        rec = meta.decode(f)
+        cos[s:s + len(b)] = torch.nn.functional.cosine_similarity(rec, b, dim=1).cpu().numpy()
+        vals, idx = f.topk(t, dim=1)
+        act = vals > 0
+        idx_np, vals_np, act_np = idx.cpu().numpy(), vals.cpu().numpy(), act.cpu().numpy()
+        idx_out[s:s + len(b), :t] = np.where(act_np, idx_np, -1)
+        w_out[s:s + len(b), :t] = np.where(act_np, vals_np, 0.0)
+        nz = (f > 0).nonzero().cpu().numpy()
+        nz[:, 0] += s
+        pairs.append(nz)
+        n_active[s:s + len(b)] = (f > 0).sum(dim=1).cpu().numpy()
+    return {"meta_idx": idx_out, "weight": w_out, "n_active": n_active, "recon_cos": cos,
+            "pairs": np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=np.int64)}
+
+
+def cluster_sizes(pairs: np.ndarray, width: int) -> np.ndarray:
+    """How many latents use each meta-latent (``pairs`` from :func:`decompose`)."""
+    return np.bincount(pairs[:, 1], minlength=width).astype(np.int64) if len(pairs) else np.zeros(width, np.int64)
+
+
+def max_cosines(base_unit: torch.Tensor, meta_unit: torch.Tensor, chunk_rows: int = 4096) -> dict[str, np.ndarray]:
+    """Max cosine similarity of each row to the other set (2x2: base/meta -> base/meta).
+
+    ``base->base`` and ``meta->meta`` exclude the row itself. Inputs are unit rows
+    (:func:`saeflow.cosine.max_cosine` with ``normalize=False``, ``chunk_rows`` rows at a time).
+    """
+    def mc(a: torch.Tensor, b: torch.Tensor | None) -> np.ndarray:
+        return max_cosine(a, b, chunk_rows=chunk_rows, normalize=False)[0].cpu().numpy()
+
+    return {"base->base": mc(base_unit, None), "base->meta": mc(base_unit, meta_unit),
+            "meta->base": mc(meta_unit, base_unit), "meta->meta": mc(meta_unit, None)}
+
+
+@torch.no_grad()
+def sparse_code(Y: torch.Tensor, D: torch.Tensor, k: int, chunk: int = 1024, ridge: float = 1e-6) -> dict[str, np.ndarray]:
+    """Greedy orthogonal matching pursuit of each row of ``Y`` on the rows (atoms) of ``D``.
+
+    At each of ``k`` steps the atom with the largest ``|<residual, atom>|`` joins the support and
+    the coefficients are the least-squares fit on the support (signed; normal equations with a tiny
+    ``ridge``). Returns ``idx`` / ``coef`` ``[n, k]`` and ``cos`` ``[n, k]``: the cosine between each
+    row and its reconstruction after 1..k atoms (the first column is ``max_i |cos(y, d_i)|``).
+    Rows of ``D`` should be unit norm.
+    """
+    if Y.ndim != 2 or D.ndim != 2 or Y.shape[1] != D.shape[1]:
+        raise MetaSAEInputError(f"sparse_code: shapes {tuple(Y.shape)} and {tuple(D.shape)} do not share a width")
+    k = int(min(k, D.shape[0]))
+    G = D @ D.T
+    eye = torch.eye(k, device=D.device, dtype=D.dtype)
+    idx_all, coef_all, cos_all = [], [], []
+    for s in range(0, Y.shape[0], chunk):
+        y = Y[s:s + chunk]
+        ynorm = y.norm(dim=1).clamp(min=1e-12)
+        C = y @ D.T
+        corr = C.clone()
+        idx = torch.zeros(y.shape[0], k, dtype=torch.long, device=D.device)
+        cos = torch.zeros(y.shape[0], k, device=D.device)
+        c = C.new_zeros(y.shape[0], 0)
+        rows = torch.arange(y.shape[0], device=D.device)
+        for t in range(k):
+            score = corr.abs()
+            if t:
+                score[rows[:, None], idx[:, :t]] = -1.0
+            idx[:, t] = score.argmax(dim=1)
+            S = idx[:, :t + 1]
+            G_SS = G[S[:, :, None], S[:, None, :]] + ridge * eye[:t + 1, :t + 1]
+            b_S = C.gather(1, S)
+            c = torch.linalg.solve(G_SS, b_S.unsqueeze(-1)).squeeze(-1)
+            corr = C - torch.einsum("bt,btm->bm", c, G[S])
+            cos[:, t] = (c * b_S).sum(dim=1).clamp(min=0).sqrt() / ynorm
+        idx_all.append(idx.cpu())
+        coef_all.append(c.cpu())
+        cos_all.append(cos.clamp(max=1.0).cpu())
+    return {"idx": torch.cat(idx_all).numpy(), "coef": torch.cat(coef_all).numpy(), "cos": torch.cat(cos_all).numpy()}
+
+
+def evaluate_meta_sae(meta: BatchTopKSAE, decoder: torch.Tensor, cfg: MetaSAEConfig, train_summary: dict[str, Any]
+                      ) -> tuple[dict[str, Any], pd.DataFrame, np.ndarray, dict[str, np.ndarray]]:
+    """Everything the ``meta_sae`` stage reports about a trained meta-SAE of the unit rows ``decoder``.
+
+    Returns ``(metrics, decomposition, cluster_sizes, max_cosines)``: the ``metrics.json`` numbers
+    (FVE / MSE / L0 with the batch-level top-k forward and with threshold inference, widths,
+    cluster-size statistics, mean reconstruction cosine, training time and dead meta-latents from
+    ``train_summary``, mean max cosines), the decomposition table (one row per latent: ``n_meta``,
+    ``recon_cos``, ``meta_j`` / ``weight_j`` for the ``decomposition_top`` largest weights), the
+    cluster sizes per meta-latent and the 2x2 max-cosine distributions.
+    """
+    bt = decoder_variance_explained(meta, decoder, cfg.eval_batch_size, "batch_topk")
+    th = decoder_variance_explained(meta, decoder, cfg.eval_batch_size, "threshold")
+    dec = decompose(meta, decoder, cfg.decomposition_top)
+    sizes = cluster_sizes(dec["pairs"], meta.d_sae)
+    mc = max_cosines(decoder, unit_rows(meta.W_dec))
+    table = pd.DataFrame({"latent": np.arange(decoder.shape[0]), "n_meta": dec["n_active"],
+                          "recon_cos": dec["recon_cos"]})
+    for j in range(cfg.decomposition_top):
+        table[f"meta_{j}"] = dec["meta_idx"][:, j]
+        table[f"weight_{j}"] = dec["weight"][:, j]
+    used = sizes[sizes > 0]
+    metrics = {
+        "fve": bt["fve"], "mse": bt["mse"], "l0": bt["l0"],
+        "fve_threshold": th["fve"], "mse_threshold": th["mse"], "l0_threshold": th["l0"],
+        "width": meta.d_sae, "n_latents": int(decoder.shape[0]),
+        "mean_latents_per_meta": float(used.mean()) if len(used) else 0.0,
+        "max_latents_per_meta": int(sizes.max()) if len(sizes) else 0,
+        "frac_meta_unused": float((sizes == 0).mean()),
+        "mean_recon_cos": float(np.mean(dec["recon_cos"])),
+        "train_time_s": float(train_summary["train_time_seconds"]),
+        "n_dead_meta": int(train_summary.get("n_dead", 0)),
+        "mean_max_cos_base_to_base": float(mc["base->base"].mean()),
+        "mean_max_cos_base_to_meta": float(mc["base->meta"].mean()),
+    }
+    return metrics, table, sizes, mc
+
+
+def cross_size(larger_unit: torch.Tensor, smaller_unit: torch.Tensor, k: int, threshold: float
+               ) -> tuple[np.ndarray, dict[str, float]]:
+    """The cross-size check of one (smaller, larger) pair: each larger-SAE unit decoder row coded
+    on ``k`` atoms of the smaller SAE's (:func:`sparse_code`). Returns the cosines after ``k``
+    atoms and ``frac_well_explained`` (cosine >= ``threshold``, after ``k`` atoms and after one),
+    ``mean_cos``, ``median_cos`` and ``mean_cos_1atom``."""
+    sc = sparse_code(larger_unit, smaller_unit, k)
+    cos_k, cos_1 = sc["cos"][:, -1], sc["cos"][:, 0]
+    return cos_k, {"frac_well_explained": float((cos_k >= threshold).mean()),
+                   "frac_well_explained_1atom": float((cos_1 >= threshold).mean()),
+                   "mean_cos": float(cos_k.mean()), "median_cos": float(np.median(cos_k)),
+                   "mean_cos_1atom": float(cos_1.mean())}
