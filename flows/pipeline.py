@@ -22,7 +22,8 @@ from prefect import flow
 from flows.runner import StageRunner, resolve_root, with_runner
 from saeflow import remote
 from saeflow.artifacts import ArtifactError, ArtifactRef
-from saeflow.config import ConfigError, PipelineConfig, describe_sae, load_config
+from saeflow.config import ConfigError, PipelineConfig, load_config
+from saeflow.saes import describe_sae
 from tasks import absorption, activations, corpus, imported, meta_sae, metrics, model, probing, report, stitching, tables, train, vocab
 from tasks.common import EvalContext, stage_logger
 

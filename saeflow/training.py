@@ -3,7 +3,7 @@
 :func:`train_sae` trains one SAE from an endless, resumable :class:`BatchLoader` and leaves in
 ``out_dir``:
 
-- ``cfg.json`` + ``sae_weights.safetensors`` (SAELens layout, see :func:`saeflow.sae.save_sae`),
+- ``cfg.json`` + ``sae_weights.safetensors`` (SAELens layout, see :func:`saeflow.saes.save_sae`),
   working on raw activations (the normalisation factor is folded into the weights);
 - ``training_log.json``: the list of logged dicts (``step, loss, mse, aux, l0, frac_dead, lr,
   tokens_per_s``).
@@ -38,8 +38,8 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkabl
 import torch
 
 from saeflow.artifacts import ArtifactError, write_json_atomic
-from saeflow.config import SAEConfig, TrainConfig
-from saeflow.sae import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, BaseSAE, build_sae, save_sae
+from saeflow.config import TrainConfig
+from saeflow.saes import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, BaseSAE, SAEConfig, build_sae, save_sae
 from saeflow.sae_init import b_dec_from_sample, resample_dead_latents
 
 __all__ = [

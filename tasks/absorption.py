@@ -29,7 +29,7 @@ from saeflow.config import AbsorptionConfig, ModelConfig, PipelineConfig
 from saeflow.device import pick_device
 from saeflow.models import load_model, load_tokenizer
 from saeflow.plots import MARKERS
-from saeflow.sae import load_sae, saved_hook
+from saeflow.saes import K_ARCHITECTURES, load_sae, saved_hook
 from saeflow.store import ActivationStore
 from saeflow.tables import write_table
 from tasks.common import EvalContext, EvalOutput, Progress, code_version, publish_table, stage_logger, timed
@@ -249,7 +249,7 @@ def _sae_identity(sae_dir) -> dict:
     raw = json.loads((sae_dir / "cfg.json").read_text())
     cfg = (raw.get("saeflow") or {}).get("sae_config") or {}
     return {"architecture": cfg.get("architecture", raw.get("architecture")), "width": int(raw["d_sae"]),
-            "k": cfg.get("k") if cfg.get("architecture") in ("topk", "batchtopk", "matryoshka") else None}
+            "k": cfg.get("k") if cfg.get("architecture") in K_ARCHITECTURES else None}
 
 
 @task(name="absorption-results")

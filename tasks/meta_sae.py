@@ -32,7 +32,8 @@ import torch
 from prefect import task
 
 from saeflow.artifacts import ArtifactRef, artifact_ref, begin, fingerprint, mark_complete, require_complete
-from saeflow.config import K_ARCHITECTURES, MetaSAEConfig, describe_sae
+from saeflow.config import MetaSAEConfig
+from saeflow.saes import K_ARCHITECTURES, describe_sae
 from saeflow.device import pick_device
 from saeflow.meta_sae import (
     MetaSAEInputError,
@@ -48,7 +49,7 @@ from saeflow.meta_sae import (
     unit_rows,
 )
 from saeflow.models import load_tokenizer
-from saeflow.sae import BaseSAE, load_sae
+from saeflow.saes import BaseSAE, load_sae
 from saeflow.store import ActivationStore
 from saeflow.tables import write_table
 from tasks.common import (EvalContext, EvalOutput, Progress, code_version, publish_markdown, publish_table, stage_logger,
@@ -91,7 +92,7 @@ def sae_info(sae: ArtifactRef) -> dict[str, Any]:
     cfg = block.get("sae_config")
     if cfg is None:  # a foreign (SAELens-written) SAE: the loader knows its config
         cfg = load_sae(d).cfg.model_dump(mode="json")
-    from saeflow.config import SAEConfig
+    from saeflow.saes import SAEConfig
 
     sc = SAEConfig.model_validate(cfg)
     arch = sc.architecture

@@ -29,7 +29,7 @@ from saeflow.artifacts import ArtifactRef, artifact_ref, begin, completion_meta,
 from saeflow.config import ModelConfig, ProbingConfig
 from saeflow.device import pick_device
 from saeflow.models import load_model
-from saeflow.sae import saved_hook
+from saeflow.saes import K_ARCHITECTURES, saved_hook
 from saeflow.store import ActivationStore
 from saeflow.tables import write_table
 from tasks.common import EvalContext, EvalOutput, Progress, code_version, publish_markdown, stage_logger
@@ -126,7 +126,7 @@ def sae_label(sae: ArtifactRef) -> str:
     inner = cfg.get("saeflow", {}).get("sae_config", {})
     arch = inner.get("architecture") or cfg.get("architecture", "sae")
     label = f"{arch}-w{cfg.get('d_sae', inner.get('width', '?'))}"
-    k = inner.get("k") if arch in ("topk", "batchtopk", "matryoshka") else cfg.get("k")
+    k = inner.get("k") if arch in K_ARCHITECTURES else cfg.get("k")
     return label + (f"-k{k}" if k else "")
 
 

@@ -27,7 +27,7 @@ from saeflow.corpus import special_token_ids
 from saeflow.device import pick_device
 from saeflow.metrics import ce_metrics, reconstruction_metrics
 from saeflow.models import load_model
-from saeflow.sae import SAE_CFG_FILENAME, TopKSAE, load_sae, save_sae
+from saeflow.saes import SAE_CFG_FILENAME, TopKSAE, load_sae, save_sae
 from saeflow.stitching import (
     INACTIVE,
     NOVEL,

@@ -1,4 +1,4 @@
-"""saeflow.sae: registry, SAELens parity of the TopK training forward, folding, disk format."""
+"""saeflow.saes: registry, SAELens parity of the TopK training forward, folding, disk format."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
-from saeflow.config import SAEConfig
-from saeflow.sae import (
+from saeflow.saes import (
     REGISTRY,
     SAE_CFG_FILENAME,
     SAE_WEIGHTS_FILENAME,
     BaseSAE,
+    SAEConfig,
     SAEFormatError,
     TopKSAE,
     build_sae,

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 from saeflow import training
 from saeflow.artifacts import artifact_ref, mark_complete
-from saeflow.config import SAEConfig, TrainConfig
-from saeflow.sae import SAE_WEIGHTS_FILENAME, build_sae, load_sae
+from saeflow.config import TrainConfig
+from saeflow.saes import SAE_WEIGHTS_FILENAME, SAEConfig, build_sae, load_sae
 from saeflow.sae_init import (
     MIN_INIT_ROWS,
     InitDataError,

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from saeflow.config import SAEConfig, StitchingConfig
+from saeflow.config import StitchingConfig
+from saeflow.saes import SAEConfig, build_sae
 from saeflow.metrics import reconstruction_metrics
-from saeflow.sae import build_sae
 from saeflow.stitching import (
     INACTIVE,
     NOVEL,

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from saeflow import training
-from saeflow.config import SAEConfig, TrainConfig
-from saeflow.sae import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, build_sae, load_sae
+from saeflow.config import TrainConfig
+from saeflow.saes import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SAEConfig, build_sae, load_sae
 from saeflow.training import (
     CHECKPOINT_DIR,
     TRAINING_LOG,
