@@ -397,6 +397,14 @@ def _sae_probes_file(name: str) -> Path | None:
     return p if p.is_file() else None
 
 
+def read_csv_zst(path: Path) -> Any:
+    """A ``.csv.zst`` file (sae-probes data) as a pandas frame of text: every cell a ``str``, empty
+    cells ``""`` (no NaN, no type inference), as :mod:`csv` reads them."""
+    import pandas as pd
+
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
 def _word_counts() -> collections.Counter[str]:
     """Lowercase alphabetic word counts over a fixed set of sae-probes texts (empty if absent)."""
     import zstandard

@@ -122,6 +122,32 @@ def test_tiny_seeded(tmp_path, tiny_dir):
     assert not torch.equal(a["embed.W_E"], c["embed.W_E"])
 
 
+def _reference_read_csv_zst(path):
+    """The ``.csv.zst`` reader models.py used before pandas (zstandard stream + csv.DictReader), kept
+    here only as the reference :func:`read_csv_zst` is checked against."""
+    import csv
+    import io
+
+    import pandas as pd
+    import zstandard
+
+    raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(path.read_bytes())).read().decode("utf-8")
+    return pd.DataFrame(list(csv.DictReader(io.StringIO(raw))))
+
+
+@pytest.mark.parametrize("name", models._TINY_WORD_SOURCES)
+def test_read_csv_zst_matches_the_csv_module_reader(name):
+    """The tiny vocabulary's word sources (the real packaged files) read the same with pandas."""
+    import pandas as pd
+
+    path = models._sae_probes_file(name)
+    if path is None:
+        pytest.skip("sae-probes is not installed")
+    old, new = _reference_read_csv_zst(path), models.read_csv_zst(path)
+    assert len(new) > 1000 and "prompt" in new.columns
+    pd.testing.assert_frame_equal(new, old)
+
+
 # ---------------------------------------------------------------------------------------------
 # hooks
 # ---------------------------------------------------------------------------------------------
