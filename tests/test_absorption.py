@@ -274,7 +274,8 @@ def test_sae_from_another_hook_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     from saeflow.config import ModelConfig
-    from saeflow.models import load_model, materialize_model
+    from saeflow.model_sources import materialize_model
+    from saeflow.models import load_model
 
     d = tmp_path_factory.mktemp("tiny-model")
     cfg = ModelConfig(name="tiny-random", tiny_layers=2, tiny_d_model=64)

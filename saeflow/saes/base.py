@@ -26,7 +26,7 @@ from saeflow.saes.config import SAEConfig
 from saeflow.saes.registry import REGISTRY
 from saeflow.saes.saelens_format import SAEFormatError
 
-__all__ = ["BaseSAE", "build_sae", "warm_up_coefficient", "TENSOR_NAMES"]
+__all__ = ["BaseSAE", "build_sae", "warm_up_coefficient", "dense_training_result", "TENSOR_NAMES"]
 
 TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
@@ -53,7 +53,6 @@ def build_sae(cfg: SAEConfig, d_in: int, seed: int) -> "BaseSAE":
     return cls(cfg, d_in, seed)
 
 
-
 class BaseSAE(nn.Module):
     """Common parameters, SAELens initialisation (SPEC 3.1) and weight folding.
 
@@ -63,6 +62,7 @@ class BaseSAE(nn.Module):
     local ``torch.Generator`` seeded with ``seed``; the global RNG is neither read nor advanced.
     """
 
+    #: Registry name (``sae.architecture`` in a profile); equal to its key in :mod:`saeflow.saes.registry`.
     architecture: ClassVar[str] = ""
     #: Architecture written to ``cfg.json`` (the SAELens inference class that loads the saved SAE).
     saved_architecture: ClassVar[str] = ""
@@ -198,9 +198,13 @@ class BaseSAE(nn.Module):
         raise SAEFormatError(f"cannot rebuild a {cls.architecture!r} SAE config from a foreign cfg.json")
 
 
+def dense_training_result(mse: torch.Tensor, losses: dict[str, torch.Tensor], f: torch.Tensor,
+                          return_feature_acts: bool) -> dict[str, Any]:
+    """The :meth:`BaseSAE.training_forward` result of an SAE with dense latents ``f`` ``[batch, d_sae]``.
 
-def _dense_result(mse: torch.Tensor, losses: dict[str, torch.Tensor], f: torch.Tensor,
-                  return_feature_acts: bool) -> dict[str, Any]:
+    ``losses`` holds every loss term by its SAELens name, the full reconstruction ``mse_loss``
+    among them; ``aux`` is the sum of the others and ``loss = mse + aux``.
+    """
     aux = mse.new_zeros(())
     for name, value in losses.items():
         if name != "mse_loss":

@@ -250,7 +250,6 @@ class BatchTopKSAE(TopKSAE):
         return {}
 
 
-
 class _BTParts:
     """What the BatchTopK training forward hands to the loss terms (dense or sparse path)."""
 

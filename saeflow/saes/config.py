@@ -180,9 +180,7 @@ class SAEConfig(Frozen):
 
 #: Sparsity grid field of :class:`FamilyConfig` used by each architecture, and the SAEConfig field it sets.
 SPARSITY_FIELDS: dict[str, tuple[str, str]] = {
-    "topk": ("ks", "k"),
-    "batchtopk": ("ks", "k"),
-    "matryoshka": ("ks", "k"),
+    **{name: ("ks", "k") for name in sorted(K_ARCHITECTURES)},
     "relu": ("l1_coefficients", "l1_coefficient"),
     "jumprelu": ("l0_coefficients", "l0_coefficient"),
 }
@@ -349,5 +347,3 @@ class FamilyConfig(Frozen):
                         msgs = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
                         raise ValueError(f"family member '{label}' is invalid: {msgs}") from None
         return out
-
-

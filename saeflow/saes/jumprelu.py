@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from saeflow.saes.base import BaseSAE, _dense_result, warm_up_coefficient
+from saeflow.saes.base import BaseSAE, dense_training_result, warm_up_coefficient
 from saeflow.saes.config import SAEConfig
 from saeflow.saes.kernels import _encode_pre
 
@@ -52,7 +52,6 @@ class _StepFn(torch.autograd.Function):
         h, theta = ctx.saved_tensors
         ste = (1.0 / ctx.bandwidth) * _in_band(h, theta, ctx.bandwidth) * g
         return (ste if ctx.ste_to_input else None), -ste.sum(dim=0), None, None
-
 
 
 class JumpReLUSAE(BaseSAE):
@@ -121,7 +120,7 @@ class JumpReLUSAE(BaseSAE):
             else:
                 below = ((theta - h).relu() * dead_mask * w_norm).sum(dim=-1)
                 losses["pre_act_loss"] = cfg.pre_act_loss_coefficient * below.mean()
-        return _dense_result(mse, losses, f, return_feature_acts)
+        return dense_training_result(mse, losses, f, return_feature_acts)
 
     @torch.no_grad()
     def after_step(self, out: dict[str, Any]) -> None:

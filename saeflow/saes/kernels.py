@@ -224,7 +224,6 @@ def _batch_topk_select(h: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Ten
     return fidx // d, fidx % d
 
 
-
 # ----------------------------------------------------------------- dense encoder (ReLU / JumpReLU)
 class _DenseEncode(torch.autograd.Function):
     """``(x - b_dec) @ W_enc + b_enc`` whose backward skips the ``[batch, d_in]`` input gradient.

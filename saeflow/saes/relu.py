@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from saeflow.saes.base import BaseSAE, _dense_result, warm_up_coefficient
+from saeflow.saes.base import BaseSAE, dense_training_result, warm_up_coefficient
 from saeflow.saes.config import SAEConfig
 from saeflow.saes.kernels import _encode_pre
 
@@ -43,7 +43,7 @@ class StandardSAE(BaseSAE):
         mse = (x_hat - x).pow(2).sum(dim=-1).mean()
         sparsity = (f * self.W_dec.norm(dim=1)).norm(p=self.cfg.lp_norm, dim=-1)
         l1 = (self.l1_coefficient_at(step) * sparsity).mean()
-        return _dense_result(mse, {"mse_loss": mse, "l1_loss": l1}, f, return_feature_acts)
+        return dense_training_result(mse, {"mse_loss": mse, "l1_loss": l1}, f, return_feature_acts)
 
     @classmethod
     def config_from_sae_lens(cls, cfg: dict[str, Any]) -> SAEConfig:
