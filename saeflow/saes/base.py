@@ -107,9 +107,9 @@ class BaseSAE(nn.Module):
         """Latent activations ``[..., d_sae]`` of raw inputs ``x`` ``[..., d_in]``."""
         raise NotImplementedError
 
-    def decode(self, f: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        """Reconstruction ``[..., d_in]`` from latent activations ``[..., d_sae]``."""
-        raise NotImplementedError
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """Reconstruction ``[..., d_in]`` from latent activations ``[..., d_sae]``: ``f @ W_dec + b_dec``."""
+        return f @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruction x̂ of ``x``."""
@@ -174,19 +174,36 @@ class BaseSAE(nn.Module):
 
     # ------------------------------------------------------------------ saving hooks
     def inference_tensors(self) -> dict[str, torch.Tensor]:
-        """Contiguous CPU float32 copies of the weights as they should be saved."""
-        return {name: getattr(self, name).detach().to("cpu", torch.float32).clone().contiguous() for name in TENSOR_NAMES}
+        """Contiguous CPU float32 copies of the weights as they should be saved (with the per-latent
+        ``threshold`` when saved as SAELens ``jumprelu``)."""
+        t = {name: _saved_copy(getattr(self, name)) for name in TENSOR_NAMES}
+        if self.saved_architecture == "jumprelu":
+            t["threshold"] = _saved_copy(self.jumprelu_threshold())
+        return t
 
     @classmethod
     def inference_tensor_shapes(cls, d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
         """Name -> shape of every tensor in a saved ``sae_weights.safetensors``."""
-        return {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+        shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+        if cls.saved_architecture == "jumprelu":
+            shapes["threshold"] = (d_sae,)
+        return shapes
 
     @torch.no_grad()
     def load_inference_tensors(self, state: dict[str, torch.Tensor]) -> None:
         """Copy saved tensors (already checked against :meth:`inference_tensor_shapes`) into the SAE."""
         for name in TENSOR_NAMES:
             getattr(self, name).copy_(state[name].to(torch.float32))
+        if self.saved_architecture == "jumprelu":
+            self.load_jumprelu_threshold(state["threshold"])
+
+    def jumprelu_threshold(self) -> torch.Tensor:  # pragma: no cover - abstract
+        """Per-latent threshold θ ``[d_sae]`` of the SAELens ``jumprelu`` form this SAE is saved as."""
+        raise NotImplementedError
+
+    def load_jumprelu_threshold(self, threshold: torch.Tensor) -> None:  # pragma: no cover - abstract
+        """Set the state that :meth:`jumprelu_threshold` saves from a loaded ``threshold`` ``[d_sae]``."""
+        raise NotImplementedError
 
     def sae_lens_cfg_fields(self) -> dict[str, Any]:
         """Architecture-specific ``cfg.json`` fields for SAELens (besides d_in, d_sae, ...)."""
@@ -196,6 +213,10 @@ class BaseSAE(nn.Module):
     def config_from_sae_lens(cls, cfg: dict[str, Any]) -> SAEConfig:
         """An :class:`SAEConfig` for a ``cfg.json`` that has no ``saeflow`` block."""
         raise SAEFormatError(f"cannot rebuild a {cls.architecture!r} SAE config from a foreign cfg.json")
+
+
+def _saved_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", torch.float32).clone().contiguous()
 
 
 def dense_training_result(mse: torch.Tensor, losses: dict[str, torch.Tensor], f: torch.Tensor,

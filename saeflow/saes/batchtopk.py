@@ -226,25 +226,17 @@ class BatchTopKSAE(TopKSAE):
         if self.rescale:
             self.topk_threshold.div_(float(scaling_factor))
 
-    def inference_tensors(self) -> dict[str, torch.Tensor]:
-        t = super().inference_tensors()
-        t["threshold"] = torch.full((self.d_sae,), float(self.topk_threshold), dtype=torch.float32)
-        return t
-
-    @classmethod
-    def inference_tensor_shapes(cls, d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
-        return {**super().inference_tensor_shapes(d_in, d_sae), "threshold": (d_sae,)}
+    def jumprelu_threshold(self) -> torch.Tensor:
+        return torch.full((self.d_sae,), float(self.topk_threshold), dtype=torch.float32)
 
     @torch.no_grad()
-    def load_inference_tensors(self, state: dict[str, torch.Tensor]) -> None:
-        super().load_inference_tensors(state)
-        th = state["threshold"]
-        if th.numel() and not bool((th == th[0]).all()):
+    def load_jumprelu_threshold(self, threshold: torch.Tensor) -> None:
+        if threshold.numel() and not bool((threshold == threshold[0]).all()):
             raise ValueError(
-                f"threshold differs across latents (min {float(th.min())}, max {float(th.max())}), but a "
+                f"threshold differs across latents (min {float(threshold.min())}, max {float(threshold.max())}), but a "
                 f"{self.architecture} SAE has one threshold for every latent"
             )
-        self.topk_threshold.fill_(float(th[0]) if th.numel() else 0.0)
+        self.topk_threshold.fill_(float(threshold[0]) if threshold.numel() else 0.0)
 
     def sae_lens_cfg_fields(self) -> dict[str, Any]:
         return {}

@@ -89,9 +89,6 @@ class JumpReLUSAE(BaseSAE):
         h = self._hidden_pre(x)
         return h.relu() * (h > self.threshold.to(h.dtype)).to(h.dtype)
 
-    def decode(self, f: torch.Tensor) -> torch.Tensor:
-        return f @ self.W_dec + self.b_dec
-
     def l0_coefficient_at(self, step: int) -> float:
         return warm_up_coefficient(self.cfg.l0_coefficient, self.cfg.l0_warm_up_steps, step)
 
@@ -135,19 +132,12 @@ class JumpReLUSAE(BaseSAE):
         super().fold_W_dec_norm()
         self.threshold.mul_(n)
 
-    def inference_tensors(self) -> dict[str, torch.Tensor]:
-        t = super().inference_tensors()
-        t["threshold"] = self.threshold.detach().to("cpu", torch.float32).clone().contiguous()
-        return t
-
-    @classmethod
-    def inference_tensor_shapes(cls, d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
-        return {**super().inference_tensor_shapes(d_in, d_sae), "threshold": (d_sae,)}
+    def jumprelu_threshold(self) -> torch.Tensor:
+        return self.threshold
 
     @torch.no_grad()
-    def load_inference_tensors(self, state: dict[str, torch.Tensor]) -> None:
-        super().load_inference_tensors(state)
-        self.threshold.copy_(state["threshold"].to(torch.float32))
+    def load_jumprelu_threshold(self, threshold: torch.Tensor) -> None:
+        self.threshold.copy_(threshold.to(torch.float32))
 
     @classmethod
     def config_from_sae_lens(cls, cfg: dict[str, Any]) -> SAEConfig:

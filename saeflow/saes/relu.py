@@ -29,9 +29,6 @@ class StandardSAE(BaseSAE):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return ((x - self.b_dec) @ self.W_enc + self.b_enc).relu()
 
-    def decode(self, f: torch.Tensor) -> torch.Tensor:
-        return f @ self.W_dec + self.b_dec
-
     def l1_coefficient_at(self, step: int) -> float:
         return warm_up_coefficient(self.cfg.l1_coefficient, self.cfg.l1_warm_up_steps, step)
 
