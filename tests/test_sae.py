@@ -93,6 +93,19 @@ def test_registry_names_classes_and_imports():
     assert not [m for m in imported if m.split(".")[0] == "saeflow"]
 
 
+def test_configs_import_without_the_architectures():
+    """saeflow.config (and the SAE configs it composes) load neither torch nor an architecture module:
+    the package's names are imported on first access."""
+    import subprocess
+    import sys
+
+    code = ("import sys, saeflow.config, saeflow.tables; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('saeflow.saes.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "['saeflow.saes.config', 'saeflow.saes.registry']"
+
+
 def test_readme_architecture_example(tmp_path, monkeypatch):
     """The README's "Adding an SAE architecture" example: one file + one registry line, then it trains,
     saves in the SAELens layout and loads back as itself."""

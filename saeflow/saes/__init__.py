@@ -17,7 +17,8 @@ relu       ``StandardTrainingSAE``              -                     ``standard
 jumprelu   ``JumpReLUTrainingSAE``              ``threshold`` (param) ``jumprelu``
 ========== ==================================== ===================== ===========================
 
-Modules: ``base`` (the shared contract), ``kernels`` (sparse autograd functions), one module per
+Users import from the package (``from saeflow.saes import load_sae``); its names are imported on
+first access. Modules: ``base`` (the shared contract), ``kernels`` (sparse autograd functions), one module per
 architecture (``topk``, ``batchtopk``, ``matryoshka``, ``relu``, ``jumprelu``), ``registry``
 (name -> class), ``config`` (:class:`SAEConfig`, :class:`FamilyConfig`) and ``saelens_format``
 (:func:`save_sae` / :func:`load_sae`: ``cfg.json`` + ``sae_weights.safetensors``, which
@@ -26,42 +27,36 @@ architecture (``topk``, ``batchtopk``, ``matryoshka``, ``relu``, ``jumprelu``), 
 
 from __future__ import annotations
 
-from saeflow.saes.base import BaseSAE, build_sae, warm_up_coefficient
-from saeflow.saes.batchtopk import BatchTopKSAE
-from saeflow.saes.config import FamilyConfig, SAEConfig, default_matryoshka_widths, describe_sae
-from saeflow.saes.jumprelu import JumpReLUSAE
-from saeflow.saes.matryoshka import MatryoshkaSAE
-from saeflow.saes.registry import K_ARCHITECTURES, REGISTRY
-from saeflow.saes.relu import StandardSAE
-from saeflow.saes.saelens_format import (
-    SAE_CFG_FILENAME,
-    SAE_WEIGHTS_FILENAME,
-    SAEFormatError,
-    load_sae,
-    save_sae,
-    saved_hook,
-)
-from saeflow.saes.topk import TopKSAE
+import importlib
+from typing import Any
 
-__all__ = [
-    "REGISTRY",
-    "K_ARCHITECTURES",
-    "build_sae",
-    "BaseSAE",
-    "TopKSAE",
-    "BatchTopKSAE",
-    "MatryoshkaSAE",
-    "StandardSAE",
-    "JumpReLUSAE",
-    "warm_up_coefficient",
-    "save_sae",
-    "load_sae",
-    "saved_hook",
-    "SAEFormatError",
-    "SAE_CFG_FILENAME",
-    "SAE_WEIGHTS_FILENAME",
-    "SAEConfig",
-    "FamilyConfig",
-    "default_matryoshka_widths",
-    "describe_sae",
-]
+#: Public name -> the module defining it. Imported on first access (PEP 562), so importing the light
+#: parts (``saeflow.saes.config``, ``saeflow.saes.registry``; :mod:`saeflow.config` does) never
+#: loads torch and the architectures.
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("REGISTRY", "K_ARCHITECTURES"), "saeflow.saes.registry"),
+    **dict.fromkeys(("SAEConfig", "FamilyConfig", "default_matryoshka_widths", "describe_sae"), "saeflow.saes.config"),
+    **dict.fromkeys(("BaseSAE", "build_sae", "warm_up_coefficient"), "saeflow.saes.base"),
+    "TopKSAE": "saeflow.saes.topk",
+    "BatchTopKSAE": "saeflow.saes.batchtopk",
+    "MatryoshkaSAE": "saeflow.saes.matryoshka",
+    "StandardSAE": "saeflow.saes.relu",
+    "JumpReLUSAE": "saeflow.saes.jumprelu",
+    **dict.fromkeys(("save_sae", "load_sae", "saved_hook", "SAEFormatError", "SAE_CFG_FILENAME", "SAE_WEIGHTS_FILENAME"),
+                    "saeflow.saes.saelens_format"),
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
