@@ -18,11 +18,11 @@ jumprelu   ``JumpReLUTrainingSAE``              ``threshold`` (param) ``jumprelu
 ========== ==================================== ===================== ===========================
 
 Users import from the package (``from saeflow.saes import load_sae``); its names are imported on
-first access. Modules: ``base`` (the shared contract), ``kernels`` (sparse autograd functions), one module per
-architecture (``topk``, ``batchtopk``, ``matryoshka``, ``relu``, ``jumprelu``), ``registry``
-(name -> class), ``config`` (:class:`SAEConfig`, :class:`FamilyConfig`) and ``saelens_format``
-(:func:`save_sae` / :func:`load_sae`: ``cfg.json`` + ``sae_weights.safetensors``, which
-``sae_lens.SAE.load_from_disk`` reads).
+first access. Modules: ``base`` (the shared contract), ``kernels`` (sparse autograd functions),
+one module per architecture (``topk``, ``batchtopk``, ``matryoshka``, ``relu``, ``jumprelu``),
+``registry`` (name -> class), ``config`` (:class:`SAEConfig`, :class:`FamilyConfig`) and
+``saelens_format`` (:func:`save_sae` / :func:`load_sae`: ``cfg.json`` +
+``sae_weights.safetensors``, which ``sae_lens.SAE.load_from_disk`` reads).
 """
 
 from __future__ import annotations
