@@ -44,7 +44,8 @@ import torch
 from torch import Tensor
 
 from saeflow.config import StitchingConfig
-from saeflow.saes import K_ARCHITECTURES, BaseSAE, BatchTopKSAE, JumpReLUSAE, SAEConfig, StandardSAE, TopKSAE
+from saeflow.saes import (K_ARCHITECTURES, BaseSAE, BatchTopKSAE, JumpReLUSAE, SAEConfig, SAEShape, StandardSAE,
+                          TopKSAE)
 
 __all__ = [
     "StitchingError",
@@ -331,7 +332,7 @@ def inserted_acts(small: BaseSAE, large: BaseSAE, x: Tensor, adjust_encoder_bias
     return unit_acts(large, x, m)
 
 
-class StitchedSAE(torch.nn.Module):
+class StitchedSAE(SAEShape, torch.nn.Module):
     """S's kept latents and L's included latents, each with the activation it has in its own SAE
     (TopK selection and all), decoded with unit-norm rows and S's ``b_dec``: the stitched SAE of the
     ``native`` form. Offers what the metrics code needs (``encode``, ``decode``, ``W_enc``,
@@ -359,14 +360,6 @@ class StitchedSAE(torch.nn.Module):
         self.register_buffer("b_dec", small.b_dec.detach().float().clone())
         shift = torch.zeros_like(self.b_dec) if adjust_encoder_bias else large.b_dec.detach().float() - self.b_dec
         self.register_buffer("shift", shift)
-
-    @property
-    def d_in(self) -> int:
-        return int(self.W_dec.shape[1])
-
-    @property
-    def d_sae(self) -> int:
-        return int(self.W_dec.shape[0])
 
     def encode(self, x: Tensor) -> Tensor:
         fs = self.small.encode(x).index_select(-1, self.keep_idx) * self.m_small

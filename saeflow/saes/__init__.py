@@ -36,7 +36,7 @@ from typing import Any
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("REGISTRY", "K_ARCHITECTURES"), "saeflow.saes.registry"),
     **dict.fromkeys(("SAEConfig", "FamilyConfig", "default_matryoshka_widths", "describe_sae"), "saeflow.saes.config"),
-    **dict.fromkeys(("BaseSAE", "build_sae", "warm_up_coefficient"), "saeflow.saes.base"),
+    **dict.fromkeys(("BaseSAE", "SAEShape", "build_sae", "warm_up_coefficient"), "saeflow.saes.base"),
     "TopKSAE": "saeflow.saes.topk",
     "BatchTopKSAE": "saeflow.saes.batchtopk",
     "MatryoshkaSAE": "saeflow.saes.matryoshka",

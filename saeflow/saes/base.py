@@ -26,7 +26,7 @@ from saeflow.saes.config import SAEConfig
 from saeflow.saes.registry import REGISTRY
 from saeflow.saes.saelens_format import SAEFormatError
 
-__all__ = ["BaseSAE", "build_sae", "warm_up_coefficient", "dense_training_result", "TENSOR_NAMES"]
+__all__ = ["BaseSAE", "SAEShape", "build_sae", "warm_up_coefficient", "dense_training_result", "TENSOR_NAMES"]
 
 TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
@@ -53,7 +53,22 @@ def build_sae(cfg: SAEConfig, d_in: int, seed: int) -> "BaseSAE":
     return cls(cfg, d_in, seed)
 
 
-class BaseSAE(nn.Module):
+class SAEShape:
+    """``d_in`` and ``d_sae`` of a module with a decoder ``W_dec`` ``[d_sae, d_in]``: every
+    :class:`BaseSAE`, and SAE-like modules such as the stitching evaluation's composite SAE."""
+
+    W_dec: torch.Tensor
+
+    @property
+    def d_in(self) -> int:
+        return int(self.W_dec.shape[1])
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.W_dec.shape[0])
+
+
+class BaseSAE(SAEShape, nn.Module):
     """Common parameters, SAELens initialisation (SPEC 3.1) and weight folding.
 
     Initialisation: ``W_dec`` (d_sae, d_in) is kaiming-uniform, each row is rescaled to norm
@@ -88,15 +103,6 @@ class BaseSAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(w_dec.contiguous())
         self.b_dec = nn.Parameter(torch.zeros(d_in))
-
-    # ------------------------------------------------------------------ shape helpers
-    @property
-    def d_in(self) -> int:
-        return int(self.W_dec.shape[1])
-
-    @property
-    def d_sae(self) -> int:
-        return int(self.W_dec.shape[0])
 
     @property
     def device(self) -> torch.device:
