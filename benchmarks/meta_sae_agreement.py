@@ -35,9 +35,8 @@ import torch  # noqa: E402
 
 from benchmarks._common import machine, write_section  # noqa: E402
 from saeflow.artifacts import default_root  # noqa: E402
-from saeflow.config import describe_sae  # noqa: E402
 from saeflow.evals.meta_sae import MetaSAEConfig, decoder_variance_explained, train_meta_sae, unit_rows  # noqa: E402
-from saeflow.sae import load_sae  # noqa: E402
+from saeflow.saes import describe_sae, load_sae  # noqa: E402
 
 SBVENV_PYTHON = "/work/sbvenv/bin/python"
 

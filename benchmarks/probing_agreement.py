@@ -52,7 +52,7 @@ def main() -> None:
     rse = importlib.import_module("sae_probes.run_sae_evals")  # the package __init__ shadows the name with a function
     import sae_probes.utils_data as ud
     import sae_probes.utils_training as ut
-    from saeflow.sae import load_sae
+    from saeflow.saes import load_sae
     from tasks.probing import sae_label
 
     cfg, acts, family = quick_inputs(args.profile, args.artifacts, args.datasets)

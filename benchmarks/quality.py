@@ -16,7 +16,7 @@ side, once, on the quick profile's activation store (``configs/quick.yaml``; ext
   being estimated from the first 1000 batches of the stream (which would consume ~8 passes over
   the store and shift the stream); ``fit()`` folds it into the weights. The SAE is saved with
   SAELens' ``save_inference_model`` (TopK as ``topk``, BatchTopK as ``jumprelu`` with its moving
-  threshold) and read back with :func:`saeflow.sae.load_sae`, checked against SAELens' own loader.
+  threshold) and read back with :func:`saeflow.saes.load_sae`, checked against SAELens' own loader.
 
 Both SAEs are then evaluated by the same code on raw activations: :func:`saeflow.metrics.
 reconstruction_metrics` on every held-out row of the store (``store.train_rows`` to the end; at
@@ -54,12 +54,13 @@ from benchmarks._common import machine, write_section  # noqa: E402
 from flows.extract import expected_activations  # noqa: E402
 from flows.runner import load_profile, resolve_root  # noqa: E402
 from saeflow.artifacts import ArtifactRef, completion_meta, require_complete  # noqa: E402
-from saeflow.config import PipelineConfig, SAEConfig, TrainConfig  # noqa: E402
+from saeflow.config import PipelineConfig, TrainConfig  # noqa: E402
+from saeflow.saes import SAEConfig  # noqa: E402
 from saeflow.corpus import special_token_ids  # noqa: E402
 from saeflow.device import pick_device  # noqa: E402
 from saeflow.metrics import CEReference, ce_metrics, ce_reference, reconstruction_metrics  # noqa: E402
 from saeflow.models import load_model  # noqa: E402
-from saeflow.sae import BaseSAE, load_sae  # noqa: E402
+from saeflow.saes import BaseSAE, load_sae  # noqa: E402
 from saeflow.store import ActivationStore, ShuffledLoader  # noqa: E402
 from tasks import corpus, model  # noqa: E402
 from tasks.corpus import load_tokens  # noqa: E402

@@ -32,9 +32,9 @@ import torch
 from benchmarks._common import machine, write_section
 from flows.extract import expected_activations
 from flows.runner import load_profile, resolve_root
-from saeflow.config import SAEConfig, TrainConfig
+from saeflow.config import TrainConfig
+from saeflow.saes import SAEConfig, build_sae, load_sae
 from saeflow.metrics import reconstruction_metrics
-from saeflow.sae import build_sae, load_sae
 from saeflow.sae_init import b_dec_from_sample, sample_rows
 from saeflow.store import ActivationStore, ShuffledLoader
 from saeflow.training import train_saes

@@ -27,7 +27,7 @@ from benchmarks._common import REPO, machine, write_section  # noqa: E402
 from saeflow.artifacts import default_root  # noqa: E402
 from saeflow.config import TrainConfig, load_config  # noqa: E402
 from saeflow.device import pick_device  # noqa: E402
-from saeflow.sae import REGISTRY  # noqa: E402
+from saeflow.saes import REGISTRY  # noqa: E402
 from saeflow.store import ActivationStore, ShuffledLoader  # noqa: E402
 from saeflow.training import train_sae  # noqa: E402
 

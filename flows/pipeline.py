@@ -22,7 +22,8 @@ from prefect import flow
 from flows.runner import StageRunner, resolve_root, with_runner
 from saeflow import remote
 from saeflow.artifacts import ArtifactError, ArtifactRef
-from saeflow.config import ConfigError, PipelineConfig, describe_sae, load_config
+from saeflow.config import ConfigError, PipelineConfig, load_config
+from saeflow.saes import describe_sae
 from flows.evals import absorption, meta_sae, probing, stitching
 from tasks import activations, corpus, imported, metrics, model, report, tables, train, vocab
 from tasks.common import EvalContext, stage_logger

@@ -36,7 +36,7 @@ from flows.pipeline import run_pipeline
 from flows.runner import load_profile
 from saeflow.artifacts import COMPLETE_MARKER, ArtifactRef, is_complete
 from saeflow.config import PipelineConfig
-from saeflow.sae import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+from saeflow.saes import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from tasks import train
 from tasks.common import stage_logger
 

@@ -14,7 +14,8 @@ from prefect import flow
 
 from flows.extract import extract_stages, prepare_root, summary
 from flows.runner import StageRunner, load_profile, with_runner
-from saeflow.config import PipelineConfig, describe_sae
+from saeflow.config import PipelineConfig
+from saeflow.saes import describe_sae
 from tasks import train
 
 

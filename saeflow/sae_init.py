@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from saeflow.sae import BaseSAE
+    from saeflow.saes import BaseSAE
     from saeflow.store import ActivationStore
 
 __all__ = [

@@ -7,6 +7,8 @@ from typing import Any
 
 import pandas as pd
 
+from saeflow.saes import K_ARCHITECTURES
+
 CORE_COLUMNS = [
     "l0", "explained_variance", "explained_variance_legacy", "mse", "cossim", "l1", "l2_ratio",
     "relative_reconstruction_bias", "ce_clean", "ce_with_sae", "ce_with_ablation", "ce_loss_score", "ce_delta",
@@ -16,8 +18,6 @@ CORE_COLUMNS = [
 ]
 
 
-#: Architectures whose sparsity is ``k``; ``relu`` / ``jumprelu`` are set by a coefficient instead.
-_K_ARCHS = {"topk", "batchtopk", "matryoshka"}
 _COEFFICIENT = {"relu": "l1_coefficient", "jumprelu": "l0_coefficient"}
 
 
@@ -34,7 +34,7 @@ def core_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
         arch = sae.get("architecture")
         coef = _COEFFICIENT.get(arch)
         rec = {"profile": r["profile"], "model": r["model"], "hook": r["hook"], "architecture": arch,
-               "width": sae.get("width"), "k": sae.get("k") if arch in _K_ARCHS else None,
+               "width": sae.get("width"), "k": sae.get("k") if arch in K_ARCHITECTURES else None,
                "coefficient": sae.get(coef) if coef else None, "sae_fingerprint": r["sae_fingerprint"]}
         metrics = r["metrics"]
         rec.update({c: metrics.get(c) for c in CORE_COLUMNS})

@@ -3,19 +3,18 @@
 :func:`train_sae` trains one SAE from an endless, resumable :class:`BatchLoader` and leaves in
 ``out_dir``:
 
-- ``cfg.json`` + ``sae_weights.safetensors`` (SAELens layout, see :func:`saeflow.sae.save_sae`),
+- ``cfg.json`` + ``sae_weights.safetensors`` (SAELens layout, see :func:`saeflow.saes.save_sae`),
   working on raw activations (the normalisation factor is folded into the weights);
 - ``training_log.json``: the list of logged dicts (``step, loss, mse, aux, l0, frac_dead, lr,
   tokens_per_s``).
 
 While it runs, ``out_dir/checkpoint/`` holds the full trainer state every
-``train_cfg.checkpoint_every`` steps. A checkpoint is built in a temporary folder and renamed into
-place, so a kill at any moment leaves either the previous or the new checkpoint (never a partial
-one); a run started again resumes from it and ends with weights *bit-identical* to an
-uninterrupted run (same machine, same torch thread count). A checkpoint whose files fail their
-checksum was damaged after it was written: :class:`CheckpointError` says so and how to recover
-(delete the folder); it is never silently used or discarded. After the final save
-``training_summary.json`` (:data:`DONE_FILE`) marks the folder finished: it is never trained again.
+``train_cfg.checkpoint_every`` steps (:mod:`saeflow.checkpoint`: renamed into place, so a kill
+at any moment leaves the previous or the new checkpoint, never a partial one; checksummed, a
+damaged one raises :class:`CheckpointError`). A run started again resumes from it and ends with
+weights *bit-identical* to an uninterrupted run (same machine, same torch thread count). After the
+final save ``training_summary.json`` (:data:`DONE_FILE`) marks the folder finished: it is never
+trained again.
 
 :func:`train_saes` trains a *family* of SAEs from one pass over the loader: every batch is drawn
 once and fed to each member in turn; each member keeps everything above in its own ``out_dir`` and
@@ -28,18 +27,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
 
 import torch
 
-from saeflow.artifacts import ArtifactError, write_json_atomic
-from saeflow.config import SAEConfig, TrainConfig
-from saeflow.sae import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, BaseSAE, build_sae, save_sae
+from saeflow import checkpoint
+from saeflow.artifacts import write_json_atomic
+from saeflow.checkpoint import CHECKPOINT_DIR, DONE_FILE, CheckpointError
+from saeflow.config import TrainConfig
+from saeflow.saes import BaseSAE, SAEConfig, build_sae, save_sae
 from saeflow.sae_init import b_dec_from_sample, resample_dead_latents
 
 __all__ = [
@@ -56,16 +54,7 @@ __all__ = [
     "NORM_ESTIMATE_BATCHES",
 ]
 
-CHECKPOINT_DIR = "checkpoint"
 TRAINING_LOG = "training_log.json"
-#: Written into ``out_dir`` after the final save (before the checkpoint is removed): fingerprint,
-#: weights checksum and the run's summary. A folder holding a valid one is finished: never trained again.
-DONE_FILE = "training_summary.json"
-_STATE_FILE = "state.pt"
-_META_FILE = "meta.json"
-_OLD_SUFFIX = ".old"
-_TMP_PREFIX = ".checkpoint.tmp-"
-_CKPT_FORMAT = 1
 #: Batches used to estimate the normalisation factor when ``train_sae`` is not given one.
 NORM_ESTIMATE_BATCHES = 32
 
@@ -85,10 +74,6 @@ class BatchLoader(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-class CheckpointError(ArtifactError):
-    """A training checkpoint that is damaged or belongs to another configuration."""
 
 
 class NonFiniteError(RuntimeError):
@@ -161,140 +146,6 @@ def estimate_scaling_factor(batches: Iterable[torch.Tensor], d_in: int, n_batche
     return math.sqrt(d_in) / mean
 
 
-# ----------------------------------------------------------------------------------- checkpoints
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_state_file(tmp_dir: Path, payload: dict[str, Any]) -> None:
-    """Write ``state.pt`` + ``meta.json`` (checksum) into a fresh temporary folder."""
-    state_path = tmp_dir / _STATE_FILE
-    with open(state_path, "wb") as fh:
-        torch.save(payload, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    meta = {"format": _CKPT_FORMAT, "step": payload["step"], "fingerprint": payload["fingerprint"],
-            "bytes": state_path.stat().st_size, "sha256": _sha256(state_path)}
-    with open(tmp_dir / _META_FILE, "w") as fh:
-        json.dump(meta, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    _fsync_dir(tmp_dir)
-
-
-def _remove_dir(path: Path) -> None:
-    """Delete a folder so that no partially deleted copy is ever visible under its name."""
-    if not path.exists():
-        return
-    doomed = path.parent / f"{_TMP_PREFIX}del-{uuid.uuid4().hex[:8]}"
-    os.rename(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _swap_checkpoint(tmp_dir: Path, out_dir: Path) -> None:
-    """Make ``tmp_dir`` the checkpoint. At every instant ``checkpoint/`` or ``checkpoint.old/`` is whole."""
-    final = out_dir / CHECKPOINT_DIR
-    old = out_dir / (CHECKPOINT_DIR + _OLD_SUFFIX)
-    if final.exists():
-        _remove_dir(old)
-        os.rename(final, old)
-    os.rename(tmp_dir, final)
-    _fsync_dir(out_dir)
-    _remove_dir(old)
-
-
-def _save_checkpoint(out_dir: Path, payload: dict[str, Any]) -> None:
-    tmp_dir = out_dir / f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp_dir.mkdir(parents=True)
-    try:
-        _write_state_file(tmp_dir, payload)
-        _swap_checkpoint(tmp_dir, out_dir)
-    finally:
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
-def _discard_temporaries(out_dir: Path) -> None:
-    for p in out_dir.glob(f"{_TMP_PREFIX}*"):
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def _find_checkpoint(out_dir: Path) -> Path | None:
-    """The checkpoint to resume from, recovering from a kill between the two renames."""
-    _discard_temporaries(out_dir)
-    final = out_dir / CHECKPOINT_DIR
-    old = out_dir / (CHECKPOINT_DIR + _OLD_SUFFIX)
-    if final.exists():
-        _remove_dir(old)
-        return final
-    if old.exists():  # killed after checkpoint -> checkpoint.old, before tmp -> checkpoint
-        os.rename(old, final)
-        return final
-    return None
-
-
-def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any]:
-    fix = (f"delete {path} to restart this training run from step 0 (the result is the same, it only "
-           "costs the time of the lost steps)")
-    meta_path, state_path = path / _META_FILE, path / _STATE_FILE
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} is damaged: {meta_path.name} is missing or unreadable ({exc}); {fix}") from exc
-    if meta.get("format") != _CKPT_FORMAT:
-        raise CheckpointError(f"checkpoint {path} has format {meta.get('format')!r}, expected {_CKPT_FORMAT}; {fix}")
-    if meta.get("fingerprint") != fingerprint:
-        raise CheckpointError(
-            f"checkpoint {path} was written by a run with a different SAE/training config or d_in "
-            f"(fingerprint {meta.get('fingerprint')} != {fingerprint}); {fix}"
-        )
-    if not state_path.is_file():
-        raise CheckpointError(f"checkpoint {path} is damaged: {_STATE_FILE} is missing; {fix}")
-    size = state_path.stat().st_size
-    if size != meta.get("bytes") or _sha256(state_path) != meta.get("sha256"):
-        raise CheckpointError(
-            f"checkpoint {path} is damaged: {_STATE_FILE} has {size} bytes / a checksum that does not match "
-            f"{_META_FILE} (expected {meta.get('bytes')} bytes); it was truncated or modified after being written; {fix}"
-        )
-    try:
-        payload = torch.load(state_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle / zip errors
-        raise CheckpointError(f"checkpoint {path} is damaged: {_STATE_FILE} cannot be read ({exc}); {fix}") from exc
-    if payload.get("step") != meta.get("step"):
-        raise CheckpointError(f"checkpoint {path} is inconsistent (step {payload.get('step')} vs {meta.get('step')}); {fix}")
-    return payload
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda" and torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and device.type == "cuda" and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _make_adam(sae: BaseSAE, lr: float) -> torch.optim.Adam:
     """Adam(0.9, 0.999); the fused kernel where torch has one (same update, ~10% faster steps on CPU)."""
     try:
@@ -328,23 +179,6 @@ def _nonfinite_message(step: int, kind: str, out_dir: Path) -> str:
     )
 
 
-def _read_done(out_dir: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The stored summary of a finished run in ``out_dir``, or ``None`` when it is not (validly) finished."""
-    path = out_dir / DONE_FILE
-    if not path.is_file():
-        return None
-    try:
-        done = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    weights = out_dir / SAE_WEIGHTS_FILENAME
-    if (done.get("format") != _CKPT_FORMAT or done.get("fingerprint") != fingerprint or not weights.is_file()
-            or not (out_dir / SAE_CFG_FILENAME).is_file() or weights.stat().st_size != done.get("weights_bytes")
-            or _sha256(weights) != done.get("weights_sha256")):
-        return None
-    return dict(done["summary"])
-
-
 def _check_batch_shape(batch: torch.Tensor, step: int, batch_size: int, d_in: int) -> None:
     if batch.ndim != 2 or batch.shape[1] != d_in or batch.shape[0] != batch_size:
         raise ValueError(
@@ -372,11 +206,9 @@ class _Member:
         self.scale: float | None = None
         self.logs: list[dict[str, Any]] = []
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.done = _read_done(self.out_dir, self.fingerprint)
+        self.done = checkpoint.read_done(self.out_dir, self.fingerprint)
         if self.done is not None:  # finished earlier: a kill may have left its checkpoint behind
-            _remove_dir(self.out_dir / CHECKPOINT_DIR)
-            _remove_dir(self.out_dir / (CHECKPOINT_DIR + _OLD_SUFFIX))
-            _discard_temporaries(self.out_dir)
+            checkpoint.clear_checkpoints(self.out_dir)
             return
         (self.out_dir / DONE_FILE).unlink(missing_ok=True)  # stale: another config's, or damaged weights
         self.sae: BaseSAE = build_sae(sae_cfg, d_in, seed=train_cfg.seed).to(device)
@@ -387,9 +219,9 @@ class _Member:
         self.since_fired = torch.zeros(self.sae.d_sae, dtype=torch.long, device=device)
         self.bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step (1-based)
         self.bad_kind = torch.zeros((), dtype=torch.long, device=device)  # 0 batch, 1 loss
-        ckpt_path = _find_checkpoint(self.out_dir)
+        ckpt_path = checkpoint.find_checkpoint(self.out_dir)
         if ckpt_path is not None:
-            ck = _load_checkpoint(ckpt_path, self.fingerprint)
+            ck = checkpoint.load_checkpoint(ckpt_path, self.fingerprint)
             self.sae.load_state_dict(ck["sae"])
             self.optimizer.load_state_dict(ck["optimizer"])
             self.since_fired.copy_(ck["since_fired"].to(device))
@@ -469,15 +301,15 @@ class _Member:
         return entry
 
     def save_checkpoint(self, loader_json: str, device: torch.device) -> None:
-        _save_checkpoint(self.out_dir, {
-            "format": _CKPT_FORMAT,
+        checkpoint.save_checkpoint(self.out_dir, {
+            "format": checkpoint.FORMAT,
             "fingerprint": self.fingerprint,
             "step": self.step,
             "sae": {k: v.detach().cpu() for k, v in self.sae.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "since_fired": self.since_fired.cpu(),
             "loader": loader_json,
-            "rng": _rng_state(device),
+            "rng": checkpoint.rng_state(device),
             "scaling_factor": self.scale,
             "logs": json.dumps(self.logs),
             "n_resampled": self.n_resampled,
@@ -512,13 +344,8 @@ class _Member:
             "wall_time_s": time.perf_counter() - t_start,
             "out_dir": str(self.out_dir),
         }
-        weights = self.out_dir / SAE_WEIGHTS_FILENAME
-        write_json_atomic(self.out_dir / DONE_FILE, {
-            "format": _CKPT_FORMAT, "fingerprint": self.fingerprint, "weights_bytes": weights.stat().st_size,
-            "weights_sha256": _sha256(weights), "summary": summary})
-        _remove_dir(self.out_dir / CHECKPOINT_DIR)
-        _remove_dir(self.out_dir / (CHECKPOINT_DIR + _OLD_SUFFIX))
-        _discard_temporaries(self.out_dir)
+        checkpoint.write_done(self.out_dir, self.fingerprint, summary)
+        checkpoint.clear_checkpoints(self.out_dir)
         self.done = summary
         return summary
 
@@ -622,7 +449,7 @@ def train_saes(
     lead = min(active, key=lambda m: m.step)
     if lead.ckpt is not None:
         loader.load_state_dict(json.loads(lead.ckpt["loader"]))
-        _set_rng_state(lead.ckpt["rng"], device)
+        checkpoint.set_rng_state(lead.ckpt["rng"], device)
     batches = iter(loader)
     need_init = [m for m in active if m.ckpt is None and m.cfg.b_dec_init != "zeros"]
     # decided from the configs (not from which members have checkpoints), so a resume draws the same batches

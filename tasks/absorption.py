@@ -31,7 +31,7 @@ from saeflow.evals import absorption as ab
 from saeflow.evals.absorption.config import AbsorptionConfig
 from saeflow.evals.common import package_modules, sae_identity
 from saeflow.models import load_model, load_tokenizer
-from saeflow.sae import load_sae, saved_hook
+from saeflow.saes import load_sae, saved_hook
 from saeflow.store import ActivationStore
 from saeflow.tables import write_table
 from tasks.common import Progress, code_version, publish_table, stage_logger, timed

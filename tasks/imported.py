@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import task
 
 from saeflow.artifacts import ArtifactError, ArtifactRef, artifact_ref, begin, fingerprint, mark_complete, require_complete
-from saeflow.sae import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, load_sae
+from saeflow.saes import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, load_sae
 from saeflow.store import ActivationStore
 from tasks.common import stage_logger
 from tasks.metrics import check_sae_fits

@@ -51,7 +51,7 @@ from saeflow.evals.meta_sae import (
 )
 from saeflow.models import load_tokenizer
 from saeflow.pages import template_version
-from saeflow.sae import BaseSAE, load_sae
+from saeflow.saes import BaseSAE, load_sae
 from saeflow.store import ActivationStore
 from saeflow.tables import write_table
 from tasks.common import Progress, code_version, publish_markdown, publish_table, stage_logger, timed

@@ -14,7 +14,7 @@ from saeflow.corpus import special_token_ids
 from saeflow.device import pick_device
 from saeflow.metrics import CEReference, ce_metrics, ce_reference, reconstruction_metrics
 from saeflow.models import load_model
-from saeflow.sae import load_sae, saved_hook
+from saeflow.saes import load_sae, saved_hook
 from saeflow.store import ActivationStore
 from tasks.common import code_version, stage_logger, timed
 from tasks.corpus import load_tokens

@@ -8,7 +8,7 @@ from prefect import task
 
 from saeflow.artifacts import ArtifactRef, artifact_ref, begin, fingerprint, mark_complete
 from saeflow.config import ModelConfig
-from saeflow.models import materialize_model
+from saeflow.model_sources import materialize_model
 from tasks.common import stage_logger, timed
 
 STAGE = "model"

@@ -32,7 +32,7 @@ from saeflow.evals import probing as P
 from saeflow.evals.common import package_modules, sae_identity
 from saeflow.evals.probing.config import ProbingConfig
 from saeflow.models import load_model
-from saeflow.sae import saved_hook
+from saeflow.saes import saved_hook
 from saeflow.store import ActivationStore
 from saeflow.tables import write_table
 from tasks.common import Progress, code_version, publish_markdown, stage_logger

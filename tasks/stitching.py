@@ -37,7 +37,7 @@ from saeflow.evals.stitching import (
     stitch_pair,
 )
 from saeflow.models import load_model
-from saeflow.sae import load_sae, save_sae
+from saeflow.saes import load_sae, save_sae
 from saeflow.store import ActivationStore
 from saeflow.tables import write_table
 from tasks.common import Progress, code_version, publish_markdown, stage_logger, timed

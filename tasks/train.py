@@ -18,9 +18,9 @@ from __future__ import annotations
 from prefect import task
 
 from saeflow.artifacts import ArtifactRef, artifact_ref, begin, fingerprint, mark_complete, require_complete
-from saeflow.config import SAEConfig, TrainConfig, describe_sae
+from saeflow.config import TrainConfig
+from saeflow.saes import REGISTRY, SAEConfig, describe_sae
 from saeflow.device import pick_device
-from saeflow.sae import REGISTRY
 from saeflow.sae_init import sample_rows
 from saeflow.store import ActivationStore, ShuffledLoader
 from saeflow.training import train_saes

@@ -210,7 +210,8 @@ def _toy_hierarchy(n: int, seed: int = 0):
 
 @pytest.mark.parametrize("unused", [0])
 def test_trained_sae_absorbs_more_under_more_sparsity(tmp_path, unused):
-    from saeflow.config import SAEConfig, TrainConfig
+    from saeflow.config import TrainConfig
+    from saeflow.saes import SAEConfig
     from saeflow.training import train_sae
 
     x, parent, on, has_kid = _toy_hierarchy(20_000)
@@ -222,7 +223,7 @@ def test_trained_sae_absorbs_more_under_more_sparsity(tmp_path, unused):
                            log_every=10_000)
         out = tmp_path / f"l1_{l1}"
         train_sae(cfg, tcfg, _MemLoader(x, 512, 0), 32, out, torch.device("cpu"))
-        from saeflow.sae import load_sae
+        from saeflow.saes import load_sae
 
         sae = load_sae(out)
         rows = x[on][:2000]
@@ -285,8 +286,7 @@ def test_too_few_alphabetic_tokens_are_refused():
 
 
 def test_sae_from_another_hook_is_refused(tmp_path):
-    from saeflow.config import SAEConfig
-    from saeflow.sae import build_sae, save_sae
+    from saeflow.saes import SAEConfig, build_sae, save_sae
     from tasks.absorption import SAEHookMismatchError, check_sae
 
     sae = build_sae(SAEConfig(width=32, k=4), 16, 0)
@@ -301,7 +301,8 @@ def test_sae_from_another_hook_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     from saeflow.config import ModelConfig
-    from saeflow.models import load_model, materialize_model
+    from saeflow.model_sources import materialize_model
+    from saeflow.models import load_model
 
     d = tmp_path_factory.mktemp("tiny-model")
     cfg = ModelConfig(name="tiny-random", tiny_layers=2, tiny_d_model=64)
@@ -327,8 +328,7 @@ def test_letter_logits_and_split_forward_are_exact(tiny_model):
 
 def test_ig_attribution_matches_spliced_sae_gradient(tiny_model):
     """With one step, IG is attribution patching: -f * d metric / d f through a spliced SAE."""
-    from saeflow.config import SAEConfig
-    from saeflow.sae import build_sae
+    from saeflow.saes import SAEConfig, build_sae
 
     lm = tiny_model
     hook = "blocks.0.hook_resid_post"

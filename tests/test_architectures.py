@@ -18,8 +18,8 @@ import yaml
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
-from saeflow.config import ConfigError, SAEConfig, TrainConfig, load_config
-from saeflow.sae import (
+from saeflow.config import ConfigError, TrainConfig, load_config
+from saeflow.saes import (
     REGISTRY,
     SAE_CFG_FILENAME,
     SAE_WEIGHTS_FILENAME,
@@ -27,14 +27,15 @@ from saeflow.sae import (
     BatchTopKSAE,
     JumpReLUSAE,
     MatryoshkaSAE,
+    SAEConfig,
     SAEFormatError,
     StandardSAE,
-    _batch_topk_select,
     build_sae,
     load_sae,
     save_sae,
     warm_up_coefficient,
 )
+from saeflow.saes.kernels import _batch_topk_select
 from saeflow.training import CHECKPOINT_DIR, train_sae
 from tests.test_training import InMemoryLoader, planted_data
 

@@ -1,4 +1,4 @@
-"""The evaluation contract: ``run(ctx) -> EvalOutput`` plugs into the flow, its per-SAE
+"""The evaluation contract: a subflow ``flow(ctx) -> EvalOutput`` plugs into the flow, its per-SAE
 ``summary.json`` columns join the core results table and its tables/plots are copied to
 ``results/<profile>/<eval>/``; a re-run is cached, a changed evaluation output refreshes the table."""
 

@@ -6,8 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from saeflow.artifacts import ArtifactRef
-from saeflow.config import (FamilyConfig, PipelineConfig, SAEConfig, TrainConfig, default_matryoshka_widths, describe_sae,
-                             load_config)
+from saeflow.config import PipelineConfig, TrainConfig, load_config
+from saeflow.saes import FamilyConfig, SAEConfig, default_matryoshka_widths, describe_sae
 from tasks import train
 
 

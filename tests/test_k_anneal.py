@@ -16,8 +16,8 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from saeflow import training
-from saeflow.config import SAEConfig, TrainConfig
-from saeflow.sae import SAE_WEIGHTS_FILENAME, build_sae
+from saeflow.config import TrainConfig
+from saeflow.saes import SAE_WEIGHTS_FILENAME, SAEConfig, build_sae
 from saeflow.training import TRAINING_LOG, train_sae
 from tests.test_training import CPU, InMemoryLoader, planted_data
 

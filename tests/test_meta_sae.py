@@ -29,7 +29,7 @@ from saeflow.evals.meta_sae import (
     train_meta_sae,
     unit_rows,
 )
-from saeflow.sae import BatchTopKSAE
+from saeflow.saes import BatchTopKSAE
 
 
 @pytest.fixture

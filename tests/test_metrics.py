@@ -13,7 +13,7 @@ from torch import nn
 from saeflow.metrics import DENSITY_HIST_EDGES, ce_metrics, max_cosine_similarity, reconstruction_metrics
 
 # ------------------------------------------------------------------------------------------------
-# Stand-in SAE (the real one lives in saeflow.sae; these tests must not depend on it)
+# Stand-in SAE (the real one lives in saeflow.saes; these tests must not depend on it)
 # ------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""saeflow.models / saeflow.device: materialise + load (tiny-random fast, SmolLM2 slow), hooks, errors."""
+"""saeflow.models / model_sources / device: materialise + load (tiny-random fast, SmolLM2 slow), hooks, errors."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import string
 import pytest
 import torch
 
-from saeflow import models
+from saeflow import model_sources, models
 from saeflow.config import ModelConfig
 from saeflow.device import pick_device
-from saeflow.models import OFFLINE_MODELS, ModelError, load_model, load_tokenizer, materialize_model, validate_hook
+from saeflow.model_sources import materialize_model
+from saeflow.models import OFFLINE_MODELS, ModelError, load_model, load_tokenizer, validate_hook
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -46,7 +47,7 @@ def test_tiny_meta(tiny_dir):
     assert meta["tokenizer_kind"] == "\u2581"
     assert meta["bos_token_id"] == 0 and meta["pad_token_id"] == 1
     tok = load_tokenizer(tiny_dir)
-    assert meta["d_vocab"] == len(tok) == len(models.tiny_vocabulary())
+    assert meta["d_vocab"] == len(tok) == len(model_sources.tiny_vocabulary())
     assert models.read_meta(tiny_dir) == meta
 
 
@@ -59,7 +60,7 @@ def test_tiny_tokenizer_bos_and_vocab(tiny_dir):
     words = [t[1:] for t in tok.get_vocab() if t.startswith("\u2581") and t[1:].isalpha()]
     assert len(words) >= 1500
     assert {w[0] for w in words} == set(string.ascii_lowercase)  # every first letter is represented
-    assert models.tiny_vocabulary() == models.tiny_vocabulary()  # deterministic
+    assert model_sources.tiny_vocabulary() == model_sources.tiny_vocabulary()  # deterministic
 
 
 def test_tiny_to_tokens_single_bos(tiny):
@@ -120,6 +121,32 @@ def test_tiny_seeded(tmp_path, tiny_dir):
     materialize_model(TINY.model_copy(update={"seed": 1}), other)
     c = load_file(str(other / models.TINY_WEIGHTS_FILE))
     assert not torch.equal(a["embed.W_E"], c["embed.W_E"])
+
+
+def _reference_read_csv_zst(path):
+    """The ``.csv.zst`` reader models.py used before pandas (zstandard stream + csv.DictReader), kept
+    here only as the reference :func:`read_csv_zst` is checked against."""
+    import csv
+    import io
+
+    import pandas as pd
+    import zstandard
+
+    raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(path.read_bytes())).read().decode("utf-8")
+    return pd.DataFrame(list(csv.DictReader(io.StringIO(raw))))
+
+
+@pytest.mark.parametrize("name", model_sources._TINY_WORD_SOURCES)
+def test_read_csv_zst_matches_the_csv_module_reader(name):
+    """The tiny vocabulary's word sources (the real packaged files) read the same with pandas."""
+    import pandas as pd
+
+    path = model_sources._sae_probes_file(name)
+    if path is None:
+        pytest.skip("sae-probes is not installed")
+    old, new = _reference_read_csv_zst(path), model_sources.read_csv_zst(path)
+    assert len(new) > 1000 and "prompt" in new.columns
+    pd.testing.assert_frame_equal(new, old)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -130,7 +130,7 @@ def test_failed_run_leaves_finished_artifacts_untouched(first_run):
 
 
 def test_sae_from_another_width_is_refused(first_run, tmp_path):
-    from saeflow.sae import load_sae
+    from saeflow.saes import load_sae
     from saeflow.store import ActivationStore
     from tasks.metrics import SAEMismatchError, check_sae_fits
 

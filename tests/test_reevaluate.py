@@ -18,7 +18,7 @@ from flows.extract import extract
 from flows.pipeline import pipeline
 from flows.reevaluate import reevaluate
 from flows.train_family import train_family
-from saeflow.sae import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+from saeflow.saes import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from tasks import common
 from tests.helpers import tiny_config, write_config
 

@@ -1,21 +1,22 @@
-"""saeflow.sae: registry, SAELens parity of the TopK training forward, folding, disk format."""
+"""saeflow.saes: registry, SAELens parity of the TopK training forward, folding, disk format."""
 
 from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
-from saeflow.config import SAEConfig
-from saeflow.sae import (
+from saeflow.saes import (
     REGISTRY,
     SAE_CFG_FILENAME,
     SAE_WEIGHTS_FILENAME,
     BaseSAE,
+    SAEConfig,
     SAEFormatError,
     TopKSAE,
     build_sae,
@@ -75,6 +76,65 @@ def test_k_greater_than_width_is_rejected():
     # a config that bypassed validation is still refused by the SAE itself
     with pytest.raises(ValueError, match=r"k=10 exceeds width=5"):
         build_sae(SAEConfig.model_construct(architecture="topk", width=5, k=10), 4, seed=0)
+
+
+def test_registry_names_classes_and_imports():
+    """Each entry's class carries its registry name; registry.py imports nothing from saeflow (no circle)."""
+    import ast
+
+    from saeflow.saes import K_ARCHITECTURES, registry
+
+    assert list(REGISTRY) == ["topk", "batchtopk", "matryoshka", "relu", "jumprelu"]
+    assert all(REGISTRY[name].architecture == name for name in REGISTRY)
+    assert K_ARCHITECTURES <= set(REGISTRY) and "nope" not in REGISTRY
+    tree = ast.parse(Path(registry.__file__).read_text())
+    imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [m for m in imported if m.split(".")[0] == "saeflow"]
+
+
+def test_configs_import_without_the_architectures():
+    """saeflow.config (and the SAE configs it composes) load neither torch nor an architecture module:
+    the package's names are imported on first access."""
+    import subprocess
+    import sys
+
+    code = ("import sys, saeflow.config, saeflow.tables; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('saeflow.saes.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "['saeflow.saes.config', 'saeflow.saes.registry']"
+
+
+def test_readme_architecture_example(tmp_path, monkeypatch):
+    """The README's "Adding an SAE architecture" example: one file + one registry line, then it trains,
+    saves in the SAELens layout and loads back as itself."""
+    import re
+    import sys
+
+    from saeflow.config import TrainConfig
+    from saeflow.training import train_sae
+    from tests.test_training import InMemoryLoader, planted_data
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    module = re.search(r"```python\n# saeflow/saes/plainrelu.py\n(.*?)```", readme, re.S).group(1)
+    line = re.search(r'^\s*"plainrelu": "saeflow.saes.plainrelu:PlainReLUSAE",$', readme, re.M)
+    assert line is not None
+    (tmp_path / "readme_plainrelu.py").write_text(module)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(REGISTRY._entries, "plainrelu", "readme_plainrelu:PlainReLUSAE")
+    try:
+        cfg = SAEConfig(architecture="plainrelu", width=32, l1_coefficient=0.01)
+        data, _ = planted_data(512, 8, 16, 2)
+        train_cfg = TrainConfig(training_tokens=64 * 20, batch_size=64, lr=1e-2, log_every=10, checkpoint_every=10)
+        summary = train_sae(cfg, train_cfg, InMemoryLoader(data, 64), 8, tmp_path / "sae", torch.device("cpu"))
+        assert summary["completed"] and summary["steps"] == 20
+        sae = load_sae(tmp_path / "sae")
+        assert type(sae) is REGISTRY["plainrelu"] and sae.cfg == cfg
+        assert json.loads((tmp_path / "sae" / SAE_CFG_FILENAME).read_text())["architecture"] == "standard"
+    finally:
+        REGISTRY._classes.pop("plainrelu", None)
+        sys.modules.pop("readme_plainrelu", None)
 
 
 # ----------------------------------------------------------------------------------------- init

@@ -18,10 +18,10 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from saeflow import training
+from saeflow import checkpoint, training
 from saeflow.artifacts import artifact_ref, mark_complete
-from saeflow.config import SAEConfig, TrainConfig
-from saeflow.sae import SAE_WEIGHTS_FILENAME, build_sae, load_sae
+from saeflow.config import TrainConfig
+from saeflow.saes import SAE_WEIGHTS_FILENAME, SAEConfig, build_sae, load_sae
 from saeflow.sae_init import (
     MIN_INIT_ROWS,
     InitDataError,
@@ -522,17 +522,17 @@ def test_mixed_init_family_resume_is_bit_exact(tmp_path, monkeypatch):
         pass
 
     _run_mixed(tmp_path / "ref")
-    real = training._save_checkpoint
+    real = checkpoint.save_checkpoint
 
     def dying(out_dir: Path, payload: dict[str, Any]) -> None:
         if out_dir.name == "m1" and payload["step"] == 7:  # m0 has its step-7 checkpoint, m1 none
             raise Killed
         real(out_dir, payload)
 
-    monkeypatch.setattr(training, "_save_checkpoint", dying)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", dying)
     with pytest.raises(Killed):
         _run_mixed(tmp_path / "run")
-    monkeypatch.setattr(training, "_save_checkpoint", real)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real)
     assert [s["resumed_from_step"] for s in _run_mixed(tmp_path / "run")] == [7, None]
     assert _same(tmp_path / "run" / "m0", tmp_path / "ref" / "m0")
     assert _same(tmp_path / "run" / "m1", tmp_path / "ref" / "m1")

@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 import torch
 
-from saeflow.config import SAEConfig
 from saeflow.evals.stitching import (
     INACTIVE,
     NOVEL,
@@ -38,7 +37,7 @@ from saeflow.evals.stitching import (
     to_jumprelu,
 )
 from saeflow.metrics import reconstruction_metrics
-from saeflow.sae import build_sae
+from saeflow.saes import SAEConfig, build_sae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

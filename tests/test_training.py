@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from saeflow import training
-from saeflow.config import SAEConfig, TrainConfig
-from saeflow.sae import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, build_sae, load_sae
+from saeflow import checkpoint, training
+from saeflow.config import TrainConfig
+from saeflow.saes import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SAEConfig, build_sae, load_sae
 from saeflow.training import (
     CHECKPOINT_DIR,
     TRAINING_LOG,
@@ -263,7 +263,7 @@ class Killed(BaseException):
 
 
 def test_kill_while_writing_checkpoint_state(tmp_path, reference, monkeypatch):
-    real = training._write_state_file
+    real = checkpoint.write_state_file
     calls = {"n": 0}
 
     def dying_write(tmp_dir: Path, payload: dict[str, Any]) -> None:
@@ -273,10 +273,10 @@ def test_kill_while_writing_checkpoint_state(tmp_path, reference, monkeypatch):
             raise Killed
         real(tmp_dir, payload)
 
-    monkeypatch.setattr(training, "_write_state_file", dying_write)
+    monkeypatch.setattr(checkpoint, "write_state_file", dying_write)
     with pytest.raises(Killed):
         run(tmp_path)
-    monkeypatch.setattr(training, "_write_state_file", real)
+    monkeypatch.setattr(checkpoint, "write_state_file", real)
     assert json.loads((tmp_path / CHECKPOINT_DIR / "meta.json").read_text())["step"] == 14
     stray = tmp_path / ".checkpoint.tmp-99999-deadbeef"  # what a real kill leaves behind
     stray.mkdir()
@@ -287,7 +287,7 @@ def test_kill_while_writing_checkpoint_state(tmp_path, reference, monkeypatch):
 
 
 def test_kill_between_checkpoint_renames(tmp_path, reference, monkeypatch):
-    real = training._swap_checkpoint
+    real = checkpoint.swap_checkpoint
     calls = {"n": 0}
 
     def dying_swap(tmp_dir: Path, out_dir: Path) -> None:
@@ -297,10 +297,10 @@ def test_kill_between_checkpoint_renames(tmp_path, reference, monkeypatch):
             raise Killed
         real(tmp_dir, out_dir)
 
-    monkeypatch.setattr(training, "_swap_checkpoint", dying_swap)
+    monkeypatch.setattr(checkpoint, "swap_checkpoint", dying_swap)
     with pytest.raises(Killed):
         run(tmp_path)
-    monkeypatch.setattr(training, "_swap_checkpoint", real)
+    monkeypatch.setattr(checkpoint, "swap_checkpoint", real)
     assert not (tmp_path / CHECKPOINT_DIR).exists() and (tmp_path / "checkpoint.old").exists()
     assert run(tmp_path)["resumed_from_step"] == 7
     assert_same_result(tmp_path, reference)
@@ -332,7 +332,7 @@ def test_nan_batch_names_step_and_keeps_checkpoint(tmp_path, monkeypatch):
     sae_cfg = SAE_CFG.model_copy(update={"normalize_activations": "none", "b_dec_init": "zeros"})
     with pytest.raises(NonFiniteError, match=r"NaN/inf in the activation batch at training step 12: check the activation store"):
         run(tmp_path, sae_cfg=sae_cfg, loader=InMemoryLoader(DATA, 64, seed=2, nan_at=11))
-    ckpt = training._load_checkpoint(tmp_path / CHECKPOINT_DIR, training._fingerprint(sae_cfg, TRAIN_CFG, D_IN))
+    ckpt = checkpoint.load_checkpoint(tmp_path / CHECKPOINT_DIR, training._fingerprint(sae_cfg, TRAIN_CFG, D_IN))
     assert ckpt["step"] == 7
     assert all(torch.isfinite(t).all() for t in ckpt["sae"].values())
     assert not (tmp_path / SAE_WEIGHTS_FILENAME).exists()
@@ -420,7 +420,7 @@ def test_family_kill_and_resume_equals_uninterrupted(tmp_path, alone):
 @pytest.mark.parametrize("dying_member", [0, 1, 2])
 def test_family_kill_between_members_checkpoint_writes(tmp_path, alone, monkeypatch, dying_member):
     """A kill lands after some members wrote their step-14 checkpoint and before the others did."""
-    real = training._save_checkpoint
+    real = checkpoint.save_checkpoint
     writes: list[Path] = []
 
     def dying_save(out_dir: Path, payload: dict[str, Any]) -> None:
@@ -429,10 +429,10 @@ def test_family_kill_between_members_checkpoint_writes(tmp_path, alone, monkeypa
         writes.append(out_dir)
         real(out_dir, payload)
 
-    monkeypatch.setattr(training, "_save_checkpoint", dying_save)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", dying_save)
     with pytest.raises(Killed):
         run_family(tmp_path)
-    monkeypatch.setattr(training, "_save_checkpoint", real)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real)
     steps = [json.loads((tmp_path / f"m{i}" / CHECKPOINT_DIR / "meta.json").read_text())["step"] for i in range(3)]
     assert steps == [14 if i < dying_member else 7 for i in range(3)]
     summaries = run_family(tmp_path)

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saeflow.config import K_ARCHITECTURES, SAEConfig, describe_sae
-from saeflow.sae import FOREIGN_ARCHITECTURES, REGISTRY, SAE_CFG_FILENAME
+from saeflow.saes import K_ARCHITECTURES, REGISTRY, SAE_CFG_FILENAME, SAEConfig, describe_sae
+from saeflow.saes.saelens_format import FOREIGN_ARCHITECTURES
 from saeflow.store import ActivationStore
 
 

@@ -1,6 +1,6 @@
 """Meta-SAEs: BatchTopK SAEs trained on another SAE's decoder rows (SPEC 2.4), and the cross-size check.
 
-A meta-SAE is an ordinary ``batchtopk`` SAE from the one registry (:mod:`saeflow.sae`), trained by
+A meta-SAE is an ordinary ``batchtopk`` SAE from the one registry (:mod:`saeflow.saes`), trained by
 the one trainer (:func:`saeflow.training.train_sae`) on the unit-normalised rows of a base SAE's
 ``W_dec`` (``n_latents x d_model``); no LM activations are involved. The settings default to
 SAEBench's ``meta_structure`` eval (SAEBench 0.6.0): width ``max(ceil(0.25 n), k)``, ``k = 4``,

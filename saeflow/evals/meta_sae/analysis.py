@@ -12,7 +12,7 @@ import torch
 from saeflow.cosine import max_cosine, unit_rows
 from saeflow.evals.meta_sae.config import MetaSAEConfig
 from saeflow.evals.meta_sae.training import MetaSAEInputError
-from saeflow.sae import BatchTopKSAE
+from saeflow.saes import BatchTopKSAE
 
 __all__ = ["decoder_variance_explained", "decompose", "cluster_sizes", "max_cosines", "sparse_code",
            "evaluate_meta_sae", "cross_size"]

@@ -19,7 +19,7 @@ import torch
 from saeflow.evals.meta_sae.config import MetaSAEConfig
 from saeflow.evals.meta_sae.training import unit_rows
 from saeflow.pages import render
-from saeflow.sae import BaseSAE
+from saeflow.saes import BaseSAE
 
 __all__ = ["EXAMPLES_TEMPLATE", "Snippet", "Member", "MetaExample", "LatentExample", "ExamplesPage", "top_rows",
            "snippet", "choose_latents", "example_page", "render_examples_page", "examples_json"]

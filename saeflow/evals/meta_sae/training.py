@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from saeflow.config import SAEConfig, TrainConfig
+from saeflow.config import TrainConfig
 from saeflow.evals.common import EvalInputError
 from saeflow.evals.meta_sae.config import MetaSAEConfig
-from saeflow.sae import BatchTopKSAE, load_sae
+from saeflow.saes import BatchTopKSAE, SAEConfig, load_sae
 from saeflow.training import train_sae
 
 __all__ = ["MetaSAEInputError", "RowSampler", "unit_rows", "meta_width", "meta_sae_config", "meta_train_config",

@@ -98,7 +98,7 @@ def baseline_rows(spec: RunSpec) -> pd.DataFrame:
 def sae_rows(spec: RunSpec) -> pd.DataFrame:
     """The SAE's top-k probes on every configured (regime, setting) of one dataset; the dataset (and
     its OOD file) is encoded once and every split indexes the encoded rows."""
-    from saeflow.sae import load_sae
+    from saeflow.saes import load_sae
 
     if spec.sae_dir is None or spec.ks is None:
         raise ProbingError("sae_rows needs sae_dir and ks")

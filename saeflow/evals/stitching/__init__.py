@@ -3,7 +3,7 @@
 Pipeline for a pair (smaller S, larger L) of SAEs trained on the same hook. Every latent is used
 with unit-norm decoder row and its activation scaled accordingly (``f_j ||d_j||``), which changes
 no reconstruction. All SAEs of saeflow work on raw activations (activation normalisation is folded
-into the weights at the end of training, and :func:`~saeflow.sae.load_sae` refuses anything else),
+into the weights at the end of training, and :func:`~saeflow.saes.load_sae` refuses anything else),
 so latents of different SAEs can be mixed without rescaling.
 
 1. **Form** (``StitchingConfig.form``). ``native``: each latent keeps the activation it has in its
@@ -12,7 +12,7 @@ so latents of different SAEs can be mixed without rescaling.
    ``f = relu(h) * 1[h > θ]``): ReLU θ = 0, JumpReLU its θ, BatchTopK / Matryoshka their saved
    global θ (all exact), TopK thresholds fitted on calibration rows (:func:`topk_thresholds`,
    INFERRED, an approximation whose fidelity is reported); a stitched SAE is then a registry
-   :class:`~saeflow.sae.JumpReLUSAE` with concatenated weights. For ReLU / JumpReLU / BatchTopK /
+   :class:`~saeflow.saes.JumpReLUSAE` with concatenated weights. For ReLU / JumpReLU / BatchTopK /
    Matryoshka both forms give the same numbers.
 2. **Decoder cosines** (:func:`decoder_cosines`): ``C = Ŵ_L Ŵ_Sᵀ`` (unit rows), ``s_j = max_i C_ji``,
    ``match_j = argmax_i C_ji``; computed in row chunks (:func:`saeflow.cosine.max_cosine`).

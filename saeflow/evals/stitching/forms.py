@@ -10,9 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saeflow.config import SAEConfig
 from saeflow.evals.stitching.pairing import StitchingError
-from saeflow.sae import BaseSAE, BatchTopKSAE, JumpReLUSAE, StandardSAE, TopKSAE
+from saeflow.saes import BaseSAE, BatchTopKSAE, JumpReLUSAE, SAEConfig, StandardSAE, TopKSAE
 
 __all__ = ["NEVER", "make_jumprelu", "jumprelu_parts", "topk_thresholds", "to_jumprelu", "unit_decoder", "unit_acts",
            "inserted_acts", "StitchedSAE", "stitched_sae"]

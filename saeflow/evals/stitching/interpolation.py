@@ -15,7 +15,7 @@ from torch import Tensor
 from saeflow.evals.stitching.forms import inserted_acts, stitched_sae, unit_acts, unit_decoder
 from saeflow.evals.stitching.latents import NOVEL
 from saeflow.evals.stitching.pairing import StitchingError
-from saeflow.sae import BaseSAE
+from saeflow.saes import BaseSAE
 
 __all__ = ["Event", "interpolation_events", "event_states", "event_mse_curve", "curve_points", "changing_events",
            "count_violations", "evaluate_curve"]

@@ -15,7 +15,7 @@ from torch import Tensor
 from saeflow.cosine import max_cosine
 from saeflow.evals.stitching.forms import inserted_acts, unit_decoder
 from saeflow.evals.stitching.pairing import StitchingError
-from saeflow.sae import BaseSAE
+from saeflow.saes import BaseSAE
 
 __all__ = ["NOVEL", "RECONSTRUCTION", "INACTIVE", "decoder_cosines", "insertion_delta_mse", "classify", "proxy_auc",
            "tau_sweep"]

@@ -39,7 +39,7 @@ from saeflow.evals.stitching.latents import (
 )
 from saeflow.evals.stitching.pairing import StitchingError
 from saeflow.metrics import CEReference, ce_metrics, reconstruction_metrics
-from saeflow.sae import BaseSAE, JumpReLUSAE, TopKSAE
+from saeflow.saes import BaseSAE, JumpReLUSAE, TopKSAE
 from saeflow.store import ActivationStore
 
 __all__ = ["ROW_BATCH", "CESetup", "PairResult", "stitch_pair", "jumprelu_form", "pairs_table", "form_table_row"]

@@ -1,0 +1,252 @@
+"""Sparse autograd kernels of the k-based SAEs, and the dense-encoder kernel of ReLU / JumpReLU.
+
+The TopK / BatchTopK training forwards keep only the encoder forward as a dense matmul; the
+decoder and every backward product touch only the selected latents (same maths as the dense
+SAELens computation: latents bit-identical, losses and gradients equal up to float summation
+order).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:  # pragma: no cover
+    from saeflow.saes.base import BaseSAE
+
+
+# ------------------------------------------------------------------- sparse kernels (TopK path)
+# Notation: a row-sparse matrix S [B, d_sae] given by indices idx [B, m] (distinct within a row)
+# and values v [B, m]. The kernels below never materialise S densely.
+
+
+def _rows_times_dense(idx: torch.Tensor, v: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``S @ W`` -> [B, d]: out[b] = sum_j v[b, j] * W[idx[b, j]] (embedding-bag, no gather copy)."""
+    return F.embedding_bag(idx, W, per_sample_weights=v, mode="sum")
+
+
+def _rows_t_times_dense(idx: torch.Tensor, v: torch.Tensor, Y: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """``S.T @ Y`` -> [d_sae, d]: out[i] = sum_{(b, j): idx[b, j] = i} v[b, j] * Y[b]."""
+    B, m = idx.shape
+    rows = torch.arange(B, device=idx.device).repeat_interleave(m)
+    st = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), rows]), v.reshape(-1), (d_sae, B),
+                                 check_invariants=False)
+    return torch.sparse.mm(st, Y)
+
+
+def _sampled_dot(idx: torch.Tensor, G: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``(G @ W.T)[b, idx[b, j]]`` -> [B, m] without computing the dense product (SDDMM)."""
+    B, m = idx.shape
+    crow = torch.arange(0, B * m + 1, m, device=idx.device, dtype=torch.int64)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(
+            crow, idx.reshape(-1), torch.zeros(B * m, dtype=G.dtype, device=G.device), (B, W.shape[0]),
+            check_invariants=False,
+        )
+        return torch.sparse.sampled_addmm(pattern, G, W.T, beta=0.0).values().view(B, m)
+
+
+class _GatherPreActs(torch.autograd.Function):
+    """Selected encoder pre-activations ``((x - b_dec) @ W_enc + b_enc)[b, idx[b, j]]``.
+
+    The forward returns values already computed by the dense no-grad encoder matmul (so they are
+    bit-identical to it); the backward only touches the selected entries: the gradient of the
+    dense pre-activation matrix is zero elsewhere, so the two dense backward matmuls reduce to
+    sparse products of cost O(B * m * d_in).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, selected: torch.Tensor, sae_in: torch.Tensor, W_enc: torch.Tensor,
+                b_enc: torch.Tensor, b_dec: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(sae_in, W_enc, idx)
+        return selected.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):  # type: ignore[override]
+        sae_in, W_enc, idx = ctx.saved_tensors
+        d_sae = W_enc.shape[1]
+        g = g.contiguous()
+        grad_b_enc = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
+        grad_W_enc = _rows_t_times_dense(idx, g, sae_in, d_sae).T
+        # sae_in = x - b_dec and x needs no gradient: d/d b_dec = -sum_b g_b @ W_enc.T = -W_enc @ grad_b_enc
+        grad_b_dec = -(W_enc @ grad_b_enc)
+        return None, None, grad_W_enc, grad_b_enc, grad_b_dec, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """``out[b] = sum_j v[b, j] * W_dec[idx[b, j]]`` with sparse forward and backward."""
+
+    @staticmethod
+    def forward(ctx: Any, v: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(v, idx, W_dec)
+        return _rows_times_dense(idx, v, W_dec)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):  # type: ignore[override]
+        v, idx, W_dec = ctx.saved_tensors
+        g = g.contiguous()
+        grad_v = _sampled_dot(idx, g, W_dec) if ctx.needs_input_grad[0] else None
+        grad_W = _rows_t_times_dense(idx, v, g, W_dec.shape[0]) if ctx.needs_input_grad[2] else None
+        return grad_v, None, grad_W
+
+
+def _take(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``v[idx]`` for a 1-D ``v`` (index_select: its backward is a deterministic index_add)."""
+    return v.index_select(0, idx.reshape(-1)).view(idx.shape)
+
+
+def _sorted_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k values and indices of each row, with the indices ascending within a row."""
+    vals, idx = torch.topk(x, k, dim=-1, sorted=False)
+    idx, order = idx.sort(dim=-1)
+    return vals.gather(-1, order), idx
+
+
+# ----------------------------------------------------- sparse kernels (BatchTopK path, COO / CSR)
+# Notation: a sparse matrix S [B, d_sae] with nnz entries at (rows[j], cols[j]), ordered row-major
+# (rows non-decreasing, cols ascending within a row), and values v [nnz]. The number of entries per
+# row varies (BatchTopK keeps k * B activations of the whole batch).
+
+
+class _COO:
+    """Row-major sparsity pattern of a ``[n_rows, n_cols]`` matrix (CSR row pointer included)."""
+
+    __slots__ = ("rows", "cols", "n_rows", "n_cols", "crow", "keep")
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int,
+                 keep: torch.Tensor | None = None) -> None:
+        self.rows, self.cols, self.n_rows, self.n_cols, self.keep = rows, cols, n_rows, n_cols, keep
+        counts = torch.bincount(rows, minlength=n_rows) if rows.numel() else rows.new_zeros(n_rows)
+        self.crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+    def column_range(self, lo: int, hi: int) -> "_COO":
+        """The entries with ``lo <= col < hi`` (same coordinates); ``keep`` selects their values."""
+        keep = ((self.cols >= lo) & (self.cols < hi)).nonzero().squeeze(1)
+        return _COO(self.rows[keep], self.cols[keep], self.n_rows, self.n_cols, keep)
+
+    def times_dense(self, v: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """``S @ W`` -> [n_rows, d] (one embedding bag per row; empty rows give 0)."""
+        return F.embedding_bag(self.cols, W, self.crow[:-1], mode="sum", per_sample_weights=v)
+
+    def t_times_dense(self, v: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """``S.T @ Y`` -> [n_cols, d]."""
+        st = torch.sparse_coo_tensor(torch.stack([self.cols, self.rows]), v, (self.n_cols, self.n_rows),
+                                     check_invariants=False)
+        return torch.sparse.mm(st, Y)
+
+    def sampled_dot(self, G: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """``(G @ W.T)[rows[j], cols[j]]`` -> [nnz] without the dense product (SDDMM)."""
+        if self.cols.numel() == 0:
+            return G.new_zeros(0)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            pattern = torch.sparse_csr_tensor(self.crow, self.cols, G.new_zeros(self.cols.numel()),
+                                              (self.n_rows, W.shape[0]), check_invariants=False)
+            return torch.sparse.sampled_addmm(pattern, G, W.T, beta=0.0).values()
+
+
+class _GatherPreActsCOO(torch.autograd.Function):
+    """Selected pre-activations ``((x - b_dec) @ W_enc + b_enc)[rows, cols]`` (COO analogue of
+    :class:`_GatherPreActs`): the forward returns the values of the dense no-grad matmul, the
+    backward touches only the selected entries."""
+
+    @staticmethod
+    def forward(ctx: Any, selected: torch.Tensor, sae_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
+                b_dec: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(sae_in, W_enc, rows, cols)
+        return selected.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):  # type: ignore[override]
+        sae_in, W_enc, rows, cols = ctx.saved_tensors
+        d_sae = W_enc.shape[1]
+        g = g.contiguous()
+        grad_b_enc = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
+        st = torch.sparse_coo_tensor(torch.stack([cols, rows]), g, (d_sae, sae_in.shape[0]), check_invariants=False)
+        grad_W_enc = torch.sparse.mm(st, sae_in).T
+        grad_b_dec = -(W_enc @ grad_b_enc)  # sae_in = x - b_dec, x needs no gradient
+        return None, None, grad_W_enc, grad_b_enc, grad_b_dec, None, None
+
+
+class _COODecode(torch.autograd.Function):
+    """``S @ W_dec`` for a :class:`_COO` pattern with values ``v``; sparse forward and backward."""
+
+    @staticmethod
+    def forward(ctx: Any, v: torch.Tensor, sp: _COO, W_dec: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(v, W_dec)
+        ctx.sp = sp
+        return sp.times_dense(v, W_dec)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):  # type: ignore[override]
+        v, W_dec = ctx.saved_tensors
+        sp: _COO = ctx.sp
+        g = g.contiguous()
+        grad_v = sp.sampled_dot(g, W_dec) if ctx.needs_input_grad[0] else None
+        grad_W = sp.t_times_dense(v, g) if ctx.needs_input_grad[2] else None
+        return grad_v, None, grad_W
+
+
+def _batch_topk_select(h: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols), row-major, of the positive entries among the ``m`` largest of ``h`` [B, d].
+
+    These are exactly the nonzero entries of BatchTopK's ``relu`` + flattened top-``m`` (selected
+    zeros carry no value and no gradient, so they are left out). Instead of a top-``m`` over all
+    ``B * d`` entries it first keeps the entries above a positive cut taken from a strided sample
+    (about 1.3 ``m`` survive) and takes the top ``m`` of those; when the cut is not positive or keeps
+    fewer than ``m`` entries it falls back to the positive entries. Either way the set is the exact
+    top ``m`` (ties aside).
+    """
+    B, d = h.shape
+    flat = h.reshape(-1)
+    total = flat.numel()
+    fidx: torch.Tensor | None = None
+    stride = max(1, int(m / 2048))  # ~2048 expected sample entries above the cut
+    while stride > 1 and math.gcd(stride, d) != 1:  # a stride sharing a factor with d would sample few columns
+        stride -= 1
+    if stride > 1:
+        sample = flat[::stride]
+        rank = min(sample.numel(), int(1.3 * m / total * sample.numel()) + 16)
+        cut = sample.topk(rank, sorted=False).values.min()
+        if float(cut) > 0:
+            cand = (flat > cut).nonzero().squeeze(1)
+            if cand.numel() >= m:
+                fidx = cand[flat[cand].topk(m, sorted=False).indices]
+    if fidx is None:
+        cand = (flat > 0).nonzero().squeeze(1)
+        fidx = cand if cand.numel() <= m else cand[flat[cand].topk(m, sorted=False).indices]
+    fidx = fidx.sort().values
+    return fidx // d, fidx % d
+
+
+# ----------------------------------------------------------------- dense encoder (ReLU / JumpReLU)
+class _DenseEncode(torch.autograd.Function):
+    """``(x - b_dec) @ W_enc + b_enc`` whose backward skips the ``[batch, d_in]`` input gradient.
+
+    Autograd would compute ``g @ W_enc.T`` (a full batch x d_sae x d_in matmul) only to sum it into
+    ``b_dec``'s gradient; since the batch needs no gradient, ``-W_enc @ g.sum(0)`` is the same value
+    at the cost of a matrix-vector product (one of the six big matmuls of a dense step saved).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+        sae_in = x - b_dec
+        ctx.save_for_backward(sae_in, W_enc)
+        return torch.addmm(b_enc, sae_in, W_enc)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):  # type: ignore[override]
+        sae_in, W_enc = ctx.saved_tensors
+        grad_b_enc = g.sum(dim=0)
+        grad_x = g @ W_enc.T if ctx.needs_input_grad[0] else None
+        return grad_x, sae_in.T @ g, grad_b_enc, -(W_enc @ grad_b_enc)
+
+
+def _encode_pre(sae: BaseSAE, x: torch.Tensor) -> torch.Tensor:
+    """Encoder pre-activations for a 2-D training batch (see :class:`_DenseEncode`)."""
+    return _DenseEncode.apply(x, sae.W_enc, sae.b_enc, sae.b_dec)
