@@ -270,3 +270,37 @@ def test_import_of_a_folder_that_is_not_an_sae_is_a_clear_error(first_run, tmp_p
     (tmp_path / "empty").mkdir()
     with pytest.raises(ArtifactError, match="not an SAE folder"):
         pipeline(tiny_config(import_saes=[str(tmp_path / "empty")]), str(root))
+
+
+# ------------------------------------------------------------------ the stage graph of docs/architecture.png
+def test_stage_graph_lists_the_stages_the_pipeline_reports(first_run):
+    """flows/graph.py STAGES (drawn into docs/architecture.png) names the stages a run reports, in
+    the order it runs them, and its evaluations are the pipeline's."""
+    from flows.graph import EVALUATION_STAGES, STAGES
+    from flows.pipeline import EVALUATIONS
+
+    _, out = first_run
+    names = [s.name for s in STAGES]
+    assert list(out.cached) == [n for n in names if n in out.cached]  # every reported stage, in graph order
+    assert set(names) - set(out.cached) == {"imported", "report", *EVALUATION_STAGES}  # not run by the tiny profile
+    assert out.report.name == "report.html" and out.report.parent == out.refs.results.dir
+    assert EVALUATION_STAGES == tuple(name for name, _ in EVALUATIONS)
+    stage_of_timing = {t.split("-")[0] for t in out.timings} - {"total"}
+    assert stage_of_timing <= set(names)
+
+
+def test_stage_graph_edges_are_the_artifacts_each_stage_reads():
+    """A stage's upstream edges are the artifacts its ``ref`` function takes (its cache inputs)."""
+    import inspect
+
+    from flows.graph import BY_NAME, EVALUATION_STAGES
+    from tasks import activations, corpus, imported, metrics, model, tables, train, vocab
+
+    saes = {"train", "imported"}
+    param_stage = {"model": {"model"}, "vocab": {"vocab"}, "corpus": {"corpus"}, "acts": {"activations"},
+                   "sae": saes, "saes": saes, "metrics": {"metrics"}, "evals": set(EVALUATION_STAGES)}
+    refs = {"model": model.ref, "vocab": vocab.ref, "corpus": corpus.ref, "activations": activations.ref,
+            "train": train.family_refs, "imported": imported.ref, "metrics": metrics.ref, "results": tables.ref}
+    for stage, ref_fn in refs.items():
+        reads = set().union(*(param_stage.get(p, set()) for p in inspect.signature(ref_fn).parameters))
+        assert set(BY_NAME[stage].upstream) == reads, stage
