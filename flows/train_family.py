@@ -63,9 +63,5 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return main_of("train-family", run_command, argv, __doc__)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_of("train-family", run_command, description=__doc__))
