@@ -14,17 +14,7 @@ from prefect import task
 
 from saeflow.artifacts import ArtifactRef, require_complete
 from saeflow.config import PipelineConfig
-from saeflow.report import (  # noqa: F401  (re-exported: the report's names, for callers of this stage)
-    MAX_ROWS,
-    PNG_MAGIC,
-    REPORT_HTML,
-    REPORT_MD,
-    RUN_JSON,
-    ReportError,
-    build_report,
-    result_files,
-    versions,
-)
+from saeflow.report import MAX_ROWS, build_report, result_files
 from tasks.common import publish_markdown, publish_table, stage_logger
 
 

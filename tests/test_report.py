@@ -1,5 +1,6 @@
-"""The run report: every table and plot of the results folder (the evaluations' subfolders
-included) in one self-contained HTML file + markdown, with config, versions and timings."""
+"""The run report (saeflow/report.py, rendered from saeflow/templates/): every table and plot of
+the results folder (the evaluations' subfolders included) in one self-contained HTML file +
+markdown, with config, versions and timings."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import pytest  # noqa: E402
 
 from saeflow.artifacts import COMPLETE_MARKER  # noqa: E402
 from saeflow.tables import write_table  # noqa: E402
-from tasks.report import PNG_MAGIC, REPORT_HTML, REPORT_MD, RUN_JSON, ReportError, build_report, result_files  # noqa: E402
+from saeflow.report import PNG_MAGIC, REPORT_HTML, REPORT_MD, RUN_JSON, ReportError, build_report, result_files  # noqa: E402
 
 CORE_COLUMNS = ["profile", "model", "hook", "architecture", "width", "k", "sae_fingerprint", "l0", "explained_variance",
                 "mse", "cossim", "ce_loss_score", "kl_with_sae", "frac_dead", "frac_dense"]

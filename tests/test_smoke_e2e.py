@@ -11,7 +11,7 @@ import pytest
 
 from flows.pipeline import pipeline, run_pipeline
 from saeflow.config import RunnerConfig, load_config
-from tasks.report import PNG_MAGIC
+from saeflow.report import PNG_MAGIC
 
 REPO = Path(__file__).resolve().parent.parent
 
