@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import json
 import os
 import re
@@ -19,18 +20,13 @@ import shutil
 import sys
 from pathlib import Path
 
-_FLOWS = ("pipeline", "extract", "train-family", "reevaluate")
+from flows.options import FLOWS, add_root_argument, add_run_arguments, guarded
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class CleanRefused(ValueError):
     """A ``clean`` request that would touch something it must not."""
-
-
-def _root_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--artifacts", metavar="DIR", default=None,
-                   help="artifacts root (default: $SAEFLOW_ARTIFACTS, else ./artifacts). A filesystem path; "
-                        "s3:// and other URLs are refused (see docs/operations.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,26 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a profile (the whole pipeline, or one of the partial flows)",
                          description="Run a profile. Stages already complete in the artifacts root are reused; a "
                                      "killed run continues where it stopped.")
-    run.add_argument("--config", metavar="YAML", default="configs/quick.yaml",
-                     help="profile YAML: configs/quick.yaml (default, CPU), configs/smoke.yaml (CI), "
-                          "configs/paper-gemma-2-2b.yaml (GPU + internet) or your own copy")
-    _root_arg(run)
-    run.add_argument("--flow", choices=_FLOWS, default="pipeline",
-                     help="pipeline: every stage + results + report (default); extract: activations only; "
-                          "train-family: activations + the SAE family, no evaluation; reevaluate: evaluate every "
-                          "SAE lacking current results, refresh tables")
-    run.add_argument("--runner", choices=("local", "dask"), default=None,
-                     help="task runner, overriding the profile's runner.kind: local (in this process) or dask "
-                          "(DaskTaskRunner; per-SAE tasks in parallel)")
-    run.add_argument("--address", metavar="tcp://HOST:PORT", default=None,
-                     help="with --runner dask: a running Dask scheduler; without it a LocalCluster is started")
-    run.add_argument("--workers", metavar="N", type=int, default=None,
-                     help="with --runner dask and no --address: LocalCluster worker processes (default 2)")
-    run.add_argument("--device", metavar="DEV", default=None,
-                     help="auto | cpu | cuda | cuda:N, overriding train.device (operational: recomputes nothing)")
-    run.add_argument("--sae-folder", metavar="DIR", default=None,
-                     help="with --flow reevaluate: folder of SAELens-layout SAEs (cfg.json + "
-                          "sae_weights.safetensors) to evaluate too")
+    add_run_arguments(run)
 
     rep = sub.add_parser("report", help="rebuild the HTML/markdown report of a profile's results",
                          description="Rebuild results/<profile>/report.html and report.md from the tables and plots "
@@ -69,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="profile name (the folder under results/); default: the name in --config")
     g.add_argument("--config", metavar="YAML", default=None,
                    help="profile YAML whose results to report (default configs/quick.yaml when --profile is not given)")
-    _root_arg(rep)
+    add_root_argument(rep)
 
     ls = sub.add_parser("list-artifacts", help="list the artifacts under the root (stage, fingerprint, status, size)",
                         description="List artifact folders: <root>/<stage>/<fingerprint>/ with their status "
@@ -78,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only this stage (model, vocab, corpus, activations, train, metrics, results, imported, "
                          "or an evaluation's stage)")
     ls.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
-    _root_arg(ls)
+    add_root_argument(ls)
 
     cl = sub.add_parser("clean", help="delete the artifacts of ONE stage (asks first)",
                         description="Delete artifact folders of one stage. Never touches other stages, the Prefect "
@@ -92,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only folders without a completion marker (interrupted runs); complete ones are kept")
     cl.add_argument("--yes", "-y", action="store_true", help="do not ask; delete")
     cl.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
-    _root_arg(cl)
+    add_root_argument(cl)
     return ap
 
 
@@ -103,58 +80,14 @@ def _root(arg: str | None) -> Path:
     return Path(local_root(arg))
 
 
-def _overrides(args: argparse.Namespace) -> dict:
-    over: dict = {}
-    if args.runner or args.address or args.workers:
-        over["runner"] = {k: v for k, v in {"kind": args.runner or ("dask" if args.address or args.workers else None),
-                                            "address": args.address, "n_workers": args.workers}.items() if v}
-    if args.device:
-        over["train"] = {"device": args.device}
-    return over
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.runner import load_profile
-    from flows.runner import with_runner
-
-    root = str(_root(args.artifacts))
-    over = _overrides(args)
-    if args.flow == "pipeline":
-        from flows.pipeline import run_pipeline
-
-        out = run_pipeline(load_profile(args.config, over), root)
-        print(json.dumps(out["cached"]))
-        print(f"results: {out['refs']['results']['path']}\nreport: {out['report']}")
-    elif args.flow == "extract":
-        from flows.extract import extract_flow
-
-        cfg = load_profile(args.config, over)
-        out = with_runner(extract_flow, cfg)(cfg, root)
-        print(json.dumps(out["cached"]))
-        print(f"activations: {out['refs']['activations']['path']}")
-    elif args.flow == "train-family":
-        from flows.train_family import train_family_flow
-
-        cfg = load_profile(args.config, over)
-        out = with_runner(train_family_flow, cfg)(cfg, root)
-        for m in out["members"]:
-            print(f"{m['sae']}: {'trained' if m['trained'] else 'already complete'} -> "
-                  f"{Path(root) / 'train' / m['train_fingerprint']}")
-    else:
-        from flows.reevaluate import reevaluate
-
-        out = reevaluate(args.config, root, args.sae_folder, over or None)
-        for item in out["evaluated"]:
-            print(f"evaluated: {item['sae']} ({item['source']})")
-        for item in out["skipped"]:
-            print(f"skipped: {item['sae']}: {item['reason']}")
-        print(f"{len(out['evaluated'])} evaluated, {len(out['up_to_date'])} up to date\nreport: {out['report']}")
-    return 0
+    """``saeflow run --flow X``: the flow module's own command (the same as ``python -m <module>``)."""
+    return importlib.import_module(FLOWS[args.flow]).run_command(args)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from saeflow.config import load_config
-    from tasks.report import build_report
+    from saeflow.report import build_report
 
     root = _root(args.artifacts)
     name = args.profile
@@ -310,14 +243,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from saeflow.artifacts import ArtifactError
-    from saeflow.config import ConfigError
-
-    try:
-        return {"run": cmd_run, "report": cmd_report, "list-artifacts": cmd_list, "clean": cmd_clean}[args.command](args)
-    except (ConfigError, ValueError, ArtifactError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
+    return guarded({"run": cmd_run, "report": cmd_report, "list-artifacts": cmd_list, "clean": cmd_clean}[args.command],
+                   args)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,14 @@ pipeline run reuses them.
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 
 from tasks import common  # noqa: F401  (sets Prefect's offline settings before prefect loads)
 from prefect import flow
 
+from flows.options import main_of, overrides
 from flows.runner import StageRunner, load_profile, resolve_root, with_runner
 from saeflow.artifacts import ArtifactRef
 from saeflow.config import PipelineConfig
@@ -65,7 +68,14 @@ def extract(profile: str = "configs/quick.yaml", artifacts: str | None = None, o
     return with_runner(extract_flow, config)(config, artifacts)
 
 
-if __name__ == "__main__":
-    from flows.cli import main
+def run_command(args: argparse.Namespace) -> int:
+    """``saeflow run --flow extract`` / ``python -m flows.extract``."""
+    cfg = load_profile(args.config, overrides(args))
+    out = with_runner(extract_flow, cfg)(cfg, args.artifacts)
+    print(json.dumps(out["cached"]))
+    print(f"activations: {out['refs']['activations']['path']}")
+    return 0
 
-    sys.exit(main(["run", "--flow", "extract", *sys.argv[1:]]))
+
+if __name__ == "__main__":
+    sys.exit(main_of("extract", run_command, description=__doc__))

@@ -1,11 +1,13 @@
 """The main job: model -> vocab -> corpus -> activations -> train (the SAE family, one pass) -> core
 metrics (one task per SAE) -> the evaluations the profile enables (absorption, stitching, meta-SAE,
 probing; each a ``tasks/<eval>.py`` ``run(ctx)``) -> results tables + plots -> the run report
-(``results/<profile>/report.html``, tasks/report.py).
+(``results/<profile>/report.html``: saeflow/report.py, the task in tasks/report.py). The stages are
+listed once in flows/graph.py (drawn into docs/architecture.png).
 
-Run a profile: ``python -m flows.pipeline --config configs/quick.yaml [--artifacts DIR]``.
-The artifacts root comes from ``--artifacts``, else ``$SAEFLOW_ARTIFACTS``, else ``artifacts/``.
-The task runner is the profile's ``runner:`` (local, or Dask: docs/operations.md).
+Run a profile: ``python -m flows.pipeline --config configs/quick.yaml [--artifacts DIR]`` (the
+options of ``saeflow run``). The artifacts root comes from ``--artifacts``, else
+``$SAEFLOW_ARTIFACTS``, else ``artifacts/``. The task runner is the profile's ``runner:`` (local,
+or Dask: docs/operations.md). The flow returns a :class:`flows.summary.PipelineSummary`.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from pathlib import Path
 from tasks import common  # noqa: F401  (sets Prefect's offline settings before prefect loads)
 from prefect import flow
 
-from flows.runner import StageRunner, resolve_root, with_runner
+from flows.options import main_of, overrides
+from flows.runner import StageRunner, load_profile, resolve_root, with_runner
+from flows.summary import EvalRefs, MemberSummary, PipelineRefs, PipelineSummary, StageTiming
 from saeflow import remote
-from saeflow.artifacts import ArtifactError, ArtifactRef
-from saeflow.config import ConfigError, PipelineConfig, load_config
+from saeflow.artifacts import ArtifactRef
+from saeflow.config import PipelineConfig
 from saeflow.saes import describe_sae
 from flows.evals import absorption, meta_sae, probing, stitching
 from tasks import activations, corpus, imported, metrics, model, report, tables, train, vocab
@@ -34,8 +38,11 @@ EVALUATIONS = (("absorption", absorption), ("stitching", stitching), ("meta_sae"
 
 
 @flow(name="saeflow-pipeline", log_prints=True)
-def pipeline(config: PipelineConfig, artifacts: str | None = None, extra_saes: list[ArtifactRef] | None = None) -> dict:
-    """Run every stage of one profile; returns artifact references and which stages were cached.
+def pipeline(config: PipelineConfig, artifacts: str | None = None,
+             extra_saes: list[ArtifactRef] | None = None) -> PipelineSummary:
+    """Run every stage of one profile; returns a :class:`PipelineSummary`: the artifact references
+    (``refs``), which stages were cached (``cached``), one line per family member (``members``),
+    stage timings (``timings``) and the report's path (``report``); see :mod:`flows.summary`.
 
     The task runner is the flow's: Prefect's default here; :func:`run_pipeline` applies the
     profile's ``runner:`` (e.g. Dask). With ``runner.kind: dask`` every stage is submitted to the
@@ -44,19 +51,6 @@ def pipeline(config: PipelineConfig, artifacts: str | None = None, extra_saes: l
 
     ``extra_saes``: complete SAE artifacts of this profile's activations (e.g. ``train/`` folders
     of an earlier family, found by ``flows.reevaluate``) evaluated after the imported ones.
-
-    Returns ``{"refs", "cached", "members", "timings", "report"}``:
-
-    - ``refs``: stage -> reference (``stage``, ``fingerprint``, ``path``); ``refs["train"]`` and
-      ``refs["metrics"]`` are lists with one entry per SAE of the family (one for a plain ``sae:``
-      profile), in :meth:`PipelineConfig.sae_configs` order; ``refs["imported"]`` lists the
-      ``import_saes`` folders copied in, whose metrics follow the family's in ``refs["metrics"]``.
-    - ``cached``: stage -> bool, the Prefect cache was hit; ``metrics`` is True when every
-      member's metrics task was cached.
-    - ``members``: per SAE ``{"sae", "train_fingerprint", "trained", "metrics_cached"}``, where
-      ``trained`` says whether this run trained it (False: its artifact was already complete).
-    - ``timings``: stage name -> ``{"seconds", "cached"}`` (wall time seen by the flow).
-    - ``report``: path of the run's self-contained HTML report (``results/<profile>/report.html``).
     """
     root = resolve_root(artifacts)
     dev = config.train.device
@@ -108,49 +102,37 @@ def pipeline(config: PipelineConfig, artifacts: str | None = None, extra_saes: l
     if remote.url_of(root) is not None:  # the report and the profile's results folder, to the URL root
         remote.push_tree(r.dir)
         remote.push_tree(Path(root) / "results" / config.name)
-    members = [{"sae": describe_sae(cfg), "train_fingerprint": ref.fingerprint, "trained": not before,
-                "metrics_cached": hit[f"metrics-{i}"]}
+    members = [MemberSummary(sae=describe_sae(cfg), train_fingerprint=ref.fingerprint, trained=not before,
+                             metrics_cached=hit[f"metrics-{i}"])
                for i, (cfg, ref, before) in enumerate(zip(saes, s, complete_before))]
-    refs = {"model": m.model_dump(), "vocab": v.model_dump(), "corpus": c.model_dump(),
-            "activations": a.model_dump(), "train": [x.model_dump() for x in s],
-            "metrics": [x.model_dump() for x in mt], "results": r.model_dump(),
-            "imported": [x.model_dump() for x in ext[:n_imported]]}
-    if extra_saes:
-        refs["extra_saes"] = [x.model_dump() for x in ext[n_imported:]]
-    for name, (out, _) in evals.items():
-        refs[name] = {"per_sae": [x.model_dump() if x is not None else None for x in out.per_sae],
-                      "results": out.results.model_dump() if out.results is not None else None,
-                      "refs": [x.model_dump() for x in out.refs]}
-    return {"refs": refs, "cached": cached, "members": members, "timings": timings, "report": str(html)}
+    refs = PipelineRefs(model=m, vocab=v, corpus=c, activations=a, train=s, imported=ext[:n_imported],
+                        extra_saes=ext[n_imported:], metrics=mt, results=r,
+                        evals={name: EvalRefs(per_sae=out.per_sae, results=out.results, refs=out.refs)
+                               for name, (out, _) in evals.items()})
+    return PipelineSummary(refs=refs, cached=cached, members=members, report=Path(html),
+                           timings={name: StageTiming(**t) for name, t in timings.items()})
 
 
-def run_pipeline(config: PipelineConfig, artifacts: str | None = None, extra_saes: list[ArtifactRef] | None = None) -> dict:
+def run_pipeline(config: PipelineConfig, artifacts: str | None = None,
+                 extra_saes: list[ArtifactRef] | None = None) -> PipelineSummary:
     """:func:`pipeline` on the profile's task runner (``runner:``: local or Dask)."""
     return with_runner(pipeline, config)(config, artifacts, extra_saes)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/quick.yaml", help="profile YAML (configs/quick.yaml, smoke.yaml, ...)")
-    ap.add_argument("--artifacts", default=None, help="artifacts root (default: $SAEFLOW_ARTIFACTS or artifacts/)")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        out = run_pipeline(cfg, args.artifacts)
-    except (ValueError, ArtifactError) as exc:  # every saeflow user-facing error is one of these
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(out["cached"]))
-    results = Path(out["refs"]["results"]["path"])
+def run_command(args: argparse.Namespace) -> int:
+    """``saeflow run`` / ``python -m flows.pipeline``: run the profile, print what was cached, the
+    core results table and where the results and the report are."""
+    out = run_pipeline(load_profile(args.config, overrides(args)), args.artifacts)
+    print(json.dumps(out.cached))
+    results = out.refs.results.dir
     print(f"results: {results / 'core_metrics.md'} (frontier plot: {results / tables.FRONTIER_PNG})")
     print((results / "core_metrics.md").read_text())
-    print(f"report: {out['report']}")
+    print(f"report: {out.report}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return main_of("pipeline", run_command, argv, __doc__)
 
 
 if __name__ == "__main__":

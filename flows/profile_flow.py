@@ -25,5 +25,5 @@ def run_profile(profile: str = "configs/quick.yaml", artifacts: str | None = Non
     """
     config = load_profile(profile, overrides)
     out = run_pipeline(config, artifacts)
-    return {"profile": config.name, "cached": out["cached"], "timings": out["timings"],
-            "results": out["refs"]["results"]["path"], "report": out["report"], "members": out["members"]}
+    return {"profile": config.name, **out.model_dump(mode="json", include={"cached", "timings", "members", "report"}),
+            "results": out.refs.results.path}

@@ -23,6 +23,7 @@ results (``evaluated``) or found them all present.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -32,8 +33,10 @@ from tasks import common  # noqa: F401  (sets Prefect's offline settings before 
 from prefect import flow
 
 from flows.extract import expected_activations, prepare_root
+from flows.options import main_of, overrides
 from flows.pipeline import run_pipeline
 from flows.runner import load_profile
+from flows.summary import PipelineSummary
 from saeflow.artifacts import COMPLETE_MARKER, ArtifactRef, is_complete
 from saeflow.config import PipelineConfig
 from saeflow.saes import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
@@ -108,13 +111,11 @@ def _new_since(path: str | None, t0: float) -> bool:
     return marker.is_file() and marker.stat().st_mtime >= t0
 
 
-def _per_sae_paths(out: dict, i: int) -> list[str | None]:
-    refs = out["refs"]
-    paths: list[str | None] = [refs["metrics"][i]["path"]]
-    for value in refs.values():
-        if isinstance(value, dict) and "per_sae" in value:
-            per_sae = value["per_sae"]
-            paths.append(per_sae[i]["path"] if i < len(per_sae) and per_sae[i] is not None else None)
+def _per_sae_paths(out: PipelineSummary, i: int) -> list[str | None]:
+    refs = out.refs
+    paths: list[str | None] = [refs.metrics[i].path]
+    for ev in refs.evals.values():
+        paths.append(ev.per_sae[i].path if i < len(ev.per_sae) and ev.per_sae[i] is not None else None)
     return paths
 
 
@@ -152,27 +153,35 @@ def reevaluate(profile: str = "configs/quick.yaml", artifacts: str | None = None
                 len(members), len(trained), len(dropped), len(skipped))
     t0 = time.time() - 1e-3
     out = run_pipeline(run_config, root, extra_saes=trained)
-    refs = out["refs"]
-    saes = ([(r, "family") for r in refs["train"]] + [(r, f"dropped: {p}") for r, p in zip(refs["imported"], imports)]
-            + [(r, "trained") for r in refs.get("extra_saes", [])])
+    refs = out.refs
+    saes = ([(r, "family") for r in refs.train] + [(r, f"dropped: {p}") for r, p in zip(refs.imported, imports)]
+            + [(r, "trained") for r in refs.extra_saes])
     evaluated, up_to_date = [], []
     for i, (r, source) in enumerate(saes):
-        item = {"sae": r["path"], "fingerprint": r["fingerprint"], "source": source}
+        item = {"sae": r.path, "fingerprint": r.fingerprint, "source": source}
         (evaluated if any(_new_since(p, t0) for p in _per_sae_paths(out, i)) else up_to_date).append(item)
     new = []
-    for name, value in refs.items():
-        if isinstance(value, dict) and "refs" in value:
-            new += [x["path"] for x in value["refs"] + [value["results"]] if x is not None and _new_since(x["path"], t0)]
+    for ev in refs.evals.values():
+        new += [x.path for x in ev.refs + [ev.results] if x is not None and _new_since(x.path, t0)]
     for item in evaluated:
         logger.info("reevaluate: evaluated %s (%s)", item["sae"], item["source"])
     for item in skipped:
         logger.warning("reevaluate: skipped %s: %s", item["sae"], item["reason"])
     logger.info("reevaluate: %d SAEs evaluated, %d already up to date", len(evaluated), len(up_to_date))
     return {"evaluated": evaluated, "up_to_date": up_to_date, "skipped": skipped, "new_artifacts": new,
-            "results": refs["results"]["path"], "report": out["report"]}
+            "results": refs.results.path, "report": str(out.report)}
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``saeflow run --flow reevaluate`` / ``python -m flows.reevaluate``."""
+    out = reevaluate(args.config, args.artifacts, args.sae_folder, overrides(args) or None)
+    for item in out["evaluated"]:
+        print(f"evaluated: {item['sae']} ({item['source']})")
+    for item in out["skipped"]:
+        print(f"skipped: {item['sae']}: {item['reason']}")
+    print(f"{len(out['evaluated'])} evaluated, {len(out['up_to_date'])} up to date\nreport: {out['report']}")
+    return 0
 
 
 if __name__ == "__main__":
-    from flows.cli import main
-
-    sys.exit(main(["run", "--flow", "reevaluate", *sys.argv[1:]]))
+    sys.exit(main_of("reevaluate", run_command, description=__doc__))

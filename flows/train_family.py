@@ -7,13 +7,16 @@ evaluates what it trained.
 
 from __future__ import annotations
 
+import argparse
 import sys
+from pathlib import Path
 
 from tasks import common  # noqa: F401  (sets Prefect's offline settings before prefect loads)
 from prefect import flow
 
 from flows.extract import extract_stages, prepare_root, summary
-from flows.runner import StageRunner, load_profile, with_runner
+from flows.options import main_of, overrides
+from flows.runner import StageRunner, load_profile, local_root, with_runner
 from saeflow.config import PipelineConfig
 from saeflow.saes import describe_sae
 from tasks import train
@@ -51,7 +54,15 @@ def train_family(profile: str = "configs/quick.yaml", artifacts: str | None = No
     return with_runner(train_family_flow, config)(config, artifacts)
 
 
-if __name__ == "__main__":
-    from flows.cli import main
+def run_command(args: argparse.Namespace) -> int:
+    """``saeflow run --flow train-family`` / ``python -m flows.train_family``."""
+    cfg = load_profile(args.config, overrides(args))
+    out = with_runner(train_family_flow, cfg)(cfg, args.artifacts)
+    root = Path(local_root(args.artifacts))
+    for m in out["members"]:
+        print(f"{m['sae']}: {'trained' if m['trained'] else 'already complete'} -> {root / 'train' / m['train_fingerprint']}")
+    return 0
 
-    sys.exit(main(["run", "--flow", "train-family", *sys.argv[1:]]))
+
+if __name__ == "__main__":
+    sys.exit(main_of("train-family", run_command, description=__doc__))

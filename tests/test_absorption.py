@@ -373,8 +373,8 @@ def test_pipeline_tiny_runs_absorption_and_caches(tmp_path):
 
     cfg = tiny_config(absorption=_abs_cfg())
     out = pipeline(cfg, str(tmp_path))
-    refs = out["refs"]["absorption"]
-    summary = json.loads((tmp_path / "absorption" / refs["per_sae"][0]["fingerprint"] / "summary.json").read_text())
+    refs = out.refs.evals["absorption"]
+    summary = json.loads((tmp_path / "absorption" / refs.per_sae[0].fingerprint / "summary.json").read_text())
     for col in ("absorption_mean_fraction", "absorption_mean_full", "absorption_mean_split_features",
                 "absorption_rate", "absorption_std_fraction", "absorption_letters"):
         assert col in summary
@@ -384,11 +384,11 @@ def test_pipeline_tiny_runs_absorption_and_caches(tmp_path):
     for f in ("absorption_summary.parquet", "absorption_letters.md", "absorption_examples.md",
               "absorption_vs_l0.png", "absorption_by_letter.png"):
         assert (results / "absorption" / f).is_file(), f
-    data = pd.read_parquet(tmp_path / "absorption_data" / refs["refs"][0]["fingerprint"] / "prompts.parquet")
+    data = pd.read_parquet(tmp_path / "absorption_data" / refs.refs[0].fingerprint / "prompts.parquet")
     kept = data[data["skip"] == ""]
     assert len(kept) and (kept["position"] > 0).all()
     again = pipeline(cfg, str(tmp_path))
-    assert again["cached"]["absorption"]
+    assert again.cached["absorption"]
 
 
 def test_pipeline_refuses_when_too_few_letters_pass(tmp_path):

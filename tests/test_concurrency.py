@@ -22,7 +22,8 @@ from flows.pipeline import pipeline
 from saeflow.config import load_config
 t0 = time.time()
 out = pipeline(load_config(sys.argv[1]), sys.argv[2])
-print("RESULT " + json.dumps({"refs": out["refs"], "cached": out["cached"], "start": t0, "end": time.time()}), flush=True)
+print("RESULT " + json.dumps({"refs": out.refs.model_dump(mode="json"), "cached": out.cached, "start": t0,
+                             "end": time.time()}), flush=True)
 """
 #: Log lines each stage writes only when it computes its artifact (not when it finds it complete).
 COMPUTED = {

@@ -76,21 +76,21 @@ def test_evaluation_columns_and_tables_reach_the_results(tmp_path, fake_eval):
     CALLS.clear()
     fake_eval(0.5)
     out = fp.pipeline(cfg, str(tmp_path))
-    results = Path(out["refs"]["results"]["path"])
+    results = Path(out.refs.results.path)
     table = pd.read_parquet(results / "core_metrics.parquet")
     assert sorted(table["fake_width_plus"]) == [64.5, 128.5]
     assert (results / "absorption" / "fake_table.parquet").is_file()
     assert not (results / "absorption" / "config.json").exists()
-    assert out["cached"]["absorption"] is False and len(CALLS) == 2
-    assert len(out["refs"]["absorption"]["per_sae"]) == 2
+    assert out.cached["absorption"] is False and len(CALLS) == 2
+    assert len(out.refs.evals["absorption"].per_sae) == 2
 
     again = fp.pipeline(cfg, str(tmp_path))
-    assert again["cached"]["absorption"] is True and again["cached"]["results"] is True and len(CALLS) == 2
+    assert again.cached["absorption"] is True and again.cached["results"] is True and len(CALLS) == 2
 
     fake_eval(1.5)  # the evaluation's output changes: its stages and the results table are redone
     third = fp.pipeline(cfg, str(tmp_path))
-    assert third["cached"]["absorption"] is False and third["cached"]["results"] is False
-    table = pd.read_parquet(Path(third["refs"]["results"]["path"]) / "core_metrics.parquet")
+    assert third.cached["absorption"] is False and third.cached["results"] is False
+    table = pd.read_parquet(Path(third.refs.results.path) / "core_metrics.parquet")
     assert sorted(table["fake_width_plus"]) == [65.5, 129.5]
 
 
@@ -98,4 +98,4 @@ def test_disabled_evaluation_is_not_run(tmp_path, fake_eval):
     CALLS.clear()
     fake_eval(0.0)
     out = fp.pipeline(tiny_config(), str(tmp_path))
-    assert "absorption" not in out["cached"] and CALLS == []
+    assert "absorption" not in out.cached and CALLS == []

@@ -273,7 +273,7 @@ def test_meta_sae_through_the_pipeline(tmp_path, one_thread):
                       meta_sae={"train_steps": 30, "batch_size": 64, "n_examples": 2, "example_rows": 1024,
                                 "checkpoint_every": 10, "log_every": 10})
     out = fp.pipeline(cfg, str(tmp_path))
-    results = Path(out["refs"]["results"]["path"])
+    results = Path(out.refs.results.path)
     table = pd.read_parquet(results / "core_metrics.parquet")
     for col in ("meta_sae_fve", "meta_sae_mse", "meta_sae_width", "meta_sae_mean_latents_per_meta"):
         assert table[col].notna().all(), col
@@ -287,11 +287,11 @@ def test_meta_sae_through_the_pipeline(tmp_path, one_thread):
     assert cross[["smaller_width", "larger_width"]].values.tolist() == [[64, 128]]
     page = (results / "meta_sae" / "examples.md").read_text()
     assert page.count("## Latent ") == 2 and "**" in page and "M" in page
-    per = out["refs"]["meta_sae"]["per_sae"]
-    dec = pd.read_parquet(Path(out["refs"]["meta_sae"]["refs"][1]["path"]) / "decomposition.parquet")
+    per = out.refs.evals["meta_sae"].per_sae
+    dec = pd.read_parquet(Path(out.refs.evals["meta_sae"].refs[1].path) / "decomposition.parquet")
     assert len(dec) == 128 and len(per) == 2
-    summary = json.loads((Path(per[1]["path"]) / "summary.json").read_text())
+    summary = json.loads((Path(per[1].path) / "summary.json").read_text())
     assert all(k.startswith("meta_sae_") for k in summary)
     # a re-run is fully cached
     again = fp.pipeline(cfg, str(tmp_path))
-    assert again["cached"]["meta_sae"] is True
+    assert again.cached["meta_sae"] is True

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from flows.pipeline import main, pipeline
-from saeflow.artifacts import ArtifactError, COMPLETE_MARKER
+from saeflow.artifacts import ArtifactError, ArtifactRef, COMPLETE_MARKER
 from saeflow.config import ConfigError, load_config
 from tests.helpers import tiny_config, write_config
 
@@ -26,60 +26,61 @@ def first_run(tmp_path_factory):
 
 def test_every_stage_writes_its_artifact(first_run):
     root, out = first_run
-    refs = out["refs"]
+    refs = out.refs
     for stage in STAGES:
-        for ref in refs[stage] if isinstance(refs[stage], list) else [refs[stage]]:
-            d = Path(ref["path"])
+        refs_of_stage = getattr(refs, stage)
+        for ref in refs_of_stage if isinstance(refs_of_stage, list) else [refs_of_stage]:
+            d = Path(ref.path)
             assert (d / COMPLETE_MARKER).is_file(), stage
             assert (d / "config.json").is_file(), stage
-    assert len(refs["train"]) == len(refs["metrics"]) == 1  # a plain sae: profile is a one-member family
-    assert Path(refs["model"]["path"]).parent.parent == root
-    sae_dir = Path(refs["train"][0]["path"])
+    assert len(refs.train) == len(refs.metrics) == 1  # a plain sae: profile is a one-member family
+    assert Path(refs.model.path).parent.parent == root
+    sae_dir = Path(refs.train[0].path)
     assert (sae_dir / "cfg.json").is_file() and (sae_dir / "sae_weights.safetensors").is_file()
-    vocab = pd.read_parquet(Path(refs["vocab"]["path"]) / "vocab.parquet")
+    vocab = pd.read_parquet(Path(refs.vocab.path) / "vocab.parquet")
     assert set(vocab["split"]) == {"train", "test"}
-    table = pd.read_parquet(Path(refs["results"]["path"]) / "core_metrics.parquet")
+    table = pd.read_parquet(Path(refs.results.path) / "core_metrics.parquet")
     assert len(table) == 1
     for col in ["l0", "explained_variance", "explained_variance_legacy", "mse", "cossim", "ce_loss_score",
                 "kl_with_sae", "frac_dead", "frac_dense", "ce_clean", "ce_with_sae", "ce_with_ablation"]:
         assert col in table.columns and np.isfinite(table[col].iloc[0]), col
     assert 0 < table["l0"].iloc[0] <= 8
-    assert (Path(refs["results"]["path"]) / "core_metrics.md").read_text().count("|") > 10
-    metrics_dir = Path(refs["metrics"][0]["path"])
+    assert (Path(refs.results.path) / "core_metrics.md").read_text().count("|") > 10
+    metrics_dir = Path(refs.metrics[0].path)
     assert np.load(metrics_dir / "density.npy").shape == (128,)
 
 
 def test_second_run_reuses_every_stage(first_run):
     root, out = first_run
     again = pipeline(tiny_config(), str(root))
-    assert again["cached"] == {s: True for s in STAGES}
-    assert again["refs"] == out["refs"]
+    assert again.cached == {s: True for s in STAGES}
+    assert again.refs == out.refs
 
 
 def test_changing_sae_config_reruns_only_training_onward(first_run):
     root, out = first_run
     again = pipeline(tiny_config(sae__k=4), str(root))
-    assert again["cached"] == {"model": True, "vocab": True, "corpus": True, "activations": True,
+    assert again.cached == {"model": True, "vocab": True, "corpus": True, "activations": True,
                                "train": False, "metrics": False, "results": False}
-    assert again["refs"]["activations"] == out["refs"]["activations"]
+    assert again.refs.activations == out.refs.activations
 
 
 def test_changing_layer_reruns_extraction_onward(first_run):
     root, out = first_run
     again = pipeline(tiny_config(activations__hook="blocks.0.hook_resid_post"), str(root))
-    assert again["cached"]["corpus"] and again["cached"]["vocab"]
-    assert not again["cached"]["activations"] and not again["cached"]["train"]
-    assert again["refs"]["activations"] != out["refs"]["activations"]
+    assert again.cached["corpus"] and again.cached["vocab"]
+    assert not again.cached["activations"] and not again.cached["train"]
+    assert again.refs.activations != out.refs.activations
 
 
 def test_deleted_artifact_is_rebuilt_not_returned_as_a_dangling_path(first_run):
     root, out = first_run
-    sae_dir = Path(out["refs"]["train"][0]["path"])
+    sae_dir = Path(out.refs.train[0].path)
     shutil.rmtree(sae_dir)
     again = pipeline(tiny_config(), str(root))
-    assert not again["cached"]["train"] and again["cached"]["activations"]
+    assert not again.cached["train"] and again.cached["activations"]
     assert (sae_dir / COMPLETE_MARKER).is_file()
-    assert again["refs"] == out["refs"]
+    assert again.refs == out.refs
 
 
 # ------------------------------------------------------------------ bad input
@@ -136,8 +137,8 @@ def test_sae_from_another_width_is_refused(first_run, tmp_path):
 
     root, out = first_run
     other = pipeline(tiny_config(model={"name": "tiny-random", "tiny_layers": 2, "tiny_d_model": 32, "seed": 0}), str(root))
-    sae_dir = Path(other["refs"]["train"][0]["path"])
-    store = ActivationStore.open(out["refs"]["activations"]["path"])
+    sae_dir = Path(other.refs.train[0].path)
+    store = ActivationStore.open(out.refs.activations.path)
     with pytest.raises(SAEMismatchError, match="d_in=32"):
         check_sae_fits(load_sae(sae_dir), sae_dir, store)
 
@@ -146,8 +147,8 @@ def test_sae_from_another_width_is_refused(first_run, tmp_path):
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _complete_meta(ref: dict) -> tuple[dict, int]:
-    p = Path(ref["path"]) / COMPLETE_MARKER
+def _complete_meta(ref: ArtifactRef) -> tuple[dict, int]:
+    p = Path(ref.path) / COMPLETE_MARKER
     return json.loads(p.read_text()), p.stat().st_mtime_ns
 
 
@@ -157,13 +158,13 @@ def test_family_table_frontier_and_adding_one_member_trains_only_it(first_run):
     root, single = first_run
     grid = {"widths": [64, 128], "ks": [4, 8]}
     out = pipeline(tiny_config(family=grid), str(root))
-    assert all(out["cached"][s] for s in ("model", "vocab", "corpus", "activations"))
-    assert [m["sae"] for m in out["members"]] == ["topk width=64 k=4", "topk width=64 k=8", "topk width=128 k=4",
+    assert all(out.cached[s] for s in ("model", "vocab", "corpus", "activations"))
+    assert [m.sae for m in out.members] == ["topk width=64 k=4", "topk width=64 k=8", "topk width=128 k=4",
                                                   "topk width=128 k=8"]
     # the plain `sae: {width: 128, k: 8}` run of first_run is this family's last member: same folder, not retrained
-    assert out["refs"]["train"][3] == single["refs"]["train"][0] and not out["members"][3]["trained"]
-    assert out["members"][0]["trained"] and out["members"][1]["trained"]
-    results = Path(out["refs"]["results"]["path"])
+    assert out.refs.train[3] == single.refs.train[0] and not out.members[3].trained
+    assert out.members[0].trained and out.members[1].trained
+    results = Path(out.refs.results.path)
     table = pd.read_parquet(results / "core_metrics.parquet")
     assert len(table) == 4
     assert list(zip(table["architecture"], table["width"], table["k"])) == [("topk", 64, 4), ("topk", 64, 8),
@@ -177,31 +178,31 @@ def test_family_table_frontier_and_adding_one_member_trains_only_it(first_run):
     img = matplotlib.image.imread(png)
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
     # both members of the family were trained together, in one pass
-    meta0, _ = _complete_meta(out["refs"]["train"][0])
-    assert meta0["trained_together"] == [out["refs"]["train"][0]["fingerprint"], out["refs"]["train"][1]["fingerprint"]]
+    meta0, _ = _complete_meta(out.refs.train[0])
+    assert meta0["trained_together"] == [out.refs.train[0].fingerprint, out.refs.train[1].fingerprint]
 
-    before = [_complete_meta(r) for r in out["refs"]["train"]]
+    before = [_complete_meta(r) for r in out.refs.train]
     grown = {"members": [{"width": 64, "k": 4}, {"width": 64, "k": 8}, {"width": 128, "k": 4}, {"width": 128, "k": 8},
                          {"width": 64, "k": 2}]}
     again = pipeline(tiny_config(family=grown), str(root))
-    assert again["refs"]["train"][:4] == out["refs"]["train"]  # an explicit list names the same SAEs as the grid
-    assert [m["trained"] for m in again["members"]] == [False, False, False, False, True]
-    assert [m["metrics_cached"] for m in again["members"]] == [True, True, True, True, False]
-    assert [_complete_meta(r) for r in again["refs"]["train"][:4]] == before  # untouched, not retrained
-    new_meta, _ = _complete_meta(again["refs"]["train"][4])
-    assert new_meta["trained_together"] == [again["refs"]["train"][4]["fingerprint"]]
-    assert not again["cached"]["train"] and not again["cached"]["results"]
-    assert len(pd.read_parquet(Path(again["refs"]["results"]["path"]) / "core_metrics.parquet")) == 5
+    assert again.refs.train[:4] == out.refs.train  # an explicit list names the same SAEs as the grid
+    assert [m.trained for m in again.members] == [False, False, False, False, True]
+    assert [m.metrics_cached for m in again.members] == [True, True, True, True, False]
+    assert [_complete_meta(r) for r in again.refs.train[:4]] == before  # untouched, not retrained
+    new_meta, _ = _complete_meta(again.refs.train[4])
+    assert new_meta["trained_together"] == [again.refs.train[4].fingerprint]
+    assert not again.cached["train"] and not again.cached["results"]
+    assert len(pd.read_parquet(Path(again.refs.results.path) / "core_metrics.parquet")) == 5
     # the same family once more: every stage cached
     third = pipeline(tiny_config(family=grown), str(root))
-    assert all(third["cached"].values()) and not any(m["trained"] for m in third["members"])
+    assert all(third.cached.values()) and not any(m.trained for m in third.members)
 
 
 def test_mixed_family_table_has_a_coefficient_column(first_run):
     root, _ = first_run
     fam = {"architectures": ["relu", "batchtopk"], "widths": [64], "ks": [4], "l1_coefficients": [0.5]}
     out = pipeline(tiny_config(family=fam), str(root))
-    table = pd.read_parquet(Path(out["refs"]["results"]["path"]) / "core_metrics.parquet")
+    table = pd.read_parquet(Path(out.refs.results.path) / "core_metrics.parquet")
     assert list(table["architecture"]) == ["relu", "batchtopk"]
     assert pd.isna(table["k"].iloc[0]) and table["k"].iloc[1] == 4
     assert table["coefficient"].iloc[0] == 0.5 and pd.isna(table["coefficient"].iloc[1])
@@ -255,13 +256,13 @@ def test_saelens_format_saes_are_imported_into_the_evaluations(first_run, tmp_pa
     sl.save_model(str(folder))
     cfg = tiny_config(import_saes=[str(folder)])
     res = pipeline(cfg, str(root))
-    assert len(res["refs"]["imported"]) == 1 and len(res["refs"]["metrics"]) == 2
-    table = pd.read_parquet(Path(res["refs"]["results"]["path"]) / "core_metrics.parquet")
+    assert len(res.refs.imported) == 1 and len(res.refs.metrics) == 2
+    table = pd.read_parquet(Path(res.refs.results.path) / "core_metrics.parquet")
     assert len(table) == 2
     row = table[table["width"] == 96].iloc[0]
     assert row["architecture"] == "standard" and np.isfinite(row["explained_variance"])
     again = pipeline(cfg, str(root))
-    assert again["cached"]["imported"] and again["cached"]["metrics"]
+    assert again.cached["imported"] and again.cached["metrics"]
 
 
 def test_import_of_a_folder_that_is_not_an_sae_is_a_clear_error(first_run, tmp_path):
@@ -269,3 +270,37 @@ def test_import_of_a_folder_that_is_not_an_sae_is_a_clear_error(first_run, tmp_p
     (tmp_path / "empty").mkdir()
     with pytest.raises(ArtifactError, match="not an SAE folder"):
         pipeline(tiny_config(import_saes=[str(tmp_path / "empty")]), str(root))
+
+
+# ------------------------------------------------------------------ the stage graph of docs/architecture.png
+def test_stage_graph_lists_the_stages_the_pipeline_reports(first_run):
+    """flows/graph.py STAGES (drawn into docs/architecture.png) names the stages a run reports, in
+    the order it runs them, and its evaluations are the pipeline's."""
+    from flows.graph import EVALUATION_STAGES, STAGES
+    from flows.pipeline import EVALUATIONS
+
+    _, out = first_run
+    names = [s.name for s in STAGES]
+    assert list(out.cached) == [n for n in names if n in out.cached]  # every reported stage, in graph order
+    assert set(names) - set(out.cached) == {"imported", "report", *EVALUATION_STAGES}  # not run by the tiny profile
+    assert out.report.name == "report.html" and out.report.parent == out.refs.results.dir
+    assert EVALUATION_STAGES == tuple(name for name, _ in EVALUATIONS)
+    stage_of_timing = {t.split("-")[0] for t in out.timings} - {"total"}
+    assert stage_of_timing <= set(names)
+
+
+def test_stage_graph_edges_are_the_artifacts_each_stage_reads():
+    """A stage's upstream edges are the artifacts its ``ref`` function takes (its cache inputs)."""
+    import inspect
+
+    from flows.graph import BY_NAME, EVALUATION_STAGES
+    from tasks import activations, corpus, imported, metrics, model, tables, train, vocab
+
+    saes = {"train", "imported"}
+    param_stage = {"model": {"model"}, "vocab": {"vocab"}, "corpus": {"corpus"}, "acts": {"activations"},
+                   "sae": saes, "saes": saes, "metrics": {"metrics"}, "evals": set(EVALUATION_STAGES)}
+    refs = {"model": model.ref, "vocab": vocab.ref, "corpus": corpus.ref, "activations": activations.ref,
+            "train": train.family_refs, "imported": imported.ref, "metrics": metrics.ref, "results": tables.ref}
+    for stage, ref_fn in refs.items():
+        reads = set().union(*(param_stage.get(p, set()) for p in inspect.signature(ref_fn).parameters))
+        assert set(BY_NAME[stage].upstream) == reads, stage

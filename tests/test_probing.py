@@ -272,7 +272,7 @@ def test_probing_pipeline_on_tiny_model(tmp_path):
                "ks_normal": [1, 16], "ks_other": [16], "quiver_ks": [16], "n_jobs": 1}
     cfg = tiny_config(probing=probing, family={"architectures": ["topk"], "widths": [64, 128], "ks": [8]})
     out = fp.pipeline(cfg, str(tmp_path))
-    res = Path(out["refs"]["results"]["path"])
+    res = Path(out.refs.results.path)
     df = pd.read_parquet(res / "probing" / "probing_results.parquet")
     assert {"quiver", "quiver_sae", "logreg", "knn", "sae"} <= set(df["method"].dropna())
     assert df.loc[df["dataset"] == "not_a_dataset", "skipped"].str.contains("unknown dataset").all()
@@ -286,6 +286,6 @@ def test_probing_pipeline_on_tiny_model(tmp_path):
         assert (res / "probing" / f).is_file()
     table = pd.read_parquet(res / "core_metrics.parquet")
     assert table["probing_normal_k16_auc"].between(0, 1).all() and "probing_normal_auc" in table
-    assert len(out["refs"]["probing"]["per_sae"]) == 2
+    assert len(out.refs.evals["probing"].per_sae) == 2
     again = fp.pipeline(cfg, str(tmp_path))
-    assert again["cached"]["probing"] is True
+    assert again.cached["probing"] is True

@@ -33,7 +33,7 @@ def test_reevaluate_evaluates_only_saes_lacking_results(tmp_path):
     root = str(tmp_path / "artifacts")
     profile = str(write_config(tiny_config(), tmp_path / "tiny.yaml"))
     first = pipeline(tiny_config(), root)
-    family_fp = first["refs"]["train"][0]["fingerprint"]
+    family_fp = first.refs.train[0].fingerprint
 
     # nothing new: nothing evaluated
     out = reevaluate(profile, root)
@@ -50,7 +50,7 @@ def test_reevaluate_evaluates_only_saes_lacking_results(tmp_path):
     # a SAELens-format SAE dropped into the watched folder -> exactly that one is evaluated;
     # a folder for another hook and a half-copied one are skipped with their reason
     incoming = tmp_path / "incoming"
-    src = Path(first["refs"]["train"][0]["path"])
+    src = Path(first.refs.train[0].path)
     good, other_hook, half = incoming / "good", incoming / "other_hook", incoming / "half"
     for d in (good, other_hook, half):
         d.mkdir(parents=True)
@@ -89,7 +89,7 @@ def test_changed_evaluation_code_reevaluates_every_sae_and_keeps_old_results(tmp
     train_family(profile, root, overrides={"sae": {"k": 4}})
     assert len(reevaluate(profile, root)["evaluated"]) == 1
     old_metrics = sorted(p.name for p in (Path(root) / "metrics").iterdir())
-    before = pd.read_parquet(Path(first["refs"]["results"]["path"]) / "core_metrics.parquet")
+    before = pd.read_parquet(Path(first.refs.results.path) / "core_metrics.parquet")
 
     # a new version of the core-metrics code (its module's text changes; simulated by reading it
     # with one appended line, as after an upgrade) -> both SAEs are no longer current

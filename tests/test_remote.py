@@ -85,25 +85,27 @@ def test_push_then_pull_on_another_machine(store, tmp_path, monkeypatch):
 def test_pipeline_on_a_url_root_reuses_everything_from_another_machine(store, tmp_path, monkeypatch):
     url = "memory://bucket/saeflow"
     first = pipeline(tiny_config(), url)
-    assert first["members"][0]["trained"]
+    assert first.members[0].trained
     mirror = remote.mirror_of(url)
     for stage in ("model", "vocab", "corpus", "activations", "results"):
-        rel = Path(first["refs"][stage]["path"]).relative_to(mirror).as_posix()
+        rel = Path(getattr(first.refs, stage).path).relative_to(mirror).as_posix()
         assert store.exists(f"/bucket/saeflow/{rel}/{COMPLETE_MARKER}"), stage
-    train_fp = first["refs"]["train"][0]["fingerprint"]
+    train_fp = first.refs.train[0].fingerprint
     assert store.exists(f"/bucket/saeflow/train/{train_fp}/sae_weights.safetensors")
     assert store.exists("/bucket/saeflow/results/tiny/report.html")
 
     monkeypatch.setenv(remote.ENV_MIRROR, str(tmp_path / "machine-b"))  # another machine: empty mirror
     second = pipeline(tiny_config(), url)
-    assert not second["members"][0]["trained"]  # the SAE came from the URL, not from training
-    assert {k: v["fingerprint"] for k, v in second["refs"].items() if isinstance(v, dict)} == \
-        {k: v["fingerprint"] for k, v in first["refs"].items() if isinstance(v, dict)}
-    a = pd.read_parquet(Path(first["refs"]["results"]["path"]) / "core_metrics.parquet")
-    b = pd.read_parquet(Path(second["refs"]["results"]["path"]) / "core_metrics.parquet")
+    assert not second.members[0].trained  # the SAE came from the URL, not from training
+    singles = ("model", "vocab", "corpus", "activations", "results")  # every stage with one artifact
+    assert {k: getattr(second.refs, k).fingerprint for k in singles} == \
+        {k: getattr(first.refs, k).fingerprint for k in singles}
+    assert second.refs.evals == first.refs.evals == {}
+    a = pd.read_parquet(Path(first.refs.results.path) / "core_metrics.parquet")
+    b = pd.read_parquet(Path(second.refs.results.path) / "core_metrics.parquet")
     pd.testing.assert_frame_equal(a, b)
-    assert str(tmp_path / "machine-b") in second["refs"]["train"][0]["path"]
+    assert str(tmp_path / "machine-b") in second.refs.train[0].path
     for stage in ("activations", "metrics", "train"):  # downloaded, not recomputed: the same marker bytes
-        a_ref, b_ref = first["refs"][stage], second["refs"][stage]
+        a_ref, b_ref = getattr(first.refs, stage), getattr(second.refs, stage)
         a_ref, b_ref = (a_ref[0], b_ref[0]) if isinstance(a_ref, list) else (a_ref, b_ref)
-        assert (Path(b_ref["path"]) / COMPLETE_MARKER).read_bytes() == (Path(a_ref["path"]) / COMPLETE_MARKER).read_bytes()
+        assert (Path(b_ref.path) / COMPLETE_MARKER).read_bytes() == (Path(a_ref.path) / COMPLETE_MARKER).read_bytes()

@@ -1,5 +1,6 @@
-"""The run report: every table and plot of the results folder (the evaluations' subfolders
-included) in one self-contained HTML file + markdown, with config, versions and timings."""
+"""The run report (saeflow/report.py, rendered from saeflow/templates/): every table and plot of
+the results folder (the evaluations' subfolders included) in one self-contained HTML file +
+markdown, with config, versions and timings."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import pytest  # noqa: E402
 
 from saeflow.artifacts import COMPLETE_MARKER  # noqa: E402
 from saeflow.tables import write_table  # noqa: E402
-from tasks.report import PNG_MAGIC, REPORT_HTML, REPORT_MD, RUN_JSON, ReportError, build_report, result_files  # noqa: E402
+from saeflow.report import PNG_MAGIC, REPORT_HTML, REPORT_MD, RUN_JSON, ReportError, build_report, result_files  # noqa: E402
 
 CORE_COLUMNS = ["profile", "model", "hook", "architecture", "width", "k", "sae_fingerprint", "l0", "explained_variance",
                 "mse", "cossim", "ce_loss_score", "kl_with_sae", "frac_dead", "frac_dense"]
@@ -170,3 +171,25 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert (rgb.max(axis=1) < 0.3).mean() > 0.001
     blue = (rgb[:, 2] > 0.6) & (rgb[:, 0] < 0.3)
     assert blue.sum() > 200, blue.sum()
+
+
+def test_text_from_the_data_is_escaped(tmp_path):
+    """Names, config values and table cells are shown as text, never interpreted as markup."""
+    d = _results_folder(tmp_path)
+    evil = "<script>alert(1)</script>"
+    write_table(pd.DataFrame({"sae": [evil], "note": ["a & b <i>"]}), d, "evil_table")
+    marker = json.loads((d / COMPLETE_MARKER).read_text())
+    marker["files"].append(str(d / "evil_table.parquet"))
+    (d / COMPLETE_MARKER).write_text(json.dumps(marker))
+    config = {"name": "demo", "model": {"name": "<b>m</b>"}, "activations": {"hook": "h' onmouseover='x"},
+              "note": evil}
+    html_path, md_path = build_report(d, config, {"<img src=x>": {"seconds": 1.0, "cached": False}}, {"flow_run": evil})
+    text = html_path.read_text()
+    assert "<script" not in text and "<b>m</b>" not in text and "<img src=x>" not in text and "<i>" not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text and "&lt;b&gt;m&lt;/b&gt;" in text
+    assert "a &amp; b &lt;i&gt;" in text
+    assert "h' onmouseover" not in text  # an attribute-breaking quote is escaped too
+    doc = _Doc()
+    doc.feed(text)
+    assert any({"sae", "note"} <= set(t) for t in doc.tables)
+    assert evil in md_path.read_text()  # the markdown twin is plain text, shown as written

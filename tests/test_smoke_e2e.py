@@ -11,7 +11,7 @@ import pytest
 
 from flows.pipeline import pipeline, run_pipeline
 from saeflow.config import RunnerConfig, load_config
-from tasks.report import PNG_MAGIC
+from saeflow.report import PNG_MAGIC
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -20,10 +20,10 @@ REPO = Path(__file__).resolve().parent.parent
 def test_smoke_profile_end_to_end_then_fully_cached(tmp_path):
     cfg = load_config(REPO / "configs" / "smoke.yaml")
     out = pipeline(cfg, str(tmp_path))
-    results = Path(out["refs"]["results"]["path"])
+    results = Path(out.refs.results.path)
     table = pd.read_parquet(results / "core_metrics.parquet")
-    print(out["timings"])
-    assert len(table) == 4 and len(out["refs"]["train"]) == 4 and all(m["trained"] for m in out["members"])
+    print(out.timings)
+    assert len(table) == 4 and len(out.refs.train) == 4 and all(m.trained for m in out.members)
     assert list(zip(table["width"], table["k"])) == [(576, 8), (576, 16), (1152, 8), (1152, 16)]
     assert (table["model"] == "smollm2-135m-instruct").all() and (table["hook"] == "blocks.3.hook_resid_post").all()
     assert ((table["l0"] > 0) & (table["l0"] <= table["k"])).all()
@@ -40,7 +40,7 @@ def test_smoke_profile_end_to_end_then_fully_cached(tmp_path):
     for name in ("absorption", "stitching", "meta_sae", "probing"):
         if getattr(cfg, name) is None:
             continue
-        assert out["refs"][name]["results"] is not None, name
+        assert out.refs.evals[name].results is not None, name
         files = sorted(p.name for p in (results / name).iterdir())
         assert any(f.endswith(".parquet") for f in files) and any(f.endswith(".png") for f in files), (name, files)
     assert table["absorption_mean_fraction"].between(0, 1).all()
@@ -48,13 +48,13 @@ def test_smoke_profile_end_to_end_then_fully_cached(tmp_path):
     larger = table[table["width"] == 1152]
     assert larger["stitching_novel_fraction"].between(0, 1).all() and larger["stitching_proxy_auc"].notna().all()
     again = pipeline(cfg, str(tmp_path))
-    assert all(again["cached"].values()), again["cached"]
-    assert not any(m["trained"] for m in again["members"])
+    assert all(again.cached.values()), again.cached
+    assert not any(m.trained for m in again.members)
 
     # the same profile on a 2-worker Dask LocalCluster, in a fresh root: everything computed on the
     # cluster (family members and per-SAE evaluations submitted together), same fingerprints, same table
     dask = run_pipeline(cfg.model_copy(update={"runner": RunnerConfig(kind="dask", n_workers=2)}), str(tmp_path / "dask"))
-    assert not any(dask["cached"].values()), dask["cached"]
+    assert not any(dask.cached.values()), dask.cached
 
     def fps(ref):
         # every reference reduced to its fingerprint: the two runs write under different roots
@@ -64,9 +64,9 @@ def test_smoke_profile_end_to_end_then_fully_cached(tmp_path):
             return [fps(r) for r in ref]
         return ref
 
-    assert fps(dask["refs"]) == fps(out["refs"])
+    assert fps(dask.refs.model_dump()) == fps(out.refs.model_dump())
 
-    other = pd.read_parquet(Path(dask["refs"]["results"]["path"]) / "core_metrics.parquet")
+    other = pd.read_parquet(Path(dask.refs.results.path) / "core_metrics.parquet")
     assert list(other.columns) == list(table.columns) and len(other) == len(table)
     # wall times (``*_time_s``) are measurements of the run, not results: positive on both runners
     timing = [c for c in table.columns if c.endswith("_time_s")]
@@ -77,8 +77,8 @@ def test_smoke_profile_end_to_end_then_fully_cached(tmp_path):
         x, y = table[c].astype(float).to_numpy(), other[c].astype(float).to_numpy()
         assert np.allclose(x, y, rtol=1e-4, atol=1e-6, equal_nan=True), (c, x, y)
     for name in ("absorption", "stitching", "meta_sae", "probing"):
-        assert sorted(p.name for p in (Path(dask["refs"]["results"]["path"]) / name).iterdir()) == \
+        assert sorted(p.name for p in (Path(dask.refs.results.path) / name).iterdir()) == \
             sorted(p.name for p in (results / name).iterdir()), name
-    html = Path(dask["report"]).read_text()
+    html = Path(dask.report).read_text()
     src = html.split("src='data:image/png;base64,", 1)[1].split("'", 1)[0]
     assert base64.b64decode(src).startswith(PNG_MAGIC)

@@ -406,9 +406,9 @@ def test_pipeline_stitching_on_tiny_random(tmp_path):
                       stitching={"n_tokens": 512, "calibration_tokens": 1024, "n_steps": 3, "ce_batches": 1,
                                  "ce_batch_size": 4})
     out = fp.pipeline(cfg, str(tmp_path))
-    st = out["refs"]["stitching"]
-    assert st["per_sae"][0] is not None and st["per_sae"][1] is not None
-    results = Path(out["refs"]["results"]["path"])
+    st = out.refs.evals["stitching"]
+    assert st.per_sae[0] is not None and st.per_sae[1] is not None
+    results = Path(out.refs.results.path)
     folder = results / "stitching"
     for name in ("stitching_pairs", "stitching_tau_sweep", "stitching_curves", "stitching_jumprelu_form"):
         assert (folder / f"{name}.parquet").is_file() and (folder / f"{name}.md").is_file()
@@ -431,7 +431,7 @@ def test_pipeline_stitching_on_tiny_random(tmp_path):
     assert table["stitching_novel_fraction"].isna().tolist() == [True, False]
     assert table["stitching_jumprelu_explained_variance"].notna().all()
     again = fp.pipeline(cfg, str(tmp_path))
-    assert again["cached"]["stitching"] is True
+    assert again.cached["stitching"] is True
 
 
 def test_run_refuses_saes_without_pairs(tmp_path):

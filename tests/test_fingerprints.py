@@ -1,0 +1,93 @@
+"""A restructure must not change what the core stages compute: the fingerprints of the model,
+vocab, corpus, activations and train artifacts stay those of :data:`BASE_REV`, so an artifacts root
+made by that commit is reused as it is (nothing re-extracted, no family retrained).
+
+- fast: the fingerprints of configs/smoke.yaml and configs/quick.yaml, computed by the ``ref``
+  functions the pipeline calls, equal ``tests/data/fingerprints.json`` (recorded at
+  :data:`BASE_REV` by ``python -m tests.data.record_fingerprints``);
+- slow: :data:`BASE_REV`'s own code (``git archive``) runs the smoke profile into a fresh root,
+  then the current code runs it on that root and finds those five stages cached.
+
+After an intended change of a fingerprint (a new config field that changes results, ...), record
+the file again at the new commit and move :data:`BASE_REV` to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+
+from tests.data.record_fingerprints import OUT, REPO, all_fingerprints, fingerprints
+
+#: The commit whose core-stage fingerprints tests/data/fingerprints.json records.
+BASE_REV = "38ea71348e216dd642d019d481a82185b0176b9f"
+CORE_STAGES = ("model", "vocab", "corpus", "activations", "train")
+
+
+def _recorded() -> dict:
+    return json.loads(OUT.read_text())
+
+
+def test_recorded_file_is_of_the_base_commit():
+    data = _recorded()
+    assert data["recorded_at"] == BASE_REV and not data["recorded_with_local_changes"]
+
+
+def test_core_fingerprints_are_those_of_the_base_commit():
+    recorded = _recorded()["profiles"]
+    now = all_fingerprints()
+    assert set(now) == set(recorded)
+    for profile, fps in recorded.items():
+        for stage in CORE_STAGES:
+            assert now[profile][stage] == fps[stage], (
+                f"{profile}: the {stage} fingerprint changed since {BASE_REV[:12]} (recorded {fps[stage]}, now "
+                f"{now[profile][stage]}): an artifacts root of that commit would be recomputed from {stage} on")
+
+
+def _git(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, **kw)
+
+
+def _base_tree(dest) -> None:
+    """:data:`BASE_REV`'s files in ``dest`` (skips the test where the history is not at hand)."""
+    if not (REPO / ".git").exists():
+        pytest.skip("no git checkout (.git missing): the base commit's code cannot be taken")
+    if _git("cat-file", "-e", f"{BASE_REV}^{{commit}}").returncode != 0:
+        pytest.skip(f"commit {BASE_REV[:12]} is not in this clone's history (a shallow clone?)")
+    archive = dest.parent / "base.tar"
+    _git("archive", "--format=tar", "-o", str(archive), BASE_REV, check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="data")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_an_artifacts_root_of_the_base_commit_is_reused(tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.pipeline import pipeline
+    from saeflow.config import load_config
+
+    base = tmp_path / "base"
+    _base_tree(base)
+    root = tmp_path / "artifacts"
+    env = dict(os.environ, PYTHONPATH=str(base), PREFECT_API_URL=PREFECT_API_URL.value())  # the session's server
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "flows.pipeline", "--config", "configs/smoke.yaml",
+                           "--artifacts", str(root)], cwd=base, env=env, capture_output=True, text=True, timeout=3000)
+    t_base = time.perf_counter() - t0
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+
+    t0 = time.perf_counter()
+    out = pipeline(load_config(REPO / "configs" / "smoke.yaml"), str(root))
+    print(f"base commit's smoke run: {t_base:.0f} s; current code on its root: {time.perf_counter() - t0:.0f} s")
+    assert {s: out.cached[s] for s in CORE_STAGES} == {s: True for s in CORE_STAGES}, out.cached
+    assert not any(m.trained for m in out.members)
+    now = fingerprints("configs/smoke.yaml", str(root))
+    assert [r.fingerprint for r in out.refs.train] == now["train"] == _recorded()["profiles"]["configs/smoke.yaml"]["train"]
