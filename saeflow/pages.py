@@ -1,8 +1,9 @@
 """Pages (markdown, HTML) rendered from the Jinja2 templates in ``saeflow/templates/``.
 
-Compute the page's data first, then :func:`render` it. Autoescaping is on for every template, so
-text that comes from data (decoded tokens, labels) can never inject markup; a template marks
-nothing safe by hand.
+Compute the page's data first, then :func:`render` it: the one Jinja2 environment of the project
+(report, meta-SAE examples). Autoescaping is on for every template, so text that comes from data
+(decoded tokens, labels) cannot inject markup; a template whose output must not be escaped (the
+report's markdown twin) says so itself with an ``{% autoescape false %}`` block.
 """
 
 from __future__ import annotations
