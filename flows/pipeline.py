@@ -22,7 +22,7 @@ from tasks import common  # noqa: F401  (sets Prefect's offline settings before 
 from prefect import flow
 
 from flows.options import main_of, overrides
-from flows.runner import StageRunner, load_profile, resolve_root, with_runner
+from flows.runner import StageRunner, as_subflow, load_profile, resolve_root, with_runner
 from flows.summary import EvalRefs, MemberSummary, PipelineRefs, PipelineSummary, StageTiming
 from saeflow import remote
 from saeflow.artifacts import ArtifactRef
@@ -85,7 +85,7 @@ def pipeline(config: PipelineConfig, artifacts: str | None = None,
         before = set(states)
         ctx = EvalContext(config=config, root=root, model=m, vocab=v, corpus=c, acts=a, saes=s + ext,
                           stage=stage, device=dev, stage_all=stage.all)
-        evals[name] = (module.flow(ctx), sorted(set(states) - before))
+        evals[name] = (as_subflow(module.flow)(ctx), sorted(set(states) - before))
     r = stage("results", tables.ref, tables.tables_task, config=config, saes=s + ext, metrics=mt,
               evals={name: out for name, (out, _) in evals.items()})
     hit = {name: st.name == "Cached" for name, st in states.items()}

@@ -75,6 +75,28 @@ def make_task_runner(runner: RunnerConfig, device: str = "auto"):
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
 
 
+def as_subflow(flow_fn):
+    """``flow_fn`` to call as a subflow of the running flow, on the parent's Dask cluster when the
+    parent runs on one. A subflow gets a task runner of its own (Prefect's thread pool by default),
+    so without this an evaluation's stages would leave the cluster; with it the subflow connects a
+    second client to the same scheduler (GPU annotations come from :class:`StageRunner` as before)."""
+    import sys
+
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    parent = getattr(ctx, "task_runner", None)
+    if parent is None or "prefect_dask" not in sys.modules:
+        return flow_fn
+    from prefect_dask import DaskTaskRunner
+
+    if not isinstance(parent, DaskTaskRunner):
+        return flow_fn
+    from flows.dask_runner import SharedApiDaskTaskRunner
+
+    return flow_fn.with_options(task_runner=SharedApiDaskTaskRunner(address=parent.client.scheduler.address))
+
+
 def with_runner(flow_fn, config: PipelineConfig):
     """``flow_fn`` with the profile's task runner (unchanged for the local runner)."""
     runner = make_task_runner(config.runner, config.train.device)

@@ -31,3 +31,35 @@ def test_runner_config_and_roots():
     assert tiny_config().fingerprint_payload() == tiny_config(runner={"kind": "dask"}).fingerprint_payload()
     with pytest.raises(UnsupportedRootError, match="cannot open protocol 'nosuchfs'"):
         run_pipeline(tiny_config(), "nosuchfs://bucket/saeflow")
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+def test_evaluation_subflows_run_on_the_parents_cluster():
+    """An evaluation subflow (flows.runner.as_subflow) submits its stages to the parent flow's Dask
+    cluster, not to a thread pool of its own in the flow's process; with the local runner it is unchanged."""
+    import os
+
+    from prefect import flow, task
+
+    from flows.runner import as_subflow
+    from saeflow.config import RunnerConfig
+
+    where = task(_pid)
+
+    @flow
+    def sub() -> int:
+        return where.submit().result()
+
+    @flow
+    def parent() -> tuple[int, int]:
+        return os.getpid(), as_subflow(sub)()
+
+    runner = make_task_runner(RunnerConfig(kind="dask", n_workers=1), device="cpu")
+    flow_pid, task_pid = parent.with_options(task_runner=runner)()
+    assert task_pid != flow_pid  # ran on the cluster's worker process
+    assert parent() == (os.getpid(), os.getpid())
