@@ -76,6 +76,11 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "gm + unit decoder + aux-k 5% + k-anneal 4k over 50%": (
         {"b_dec_init": "geometric_median", "decoder_init_norm": 1.0, "dead_window_fraction": 0.05,
          "k_anneal_from": 4.0, "k_anneal_fraction": 0.5}, {}),
+    "gm + unit decoder + aux-k 5%, aux coefficient 4": (
+        {"b_dec_init": "geometric_median", "decoder_init_norm": 1.0, "dead_window_fraction": 0.05,
+         "aux_coefficient": 4.0}, {}),
+    "gm + unit decoder + aux-k 5%, lr 5e-4": (
+        {"b_dec_init": "geometric_median", "decoder_init_norm": 1.0, "dead_window_fraction": 0.05}, {"lr": 5e-4}),
 }
 
 
