@@ -19,6 +19,11 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+
+class AbsorptionError(ValueError):
+    """Input the absorption evaluation cannot use; the message names the problem and the fix."""
+
+
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 TEMPLATE = "{word} has the first letter:"
 SEPARATOR = "\n"
@@ -29,10 +34,6 @@ SKIP_RETOKENIZED = "retokenized"
 #: Kinds of prompt (``kind`` column of :func:`build_prompts`).
 PROBE = "probe"
 ABSORB = "absorb"
-
-
-class AbsorptionError(ValueError):
-    """Input the absorption evaluation cannot use; the message names the problem and the fix."""
 
 
 def answer(word: str) -> str:
