@@ -1,6 +1,6 @@
 """The main job: model -> vocab -> corpus -> activations -> train (the SAE family, one pass) -> core
 metrics (one task per SAE) -> the evaluations the profile enables (absorption, stitching, meta-SAE,
-probing; each a ``tasks/<eval>.py`` ``run(ctx)``) -> results tables + plots -> the run report
+probing; each a Prefect subflow ``flows/evals/<eval>.py`` ``flow(ctx)``) -> results tables + plots -> the run report
 (``results/<profile>/report.html``: saeflow/report.py, the task in tasks/report.py). The stages are
 listed once in flows/graph.py (drawn into docs/architecture.png).
 

@@ -300,7 +300,7 @@ def timed(name: str) -> Iterator[dict[str, float]]:
 
 @dataclass
 class EvalContext:
-    """What the pipeline flow hands an evaluation's ``run(ctx)`` (``tasks/<eval>.py``).
+    """What the pipeline flow hands an evaluation's subflow ``flow(ctx)`` (``flows/evals/<eval>.py``).
 
     ``stage(name, ref_fn, task, **kw)`` runs one cached stage task through :func:`run_stage`
     (``root`` is added) and records its state in the flow's ``cached`` report under ``name``; give
@@ -308,7 +308,7 @@ class EvalContext:
     evaluate (the family's members in :meth:`PipelineConfig.sae_configs` order, then the
     imported ones); every ``cfg.json`` in them records ``metadata.hook_name``.
 
-    ``run(ctx)`` returns an :class:`EvalOutput`.
+    ``flow(ctx)`` returns an :class:`EvalOutput`.
     """
 
     config: Any  # saeflow.config.PipelineConfig
