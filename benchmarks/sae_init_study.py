@@ -81,6 +81,11 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
          "aux_coefficient": 4.0}, {}),
     "gm + unit decoder + aux-k 5%, lr 5e-4": (
         {"b_dec_init": "geometric_median", "decoder_init_norm": 1.0, "dead_window_fraction": 0.05}, {"lr": 5e-4}),
+    "gm + unit decoder + aux-k 5%, aux coefficient 1/32": (
+        {"b_dec_init": "geometric_median", "decoder_init_norm": 1.0, "dead_window_fraction": 0.05,
+         "aux_coefficient": 1 / 32}, {}),
+    "gm + unit decoder + aux-k 5%, lr 2e-3": (
+        {"b_dec_init": "geometric_median", "decoder_init_norm": 1.0, "dead_window_fraction": 0.05}, {"lr": 2e-3}),
 }
 
 

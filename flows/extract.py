@@ -16,7 +16,7 @@ from tasks import common  # noqa: F401  (sets Prefect's offline settings before 
 from prefect import flow
 
 from flows.options import main_of, overrides
-from flows.runner import StageRunner, load_profile, resolve_root, with_runner
+from flows.runner import StageRunner, resolve_root, run_profile
 from saeflow.artifacts import ArtifactRef
 from saeflow.config import PipelineConfig
 from tasks import activations, corpus, model
@@ -64,14 +64,12 @@ def extract(profile: str = "configs/quick.yaml", artifacts: str | None = None, o
         artifacts: artifacts root (default ``$SAEFLOW_ARTIFACTS`` or ``artifacts/``).
         overrides: sections merged over the profile, e.g. ``{"runner": {"kind": "dask"}}``.
     """
-    config = load_profile(profile, overrides)
-    return with_runner(extract_flow, config)(config, artifacts)
+    return run_profile(extract_flow, profile, artifacts, overrides)
 
 
 def run_command(args: argparse.Namespace) -> int:
     """``saeflow run --flow extract`` / ``python -m flows.extract``."""
-    cfg = load_profile(args.config, overrides(args))
-    out = with_runner(extract_flow, cfg)(cfg, args.artifacts)
+    out = run_profile(extract_flow, args.config, args.artifacts, overrides(args))
     print(json.dumps(out["cached"]))
     print(f"activations: {out['refs']['activations']['path']}")
     return 0

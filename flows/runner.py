@@ -181,3 +181,10 @@ def load_profile(profile: str, overrides: dict | None = None) -> PipelineConfig:
         return validate_profile(merge_sections(data, overrides), profile)
     except ConfigError as exc:
         raise ConfigError(f"overrides {overrides!r} do not fit profile {profile}: {exc}") from exc
+
+
+def run_profile(flow_fn, profile: str, artifacts: str | None = None, overrides: dict | None = None):
+    """``flow_fn(config, artifacts)`` for a profile YAML (with ``overrides``, see :func:`load_profile`)
+    on the profile's task runner: what a deployment entry point and ``saeflow run --flow ...`` do."""
+    config = load_profile(profile, overrides)
+    return with_runner(flow_fn, config)(config, artifacts)

@@ -16,7 +16,7 @@ from prefect import flow
 
 from flows.extract import extract_stages, prepare_root, summary
 from flows.options import main_of, overrides
-from flows.runner import StageRunner, load_profile, local_root, with_runner
+from flows.runner import StageRunner, local_root, run_profile
 from saeflow.config import PipelineConfig
 from saeflow.saes import describe_sae
 from tasks import train
@@ -50,14 +50,12 @@ def train_family(profile: str = "configs/quick.yaml", artifacts: str | None = No
         artifacts: artifacts root (default ``$SAEFLOW_ARTIFACTS`` or ``artifacts/``).
         overrides: sections merged over the profile, e.g. ``{"train": {"device": "cuda"}}``.
     """
-    config = load_profile(profile, overrides)
-    return with_runner(train_family_flow, config)(config, artifacts)
+    return run_profile(train_family_flow, profile, artifacts, overrides)
 
 
 def run_command(args: argparse.Namespace) -> int:
     """``saeflow run --flow train-family`` / ``python -m flows.train_family``."""
-    cfg = load_profile(args.config, overrides(args))
-    out = with_runner(train_family_flow, cfg)(cfg, args.artifacts)
+    out = run_profile(train_family_flow, args.config, args.artifacts, overrides(args))
     root = Path(local_root(args.artifacts))
     for m in out["members"]:
         print(f"{m['sae']}: {'trained' if m['trained'] else 'already complete'} -> {root / 'train' / m['train_fingerprint']}")
