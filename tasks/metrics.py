@@ -58,6 +58,17 @@ def check_sae_fits(sae, sae_dir, store: ActivationStore) -> None:
         raise SAEMismatchError(f"SAE at {sae_dir} was trained on hook {hook} but the activations are from {store.attrs['hook']}")
 
 
+def sae_on_store(acts: ArtifactRef, sae: ArtifactRef, device: str):
+    """``(device, store, sae_dir, sae)`` for a per-SAE stage: the picked device, the activation store,
+    the SAE's folder and the SAE loaded on that device, checked to fit the store (width and hook)."""
+    dev = pick_device(device)
+    store = ActivationStore.open(require_complete(acts))
+    sae_dir = require_complete(sae)
+    sae_model = load_sae(sae_dir, device=dev)
+    check_sae_fits(sae_model, sae_dir, store)
+    return dev, store, sae_dir, sae_model
+
+
 @task(name="metrics")
 def metrics_task(model: ArtifactRef, model_cfg: ModelConfig, corpus: ArtifactRef, acts: ArtifactRef, sae: ArtifactRef,
                  cfg: MetricsConfig, root: str, device: str = "auto") -> ArtifactRef:
@@ -65,11 +76,7 @@ def metrics_task(model: ArtifactRef, model_cfg: ModelConfig, corpus: ArtifactRef
     if out.is_complete():
         return out
     logger = stage_logger()
-    dev = pick_device(device)
-    store = ActivationStore.open(require_complete(acts))
-    sae_dir = require_complete(sae)
-    sae_model = load_sae(sae_dir, device=dev)
-    check_sae_fits(sae_model, sae_dir, store)
+    dev, store, sae_dir, sae_model = sae_on_store(acts, sae, device)
     start = store.train_rows
     end = min(store.n_rows, start + cfg.n_variance_tokens)
     if end <= start:

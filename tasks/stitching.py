@@ -42,7 +42,7 @@ from saeflow.store import ActivationStore
 from saeflow.tables import write_table
 from tasks.common import Progress, code_version, publish_markdown, stage_logger, timed
 from tasks.corpus import load_tokens
-from tasks.metrics import check_sae_fits, shared_ce_reference
+from tasks.metrics import sae_on_store, shared_ce_reference
 
 #: Bumped when the pair computation changes (2: curve points spaced over the events that change the MSE).
 PAIR_VERSION = 2
@@ -99,12 +99,8 @@ def form_task(sae: ArtifactRef, index: int, acts: ArtifactRef, cfg: StitchingCon
     if out.is_complete():
         return out
     logger = stage_logger()
-    dev = pick_device(device)
-    store = ActivationStore.open(require_complete(acts))
-    sae_dir = require_complete(sae)
+    dev, store, sae_dir, model = sae_on_store(acts, sae, device)
     info = read_sae_info(sae_dir, index)
-    model = load_sae(sae_dir, device=dev)
-    check_sae_fits(model, sae_dir, store)
     with timed(f"JumpReLU form of {info.label}"):
         form, fidelity = jumprelu_form(model, store, cfg, dev)
     result = {"sae": _info_json(info), **fidelity}
