@@ -15,8 +15,8 @@ import sys
 from tasks import common  # noqa: F401  (sets Prefect's offline settings before prefect loads)
 from prefect import flow
 
-from flows.options import main_of, overrides
-from flows.runner import StageRunner, resolve_root, run_profile
+from flows.options import main_of
+from flows.runner import StageRunner, deployable_flow, profile_command, resolve_root
 from saeflow.artifacts import ArtifactRef
 from saeflow.config import PipelineConfig
 from tasks import activations, corpus, model
@@ -55,24 +55,16 @@ def extract_flow(config: PipelineConfig, artifacts: str | None = None) -> dict:
     return summary(stage, {"model": m.model_dump(), "corpus": c.model_dump(), "activations": a.model_dump()})
 
 
-@flow(name="saeflow-extract", log_prints=True)
-def extract(profile: str = "configs/quick.yaml", artifacts: str | None = None, overrides: dict | None = None) -> dict:
-    """Activations of a profile only.
-
-    Args:
-        profile: profile YAML, relative to the repository (the deployment's working directory).
-        artifacts: artifacts root (default ``$SAEFLOW_ARTIFACTS`` or ``artifacts/``).
-        overrides: sections merged over the profile, e.g. ``{"runner": {"kind": "dask"}}``.
-    """
-    return run_profile(extract_flow, profile, artifacts, overrides)
+extract = deployable_flow("saeflow-extract", extract_flow, "Activations of a profile only.")
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """``saeflow run --flow extract`` / ``python -m flows.extract``."""
-    out = run_profile(extract_flow, args.config, args.artifacts, overrides(args))
+def report(out: dict, args: argparse.Namespace) -> None:
+    """What ``python -m flows.extract`` prints: the cached stages and where the activations are."""
     print(json.dumps(out["cached"]))
     print(f"activations: {out['refs']['activations']['path']}")
-    return 0
+
+
+run_command = profile_command(extract_flow, report)
 
 
 if __name__ == "__main__":

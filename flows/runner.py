@@ -9,8 +9,11 @@ worker GPU slots (``gpus_per_worker``, default one per worker).
 
 from __future__ import annotations
 
+import argparse
 import os
+from typing import Any, Callable
 
+from flows import options
 from saeflow.config import PipelineConfig, RunnerConfig
 
 class UnsupportedRootError(ValueError):
@@ -188,3 +191,42 @@ def run_profile(flow_fn, profile: str, artifacts: str | None = None, overrides: 
     on the profile's task runner: what a deployment entry point and ``saeflow run --flow ...`` do."""
     config = load_profile(profile, overrides)
     return with_runner(flow_fn, config)(config, artifacts)
+
+
+def profile_command(flow_fn, report: Callable[[Any, argparse.Namespace], None]) -> Callable[[argparse.Namespace], int]:
+    """A flow module's ``run_command(args)`` (``saeflow run --flow ...`` / ``python -m flows.<module>``):
+    :func:`run_profile` of ``flow_fn`` on ``--config`` with the run options (``--artifacts``,
+    ``--runner``, ``--device``, ...), then ``report(out, args)`` prints what the user needs."""
+
+    def run_command(args: argparse.Namespace) -> int:
+        report(run_profile(flow_fn, args.config, args.artifacts, options.overrides(args)), args)
+        return 0
+
+    run_command.__doc__ = f"``saeflow run`` of {flow_fn.__name__}: :func:`flows.runner.profile_command`."
+    return run_command
+
+
+PROFILE_ARGS = """
+    Args:
+        profile: profile YAML, relative to the repository (the deployment's working directory).
+        artifacts: artifacts root (default ``$SAEFLOW_ARTIFACTS`` or ``artifacts/``).
+        overrides: sections merged over the profile, e.g. ``{"runner": {"kind": "dask"}}`` or
+            ``{"train": {"device": "cuda"}}``.
+"""
+
+
+def deployable_flow(name: str, flow_fn, summary: str):
+    """The deployable Prefect flow ``name`` (a prefect.yaml entry point) running ``flow_fn`` on a
+    profile YAML: parameters ``profile``, ``artifacts`` and ``overrides`` (documented in the
+    Prefect UI from :data:`PROFILE_ARGS`), the profile's task runner, ``flow_fn``'s return value."""
+    from tasks import common  # noqa: F401  (Prefect's offline settings before prefect loads)
+    from prefect import flow
+
+    def deployable(profile: str = "configs/quick.yaml", artifacts: str | None = None,
+                   overrides: dict | None = None) -> dict:
+        return run_profile(flow_fn, profile, artifacts, overrides)
+
+    deployable.__name__ = deployable.__qualname__ = name.removeprefix("saeflow-").replace("-", "_")
+    deployable.__module__ = flow_fn.__module__
+    deployable.__doc__ = summary + "\n" + PROFILE_ARGS
+    return flow(name=name, log_prints=True)(deployable)

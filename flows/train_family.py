@@ -15,8 +15,8 @@ from tasks import common  # noqa: F401  (sets Prefect's offline settings before 
 from prefect import flow
 
 from flows.extract import extract_stages, prepare_root, summary
-from flows.options import main_of, overrides
-from flows.runner import StageRunner, local_root, run_profile
+from flows.options import main_of
+from flows.runner import StageRunner, deployable_flow, local_root, profile_command
 from saeflow.config import PipelineConfig
 from saeflow.saes import describe_sae
 from tasks import train
@@ -41,25 +41,17 @@ def train_family_flow(config: PipelineConfig, artifacts: str | None = None) -> d
     return out
 
 
-@flow(name="saeflow-train-family", log_prints=True)
-def train_family(profile: str = "configs/quick.yaml", artifacts: str | None = None, overrides: dict | None = None) -> dict:
-    """Train a profile's SAE family (activations first, when missing).
-
-    Args:
-        profile: profile YAML, relative to the repository (the deployment's working directory).
-        artifacts: artifacts root (default ``$SAEFLOW_ARTIFACTS`` or ``artifacts/``).
-        overrides: sections merged over the profile, e.g. ``{"train": {"device": "cuda"}}``.
-    """
-    return run_profile(train_family_flow, profile, artifacts, overrides)
+train_family = deployable_flow("saeflow-train-family", train_family_flow, "Train a profile's SAE family (activations first, when missing).")
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """``saeflow run --flow train-family`` / ``python -m flows.train_family``."""
-    out = run_profile(train_family_flow, args.config, args.artifacts, overrides(args))
+def report(out: dict, args: argparse.Namespace) -> None:
+    """What ``python -m flows.train_family`` prints: each member, trained now or already complete, and its folder."""
     root = Path(local_root(args.artifacts))
     for m in out["members"]:
         print(f"{m['sae']}: {'trained' if m['trained'] else 'already complete'} -> {root / 'train' / m['train_fingerprint']}")
-    return 0
+
+
+run_command = profile_command(train_family_flow, report)
 
 
 if __name__ == "__main__":

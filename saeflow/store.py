@@ -113,15 +113,22 @@ class ActivationStore:
         return dict(self.group.attrs)
 
     @property
+    def shape(self) -> tuple[int, int]:
+        """``(n_rows, d_model)``: rows stored so far, activation width."""
+        n_rows, d_model = self.acts.shape
+        return int(n_rows), int(d_model)
+
+    @property
     def d_model(self) -> int:
-        return int(self.acts.shape[1])
+        return self.shape[1]
 
     @property
     def n_rows(self) -> int:
-        return int(self.acts.shape[0])
+        return self.shape[0]
 
     @property
     def chunk_rows(self) -> int:
+        """Rows per Zarr chunk (the unit of reads and of durable progress)."""
         return int(self.acts.chunks[0])
 
     @property

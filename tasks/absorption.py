@@ -22,7 +22,6 @@ import json
 import numpy as np
 import pandas as pd
 import torch
-from prefect import task
 
 from saeflow.artifacts import ArtifactRef, artifact_ref, begin, completion_meta, fingerprint, mark_complete, require_complete
 from saeflow.config import ModelConfig
@@ -34,7 +33,7 @@ from saeflow.models import load_model, load_tokenizer
 from saeflow.saes import load_sae, saved_hook
 from saeflow.store import ActivationStore
 from saeflow.tables import write_table
-from tasks.common import Progress, code_version, publish_table, stage_logger, timed
+from tasks.common import Progress, code_version, publish_table, stage_logger, stage_task, timed
 
 DATA, PROBE, PER_SAE, RESULTS = "absorption_data", "absorption_probe", "absorption", "absorption_results"
 DATA_FIELDS = ("seed", "max_words", "icl_examples")
@@ -68,12 +67,9 @@ def _write_store(path, d_model: int, rows: np.ndarray, tok: np.ndarray, pos: np.
     store.finish()
 
 
-@task(name="absorption-data")
-def data_task(model: ArtifactRef, model_cfg: ModelConfig, vocab: ArtifactRef, hook: str, cfg: AbsorptionConfig,
-              root: str, device: str = "auto") -> ArtifactRef:
-    out = data_ref(model, model_cfg, vocab, hook, cfg, root)
-    if out.is_complete():
-        return out
+@stage_task(data_ref, name="absorption-data")
+def data_task(out: ArtifactRef, model: ArtifactRef, model_cfg: ModelConfig, vocab: ArtifactRef, hook: str, cfg: AbsorptionConfig,
+              root: str, device: str = "auto") -> None:
     logger = stage_logger()
     vdf = pd.read_parquet(require_complete(vocab) / "vocab.parquet")
     tok = load_tokenizer(require_complete(model))
@@ -96,7 +92,6 @@ def data_task(model: ArtifactRef, model_cfg: ModelConfig, vocab: ArtifactRef, ho
     df.drop(columns=["tokens"]).to_parquet(out.dir / "prompts.parquet", index=False)
     counts = df.groupby(["kind", "skip"]).size().reset_index(name="n")
     mark_complete(out, n_prompts=len(df), skipped={f"{r.kind}:{r.skip or 'kept'}": int(r.n) for r in counts.itertuples()})
-    return out
 
 
 def load_data(data: ArtifactRef) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
@@ -111,11 +106,8 @@ def probe_ref(data: ArtifactRef, cfg: AbsorptionConfig, root: str, **_) -> Artif
     return artifact_ref(root, PROBE, fingerprint(PROBE, _sub(cfg, PROBE_FIELDS), data, _code()))
 
 
-@task(name="absorption-probe")
-def probe_task(data: ArtifactRef, cfg: AbsorptionConfig, root: str, device: str = "auto") -> ArtifactRef:
-    out = probe_ref(data, cfg, root)
-    if out.is_complete():
-        return out
+@stage_task(probe_ref, name="absorption-probe")
+def probe_task(out: ArtifactRef, data: ArtifactRef, cfg: AbsorptionConfig, root: str, device: str = "auto") -> None:
     df, acts = load_data(data)
     tr, x_tr = ab.probe_split(df, acts, "train")
     te, x_te = ab.probe_split(df, acts, "test")
@@ -133,7 +125,6 @@ def probe_task(data: ArtifactRef, cfg: AbsorptionConfig, root: str, device: str 
                   train_words=len(tr), test_words=len(te))
     stage_logger().info("absorption probe: %d/26 letters pass F1 > %.2f (mean F1 %.3f)", len(passing),
                         cfg.min_probe_f1, float(metrics["f1"].mean()))
-    return out
 
 
 def load_probe(probe: ArtifactRef) -> tuple[torch.Tensor, torch.Tensor, pd.DataFrame]:
@@ -174,12 +165,9 @@ def check_sae(sae_model, sae_dir, hook: str, d_model: int) -> None:
                                    f"evaluation reads {hook}: set activations.hook to {saved} or drop the SAE")
 
 
-@task(name="absorption-sae")
-def sae_task(model: ArtifactRef, model_cfg: ModelConfig, data: ArtifactRef, probe: ArtifactRef, sae: ArtifactRef,
-             hook: str, cfg: AbsorptionConfig, root: str, device: str = "auto") -> ArtifactRef:
-    out = sae_ref(model, model_cfg, data, probe, sae, cfg, root)
-    if out.is_complete():
-        return out
+@stage_task(sae_ref, name="absorption-sae")
+def sae_task(out: ArtifactRef, model: ArtifactRef, model_cfg: ModelConfig, data: ArtifactRef, probe: ArtifactRef, sae: ArtifactRef,
+             hook: str, cfg: AbsorptionConfig, root: str, device: str = "auto") -> None:
     logger = stage_logger()
     dev = pick_device(device)
     sae_dir = require_complete(sae)
@@ -215,7 +203,6 @@ def sae_task(model: ArtifactRef, model_cfg: ModelConfig, data: ArtifactRef, prob
     (out.dir / "info.json").write_text(json.dumps({"word_l0": l0, "sae": str(sae_dir)}))
     mark_complete(out, **{k: v for k, v in res.summary.items() if v == v})
     logger.info("absorption %s: %s", sae_dir.name, json.dumps({k: round(v, 4) for k, v in res.summary.items()}))
-    return out
 
 
 # ---------------------------------------------------------------------------------------- results
@@ -223,11 +210,8 @@ def results_ref(per_sae: list[ArtifactRef], saes: list[ArtifactRef], root: str, 
     return artifact_ref(root, RESULTS, fingerprint(RESULTS, None, *per_sae, *saes, _code()))
 
 
-@task(name="absorption-results")
-def results_task(per_sae: list[ArtifactRef], saes: list[ArtifactRef], root: str) -> ArtifactRef:
-    out = results_ref(per_sae, saes, root)
-    if out.is_complete():
-        return out
+@stage_task(results_ref, name="absorption-results")
+def results_task(out: ArtifactRef, per_sae: list[ArtifactRef], saes: list[ArtifactRef], root: str) -> None:
     summ, letters, examples = [], [], []
     for i, (r, s) in enumerate(zip(per_sae, saes)):
         d = require_complete(r)
@@ -244,4 +228,3 @@ def results_task(per_sae: list[ArtifactRef], saes: list[ArtifactRef], root: str)
     ab.plot_family(sdf, ldf, out.dir)
     mark_complete(out, saes=len(sdf))
     publish_table("absorption-summary", json.loads(sdf.to_json(orient="records")), "Absorption per SAE")
-    return out

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import time
 
-from prefect import task
-
 from saeflow.artifacts import ArtifactRef, artifact_ref, begin, completion_meta, fingerprint, mark_complete, require_complete
 from saeflow.config import ActivationsConfig, ModelConfig
 from saeflow.corpus import special_token_ids
@@ -17,7 +15,7 @@ from saeflow.device import pick_device
 from saeflow.extract import extract_activations
 from saeflow.models import load_model, validate_hook
 from saeflow.store import ActivationStore
-from tasks.common import Progress, stage_logger
+from tasks.common import Progress, stage_logger, stage_task
 from tasks.corpus import load_tokens
 
 STAGE = "activations"
@@ -32,12 +30,9 @@ def check_hook(model: ArtifactRef, hook: str) -> int:
     return validate_hook(completion_meta(require_complete(model)), hook)
 
 
-@task(name="activations", task_run_name="activations-{cfg.hook}")
-def activations_task(model: ArtifactRef, model_cfg: ModelConfig, corpus: ArtifactRef, cfg: ActivationsConfig,
-                     root: str, device: str = "auto") -> ArtifactRef:
-    out = ref(model, model_cfg, corpus, cfg, root)
-    if out.is_complete():
-        return out
+@stage_task(ref, name="activations", task_run_name="activations-{cfg.hook}")
+def activations_task(out: ArtifactRef, model: ArtifactRef, model_cfg: ModelConfig, corpus: ArtifactRef, cfg: ActivationsConfig,
+                     root: str, device: str = "auto") -> None:
     logger = stage_logger()
     check_hook(model, cfg.hook)
     tokens = load_tokens(corpus)
@@ -68,4 +63,3 @@ def activations_task(model: ArtifactRef, model_cfg: ModelConfig, corpus: Artifac
     mark_complete(out, n_rows=store.n_rows, d_model=store.d_model, train_rows=train_rows, hook=cfg.hook,
                   seconds=seconds, resumed_from_context=int(resumed))
     logger.info("activations: %d rows x %d at %s in %.1f s", store.n_rows, store.d_model, cfg.hook, seconds)
-    return out

@@ -35,6 +35,7 @@ for _k, _v in {
     os.environ.setdefault(_k, _v)
 
 import psutil  # noqa: E402
+from prefect import task  # noqa: E402
 from prefect.cache_policies import INPUTS, TASK_SOURCE  # noqa: E402
 from prefect.context import TaskRunContext  # noqa: E402
 from prefect.exceptions import MissingContextError  # noqa: E402
@@ -142,6 +143,38 @@ class ProcessLockManager(FileSystemLockManager):
             self._locks.pop(key, None)
             return False
         return True
+
+
+def stage_task(ref: Callable[..., ArtifactRef], **task_options: Any) -> Callable[[Callable[..., Any]], Any]:
+    """Decorator: the Prefect task of a stage that writes one artifact folder.
+
+    ``ref(**arguments)`` names that folder from the task's arguments (the same function the flows
+    hand :func:`run_stage`). The decorated ``body(out, *args, **kwargs)`` runs only while ``out`` is
+    not complete, and writes it (``begin`` ... ``mark_complete``; a partial folder is resumed). The
+    task's parameters are the body's without ``out``, and it returns ``out``. ``task_options`` go to
+    :func:`prefect.task` (``name``, ``task_run_name``, ...). The cache key's source is the body's.
+    """
+
+    def decorate(body: Callable[..., Any]):
+        signature = inspect.signature(body)
+        params = list(signature.parameters.values())
+        if not params or params[0].name != "out":
+            raise TypeError(f"stage_task: {body.__qualname__} must take the artifact reference `out` first")
+        task_signature = signature.replace(parameters=params[1:], return_annotation="ArtifactRef")
+
+        @functools.wraps(body)
+        def run(*args: Any, **kwargs: Any) -> ArtifactRef:
+            bound = task_signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            out = ref(**bound.arguments)
+            if not out.is_complete():
+                body(out, *args, **kwargs)
+            return out
+
+        run.__signature__ = task_signature  # type: ignore[attr-defined]
+        return task(**task_options)(run)
+
+    return decorate
 
 
 def cache_policy(root: str | Path):
@@ -265,26 +298,27 @@ class Progress:
                 pass
 
 
-def publish_table(key: str, rows: list[dict[str, Any]], description: str = "") -> None:
+def _publish(create: str, **payload: Any) -> None:
+    """``prefect.artifacts.<create>(**payload)`` inside a run; nothing outside one. Artifacts are
+    cosmetic: a failure is logged at debug level, never raised."""
     if not in_task_run():
         return
     try:
-        from prefect.artifacts import create_table_artifact
+        import prefect.artifacts
 
-        create_table_artifact(key=key, table=rows, description=description)
+        getattr(prefect.artifacts, create)(**payload)
     except Exception as exc:
-        stage_logger().debug("no table artifact: %s", exc)
+        stage_logger().debug("no %s: %s", create, exc)
+
+
+def publish_table(key: str, rows: list[dict[str, Any]], description: str = "") -> None:
+    """A Prefect table artifact (inside a run)."""
+    _publish("create_table_artifact", key=key, table=rows, description=description)
 
 
 def publish_markdown(key: str, markdown: str, description: str = "") -> None:
-    if not in_task_run():
-        return
-    try:
-        from prefect.artifacts import create_markdown_artifact
-
-        create_markdown_artifact(key=key, markdown=markdown, description=description)
-    except Exception as exc:
-        stage_logger().debug("no markdown artifact: %s", exc)
+    """A Prefect markdown artifact (inside a run)."""
+    _publish("create_markdown_artifact", key=key, markdown=markdown, description=description)
 
 
 @contextmanager

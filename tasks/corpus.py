@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-from prefect import task
 
 from saeflow.artifacts import ArtifactRef, artifact_ref, begin, fingerprint, mark_complete, require_complete
 from saeflow.config import CorpusConfig
 from saeflow.corpus import corpus_contexts
 from saeflow.models import load_tokenizer
-from tasks.common import stage_logger, timed
+from tasks.common import stage_logger, stage_task, timed
 
 STAGE = "corpus"
 
@@ -18,11 +17,8 @@ def ref(model: ArtifactRef, cfg: CorpusConfig, prepend_bos: bool, root: str, **_
     return artifact_ref(root, STAGE, fingerprint(STAGE, cfg, model, f"bos={prepend_bos}"))
 
 
-@task(name="corpus")
-def corpus_task(model: ArtifactRef, cfg: CorpusConfig, prepend_bos: bool, root: str) -> ArtifactRef:
-    out = ref(model, cfg, prepend_bos, root)
-    if out.is_complete():
-        return out
+@stage_task(ref, name="corpus")
+def corpus_task(out: ArtifactRef, model: ArtifactRef, cfg: CorpusConfig, prepend_bos: bool, root: str) -> None:
     tok = load_tokenizer(require_complete(model))
     with timed("building corpus contexts"):
         ctx = corpus_contexts(cfg, tok, prepend_bos)
@@ -31,7 +27,6 @@ def corpus_task(model: ArtifactRef, cfg: CorpusConfig, prepend_bos: bool, root: 
     mark_complete(out, n_contexts=int(ctx.shape[0]), context_size=int(ctx.shape[1]),
                   train_contexts=int(ctx.shape[0] - cfg.eval_contexts), eval_contexts=cfg.eval_contexts)
     stage_logger().info("corpus: %d contexts x %d tokens", *ctx.shape)
-    return out
 
 
 def load_tokens(corpus: ArtifactRef) -> np.ndarray:

@@ -8,12 +8,10 @@ import json
 import shutil
 from pathlib import Path
 
-from prefect import task
-
 from saeflow.artifacts import ArtifactError, ArtifactRef, artifact_ref, begin, fingerprint, mark_complete, require_complete
 from saeflow.saes import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, load_sae
 from saeflow.store import ActivationStore
-from tasks.common import stage_logger
+from tasks.common import stage_logger, stage_task
 from tasks.metrics import check_sae_fits
 
 STAGE = "imported"
@@ -41,11 +39,8 @@ def ref(path: str, acts: ArtifactRef, root: str, **_) -> ArtifactRef:
     return artifact_ref(root, STAGE, fingerprint(STAGE, {"content": content_fingerprint(path)}, acts))
 
 
-@task(name="import-sae", task_run_name="import-{path}")
-def import_sae_task(path: str, acts: ArtifactRef, root: str) -> ArtifactRef:
-    out = ref(path, acts, root)
-    if out.is_complete():
-        return out
+@stage_task(ref, name="import-sae", task_run_name="import-{path}")
+def import_sae_task(out: ArtifactRef, path: str, acts: ArtifactRef, root: str) -> None:
     src = Path(path)
     sae = load_sae(src)  # SAEFormatError names the file and the problem
     store = ActivationStore.open(require_complete(acts))
@@ -59,4 +54,3 @@ def import_sae_task(path: str, acts: ArtifactRef, root: str) -> ArtifactRef:
         shutil.copy2(src / name, out.dir / name)
     mark_complete(out, **meta)
     stage_logger().info("imported SAE %s (%s, width %d)", src, meta["architecture"], meta["width"])
-    return out

@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from prefect import task
 
 from saeflow.artifacts import ArtifactRef, artifact_ref, begin, fingerprint, mark_complete, require_complete
 from saeflow.device import pick_device
@@ -54,7 +53,7 @@ from saeflow.pages import template_version
 from saeflow.saes import BaseSAE, load_sae
 from saeflow.store import ActivationStore
 from saeflow.tables import write_table
-from tasks.common import Progress, code_version, publish_markdown, publish_table, stage_logger, timed
+from tasks.common import Progress, code_version, publish_markdown, publish_table, stage_logger, stage_task, timed
 from tasks.corpus import load_tokens
 
 STAGE = "meta_sae"
@@ -113,12 +112,9 @@ def train_ref(sae: ArtifactRef, cfg: MetaSAEConfig, root: str, **_) -> ArtifactR
     return artifact_ref(root, STAGE, fingerprint(STAGE, _subset(cfg, TRAIN_FIELDS), sae, _code()))
 
 
-@task(name="meta-sae-train")
-def meta_train_task(sae: ArtifactRef, cfg: MetaSAEConfig, root: str, device: str = "auto") -> ArtifactRef:
+@stage_task(train_ref, name="meta-sae-train")
+def meta_train_task(out: ArtifactRef, sae: ArtifactRef, cfg: MetaSAEConfig, root: str, device: str = "auto") -> None:
     """Train the meta-SAE of one SAE; its metrics, decomposition, cluster sizes and max cosines."""
-    out = train_ref(sae, cfg, root)
-    if out.is_complete():
-        return out
     logger = stage_logger()
     dev = pick_device(device)
     sae_dir = require_complete(sae)
@@ -141,7 +137,6 @@ def meta_train_task(sae: ArtifactRef, cfg: MetaSAEConfig, root: str, device: str
     mark_complete(out, sae=label, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     logger.info("meta-SAE of %s: FVE %.4f (threshold %.4f), MSE %.3g, width %d, %.1f s", label, metrics["fve"],
                 metrics["fve_threshold"], metrics["mse"], meta.d_sae, metrics["train_time_s"])
-    return out
 
 
 # ------------------------------------------------------------------------- meta_sae-sae (summary)
@@ -150,13 +145,10 @@ def summary_ref(sae: ArtifactRef, meta: ArtifactRef, smaller: list[ArtifactRef],
     return artifact_ref(root, SAE_STAGE, fingerprint(SAE_STAGE, _subset(cfg, CROSS_FIELDS), sae, meta, *smaller, _code()))
 
 
-@task(name="meta-sae-summary")
-def meta_sae_summary_task(sae: ArtifactRef, meta: ArtifactRef, smaller: list[ArtifactRef], cfg: MetaSAEConfig,
-                          root: str, device: str = "auto") -> ArtifactRef:
+@stage_task(summary_ref, name="meta-sae-summary")
+def meta_sae_summary_task(out: ArtifactRef, sae: ArtifactRef, meta: ArtifactRef, smaller: list[ArtifactRef], cfg: MetaSAEConfig,
+                          root: str, device: str = "auto") -> None:
     """Cross-size check against each smaller SAE of the same group; the per-SAE ``summary.json``."""
-    out = summary_ref(sae, meta, smaller, cfg, root)
-    if out.is_complete():
-        return out
     dev = pick_device(device)
     info = sae_info(sae)
     metrics = json.loads((require_complete(meta) / "metrics.json").read_text())
@@ -189,7 +181,6 @@ def meta_sae_summary_task(sae: ArtifactRef, meta: ArtifactRef, smaller: list[Art
     (out.dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     mark_complete(out, sae=info.description, **summary)
     stage_logger().info("meta-SAE summary of %s: %s", info.description, {k: round(v, 4) for k, v in summary.items()})
-    return out
 
 
 # -------------------------------------------------------------------------- meta_sae-examples
@@ -200,13 +191,10 @@ def examples_ref(model: ArtifactRef, corpus: ArtifactRef, acts: ArtifactRef, sae
                                     acts, sae, meta, _code(), template_version(EXAMPLES_TEMPLATE)))
 
 
-@task(name="meta-sae-examples")
-def examples_task(model: ArtifactRef, corpus: ArtifactRef, acts: ArtifactRef, sae: ArtifactRef, meta: ArtifactRef,
-                  cfg: MetaSAEConfig, root: str, device: str = "auto") -> ArtifactRef:
+@stage_task(examples_ref, name="meta-sae-examples")
+def examples_task(out: ArtifactRef, model: ArtifactRef, corpus: ArtifactRef, acts: ArtifactRef, sae: ArtifactRef, meta: ArtifactRef,
+                  cfg: MetaSAEConfig, root: str, device: str = "auto") -> None:
     """``examples.md``: a few latents, their meta-latents, each shown by top-activating snippets."""
-    out = examples_ref(model, corpus, acts, sae, meta, cfg, root)
-    if out.is_complete():
-        return out
     dev = pick_device(device)
     info = sae_info(sae)
     store = ActivationStore.open(require_complete(acts))
@@ -229,7 +217,6 @@ def examples_task(model: ArtifactRef, corpus: ArtifactRef, acts: ArtifactRef, sa
     (out.dir / "examples.json").write_text(json.dumps(examples_json(page), indent=2))
     mark_complete(out, sae=info.description, latents=[ex.latent for ex in page.examples], rows=page.rows)
     publish_markdown("meta-sae-examples", text[:50_000], f"Meta-SAE example decompositions of {info.description}")
-    return out
 
 
 # ------------------------------------------------------------------------------ meta_sae-results
@@ -257,13 +244,10 @@ def _plots(out_dir: Path, infos: list[SAEInfo], trains: list[ArtifactRef], per_s
     return paths
 
 
-@task(name="meta-sae-results")
-def results_task(saes: list[ArtifactRef], trains: list[ArtifactRef], per_sae: list[ArtifactRef],
-                 examples: ArtifactRef | None, cfg: MetaSAEConfig, show: int, root: str) -> ArtifactRef:
+@stage_task(results_ref, name="meta-sae-results")
+def results_task(out: ArtifactRef, saes: list[ArtifactRef], trains: list[ArtifactRef], per_sae: list[ArtifactRef],
+                 examples: ArtifactRef | None, cfg: MetaSAEConfig, show: int, root: str) -> None:
     """Tables ``meta_sae`` / ``cross_size``, the plots and ``examples.md``, in one folder."""
-    out = results_ref(saes, trains, per_sae, examples, cfg, show, root)
-    if out.is_complete():
-        return out
     infos = [sae_info(s) for s in saes]
     rows = []
     for s, info, tr, ps in zip(saes, infos, trains, per_sae):
@@ -288,4 +272,3 @@ def results_task(saes: list[ArtifactRef], trains: list[ArtifactRef], per_sae: li
         paths.append(out.dir / "examples.md")
     mark_complete(out, files=[str(p) for p in paths])
     publish_table("meta-sae", json.loads(table.to_json(orient="records")), "Meta-SAE per SAE")
-    return out

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import torch
-from prefect import task
 
 from saeflow.artifacts import ArtifactRef, artifact_ref, begin, completion_meta, fingerprint, mark_complete, require_complete
 from saeflow.config import MetricsConfig, ModelConfig
@@ -16,7 +15,7 @@ from saeflow.metrics import CEReference, ce_metrics, ce_reference, reconstructio
 from saeflow.models import load_model
 from saeflow.saes import load_sae, saved_hook
 from saeflow.store import ActivationStore
-from tasks.common import code_version, stage_logger, timed
+from tasks.common import code_version, stage_logger, stage_task, timed
 from tasks.corpus import load_tokens
 
 STAGE = "metrics"
@@ -69,12 +68,9 @@ def sae_on_store(acts: ArtifactRef, sae: ArtifactRef, device: str):
     return dev, store, sae_dir, sae_model
 
 
-@task(name="metrics")
-def metrics_task(model: ArtifactRef, model_cfg: ModelConfig, corpus: ArtifactRef, acts: ArtifactRef, sae: ArtifactRef,
-                 cfg: MetricsConfig, root: str, device: str = "auto") -> ArtifactRef:
-    out = ref(model, model_cfg, corpus, acts, sae, cfg, root)
-    if out.is_complete():
-        return out
+@stage_task(ref, name="metrics")
+def metrics_task(out: ArtifactRef, model: ArtifactRef, model_cfg: ModelConfig, corpus: ArtifactRef, acts: ArtifactRef, sae: ArtifactRef,
+                 cfg: MetricsConfig, root: str, device: str = "auto") -> None:
     logger = stage_logger()
     dev, store, sae_dir, sae_model = sae_on_store(acts, sae, device)
     start = store.train_rows
@@ -102,7 +98,6 @@ def metrics_task(model: ArtifactRef, model_cfg: ModelConfig, corpus: ArtifactRef
     (out.dir / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True))
     mark_complete(out, **{k: v for k, v in result.items() if isinstance(v, (int, float))})
     logger.info("metrics: %s", json.dumps({k: round(v, 4) for k, v in result.items() if isinstance(v, float)}))
-    return out
 
 
 def load_metrics(ref_: ArtifactRef) -> dict:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 
-from prefect import task
-
 from saeflow.artifacts import ArtifactRef, artifact_ref, begin, fingerprint, mark_complete
 from saeflow.config import ModelConfig
 from saeflow.model_sources import materialize_model
-from tasks.common import stage_logger, timed
+from tasks.common import stage_logger, stage_task, timed
 
 STAGE = "model"
 
@@ -26,15 +24,11 @@ def ref(cfg: ModelConfig, root: str, **_) -> ArtifactRef:
     return artifact_ref(root, STAGE, fingerprint(STAGE, model_identity(cfg)))
 
 
-@task(name="model", task_run_name="model-{cfg.name}")
-def model_task(cfg: ModelConfig, root: str) -> ArtifactRef:
-    out = ref(cfg, root)
-    if out.is_complete():
-        return out
+@stage_task(ref, name="model", task_run_name="model-{cfg.name}")
+def model_task(out: ArtifactRef, cfg: ModelConfig, root: str) -> None:
     logger = stage_logger()
     begin(out, cfg)
     with timed(f"materialising {cfg.name}") as t:
         meta = materialize_model(cfg, out.dir)
     mark_complete(out, seconds=t.get("seconds"), **meta)
     logger.info("model %s: %s", cfg.name, json.dumps(meta))
-    return out

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from prefect import task
 
 from saeflow.artifacts import (ArtifactRef, artifact_ref, begin, completion_meta, fingerprint, mark_complete,
                                require_complete, write_atomic)
@@ -35,7 +34,7 @@ from saeflow.models import load_model
 from saeflow.saes import saved_hook
 from saeflow.store import ActivationStore
 from saeflow.tables import write_table
-from tasks.common import Progress, code_version, publish_markdown, stage_logger
+from tasks.common import Progress, code_version, publish_markdown, stage_logger, stage_task
 
 STAGE_ACTS, STAGE_BASE, STAGE_SAE, STAGE_RESULTS = "probing-acts", "probing-baselines", "probing-sae", "probing-results"
 TABLE, SUMMARY, PICKS = "probing_results", "probing_summary", "probing_quiver_picks"
@@ -60,12 +59,9 @@ def acts_ref(model: ArtifactRef, model_cfg: ModelConfig, hook: str, dataset: str
     return artifact_ref(root, STAGE_ACTS, fingerprint(STAGE_ACTS, key, model, f"dtype={model_cfg.dtype}", _acts_code()))
 
 
-@task(name="probing-acts", task_run_name="probing-acts-{dataset}")
-def acts_task(model: ArtifactRef, model_cfg: ModelConfig, hook: str, dataset: str, ood: bool, max_rows: int | None,
-              max_seq_len: int, root: str, device: str = "auto", batch_tokens: int = 4096) -> ArtifactRef:
-    out = acts_ref(model, model_cfg, hook, dataset, ood, max_rows, max_seq_len, root)
-    if out.is_complete():
-        return out
+@stage_task(acts_ref, name="probing-acts", task_run_name="probing-acts-{dataset}")
+def acts_task(out: ArtifactRef, model: ArtifactRef, model_cfg: ModelConfig, hook: str, dataset: str, ood: bool, max_rows: int | None,
+              max_seq_len: int, root: str, device: str = "auto", batch_tokens: int = 4096) -> None:
     logger = stage_logger()
     prompts, y = P.load_dataset(dataset, ood, None if ood else max_rows)
     lm = load_model(model_cfg, require_complete(model), pick_device(device))
@@ -88,7 +84,6 @@ def acts_task(model: ArtifactRef, model_cfg: ModelConfig, hook: str, dataset: st
     mark_complete(out, n_rows=len(ids), d_model=store.d_model, n_tokens=n_tokens, seconds=seconds, hook=hook)
     logger.info("probing-acts %s%s: %d prompts, %d tokens in %.1f s (%.0f tok/s)", dataset, " (OOD)" if ood else "",
                 len(ids), n_tokens, seconds, n_tokens / max(seconds, 1e-9))
-    return out
 
 
 # ---------------------------------------------------------------------------------- shared helpers
@@ -140,18 +135,14 @@ def baselines_ref(acts: dict[str, ArtifactRef], ood: dict[str, ArtifactRef], cfg
     return artifact_ref(root, STAGE_BASE, fingerprint(STAGE_BASE, key, *acts.values(), *ood.values(), _code()))
 
 
-@task(name="probing-baselines")
-def baselines_task(acts: dict[str, ArtifactRef], ood: dict[str, ArtifactRef], cfg: ProbingConfig, root: str) -> ArtifactRef:
-    out = baselines_ref(acts, ood, cfg, root)
-    if out.is_complete():
-        return out
+@stage_task(baselines_ref, name="probing-baselines")
+def baselines_task(out: ArtifactRef, acts: dict[str, ArtifactRef], ood: dict[str, ArtifactRef], cfg: ProbingConfig, root: str) -> None:
     begin(out, cfg, [*acts.values(), *ood.values()])
     t0 = time.perf_counter()
     specs = _specs(cfg, acts, ood, methods=tuple(cfg.methods), logreg_penalty=cfg.logreg_penalty)
     df = _run_datasets(out, P.baseline_rows, specs, cfg.n_jobs, "probing baselines")
     df.to_parquet(out.dir / "rows.parquet", index=False)
     mark_complete(out, rows=len(df), skipped=int(df["skipped"].notna().sum()), seconds=time.perf_counter() - t0)
-    return out
 
 
 # ---------------------------------------------------------------------------------- SAE probes
@@ -163,12 +154,9 @@ def sae_ref(sae: ArtifactRef, acts: dict[str, ArtifactRef], ood: dict[str, Artif
     return artifact_ref(root, STAGE_SAE, fingerprint(STAGE_SAE, key, sae, *acts.values(), *ood.values(), _code()))
 
 
-@task(name="probing-sae", task_run_name="probing-sae-{sae.fingerprint}")
-def sae_task(sae: ArtifactRef, acts: dict[str, ArtifactRef], ood: dict[str, ArtifactRef], cfg: ProbingConfig,
-             root: str) -> ArtifactRef:
-    out = sae_ref(sae, acts, ood, cfg, root)
-    if out.is_complete():
-        return out
+@stage_task(sae_ref, name="probing-sae", task_run_name="probing-sae-{sae.fingerprint}")
+def sae_task(out: ArtifactRef, sae: ArtifactRef, acts: dict[str, ArtifactRef], ood: dict[str, ArtifactRef], cfg: ProbingConfig,
+             root: str) -> None:
     sae_dir = require_complete(sae)
     hook = saved_hook(sae_dir)
     for ref_ in list(acts.values())[:1]:
@@ -188,7 +176,6 @@ def sae_task(sae: ArtifactRef, acts: dict[str, ArtifactRef], ood: dict[str, Arti
     (out.dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     mark_complete(out, rows=len(df), sae=name, seconds=time.perf_counter() - t0)
     stage_logger().info("probing SAE %s: %s", name, json.dumps({k: round(v, 4) for k, v in summary.items()}))
-    return out
 
 
 # ---------------------------------------------------------------------------------- results
@@ -198,12 +185,9 @@ def results_ref(baselines: ArtifactRef, saes: list[ArtifactRef], cfg: ProbingCon
     return artifact_ref(root, STAGE_RESULTS, fingerprint(STAGE_RESULTS, key, baselines, *saes, _code()))
 
 
-@task(name="probing-results")
-def results_task(baselines: ArtifactRef, saes: list[ArtifactRef], cfg: ProbingConfig, unknown: dict[str, str],
-                 root: str) -> ArtifactRef:
-    out = results_ref(baselines, saes, cfg, unknown, root)
-    if out.is_complete():
-        return out
+@stage_task(results_ref, name="probing-results")
+def results_task(out: ArtifactRef, baselines: ArtifactRef, saes: list[ArtifactRef], cfg: ProbingConfig, unknown: dict[str, str],
+                 root: str) -> None:
     frames = [pd.read_parquet(require_complete(baselines) / "rows.parquet")]
     frames += [pd.read_parquet(require_complete(s) / "rows.parquet") for s in saes]
     df = P.results_table(frames, unknown, cfg.quiver_ks, cfg.methods)
@@ -217,4 +201,3 @@ def results_task(baselines: ArtifactRef, saes: list[ArtifactRef], cfg: ProbingCo
     mark_complete(out, rows=len(df), skipped=int(df["skipped"].notna().sum()), files=[str(p) for p in paths])
     publish_markdown("probing-summary", summary.to_markdown(index=False, floatfmt=".4f"), "Sparse probing: mean test AUC per regime")
     stage_logger().info("probing summary:\n%s", summary.to_markdown(index=False, floatfmt=".4f"))
-    return out

@@ -18,7 +18,6 @@ import time
 import numpy as np
 import pandas as pd
 import torch
-from prefect import task
 
 from saeflow.artifacts import ArtifactRef, artifact_ref, begin, completion_meta, fingerprint, mark_complete, require_complete
 from saeflow.config import ModelConfig
@@ -40,7 +39,7 @@ from saeflow.models import load_model
 from saeflow.saes import load_sae, save_sae
 from saeflow.store import ActivationStore
 from saeflow.tables import write_table
-from tasks.common import Progress, code_version, publish_markdown, stage_logger, timed
+from tasks.common import Progress, code_version, publish_markdown, stage_logger, stage_task, timed
 from tasks.corpus import load_tokens
 from tasks.metrics import sae_on_store, shared_ce_reference
 
@@ -91,13 +90,10 @@ def form_ref(sae: ArtifactRef, index: int, acts: ArtifactRef, cfg: StitchingConf
     return artifact_ref(root, FORM_STAGE, fingerprint(FORM_STAGE, {**_form_cfg(cfg), "index": index}, sae, acts, _code()))
 
 
-@task(name="stitching-form")
-def form_task(sae: ArtifactRef, index: int, acts: ArtifactRef, cfg: StitchingConfig, root: str,
-              device: str = "auto") -> ArtifactRef:
+@stage_task(form_ref, name="stitching-form")
+def form_task(out: ArtifactRef, sae: ArtifactRef, index: int, acts: ArtifactRef, cfg: StitchingConfig, root: str,
+              device: str = "auto") -> None:
     """The JumpReLU inference form of one SAE (TopK thresholds fitted on training rows)."""
-    out = form_ref(sae, index, acts, cfg, root)
-    if out.is_complete():
-        return out
     logger = stage_logger()
     dev, store, sae_dir, model = sae_on_store(acts, sae, device)
     info = read_sae_info(sae_dir, index)
@@ -113,7 +109,6 @@ def form_task(sae: ArtifactRef, index: int, acts: ArtifactRef, cfg: StitchingCon
     new, orig = fidelity["jumprelu"], fidelity["original"]
     logger.info("stitching form %s: EV %.4f (original %.4f), L0 %.2f (original %.2f)", info.label,
                 new["explained_variance"], orig["explained_variance"], new["l0"], orig["l0"])
-    return out
 
 
 def _form_info(form: ArtifactRef) -> SAEInfo:
@@ -128,15 +123,12 @@ def pair_ref(small: ArtifactRef, large: ArtifactRef, small_form: ArtifactRef, la
                                                       model, corpus, acts, f"dtype={model_cfg.dtype}", _code()))
 
 
-@task(name="stitching-pair")
-def pair_task(small: ArtifactRef, large: ArtifactRef, small_form: ArtifactRef, large_form: ArtifactRef,
+@stage_task(pair_ref, name="stitching-pair")
+def pair_task(out: ArtifactRef, small: ArtifactRef, large: ArtifactRef, small_form: ArtifactRef, large_form: ArtifactRef,
               model: ArtifactRef, model_cfg: ModelConfig, corpus: ArtifactRef, acts: ArtifactRef, cfg: StitchingConfig,
-              root: str, device: str = "auto") -> ArtifactRef:
+              root: str, device: str = "auto") -> None:
     """Classification, proxy and interpolation curve of one (smaller, larger) pair: the SAEs
     themselves (``form: native``) or their JumpReLU forms (``form: jumprelu``)."""
-    out = pair_ref(small, large, small_form, large_form, model, model_cfg, corpus, acts, cfg, root)
-    if out.is_complete():
-        return out
     logger = stage_logger()
     t_start = time.perf_counter()
     dev = pick_device(device)
@@ -182,7 +174,6 @@ def pair_task(small: ArtifactRef, large: ArtifactRef, small_form: ArtifactRef, l
                 "ΔMSE for %d latents in %.2f s", title, summary["novel_fraction"], summary["n_novel"],
                 summary["n_novel"] + summary["n_reconstruction"], summary["n_inactive"], summary["proxy_auc"],
                 summary["violations"], summary["n_events"], L.d_sae, summary["seconds_delta_mse"])
-    return out
 
 
 def _pair_summary(p: ArtifactRef) -> dict:
@@ -194,13 +185,10 @@ def summary_ref(form: ArtifactRef, pair: ArtifactRef | None, root: str, **_) -> 
     return artifact_ref(root, SUMMARY_STAGE, fingerprint(SUMMARY_STAGE, None, form, *([pair] if pair else []), _code()))
 
 
-@task(name="stitching-summary")
-def summary_task(form: ArtifactRef, pair: ArtifactRef | None, root: str) -> ArtifactRef:
+@stage_task(summary_ref, name="stitching-summary")
+def summary_task(out: ArtifactRef, form: ArtifactRef, pair: ArtifactRef | None, root: str) -> None:
     """``summary.json``: the JumpReLU form's fidelity and, when this SAE is the larger one of a pair,
     that (adjacent) pair's novel fraction, proxy AUC and monotonicity violations."""
-    out = summary_ref(form, pair, root)
-    if out.is_complete():
-        return out
     f = json.loads((require_complete(form) / "form.json").read_text())
     s: dict[str, float | int] = {
         "stitching_jumprelu_explained_variance": f["jumprelu"]["explained_variance"],
@@ -215,7 +203,6 @@ def summary_task(form: ArtifactRef, pair: ArtifactRef | None, root: str) -> Arti
     begin(out, None, [form] + ([pair] if pair else []))
     (out.dir / "summary.json").write_text(json.dumps(s, indent=2))
     mark_complete(out)
-    return out
 
 
 # ------------------------------------------------------------------------------------ results
@@ -223,12 +210,9 @@ def results_ref(pairs: list[ArtifactRef], forms: list[ArtifactRef], hist_bins: i
     return artifact_ref(root, RESULTS_STAGE, fingerprint(RESULTS_STAGE, {"hist_bins": hist_bins}, *pairs, *forms, _code()))
 
 
-@task(name="stitching-results")
-def results_task(pairs: list[ArtifactRef], forms: list[ArtifactRef], hist_bins: int, root: str) -> ArtifactRef:
+@stage_task(results_ref, name="stitching-results")
+def results_task(out: ArtifactRef, pairs: list[ArtifactRef], forms: list[ArtifactRef], hist_bins: int, root: str) -> None:
     """Tables (pairs, τ sweep, curves, per-latent classes, JumpReLU forms) and plots."""
-    out = results_ref(pairs, forms, hist_bins, root)
-    if out.is_complete():
-        return out
     begin(out, {"hist_bins": hist_bins}, [*pairs, *forms])
     summaries, taus, curves, latents, hist, plots = [], [], [], [], [], []
     for p in pairs:
@@ -260,4 +244,3 @@ def results_task(pairs: list[ArtifactRef], forms: list[ArtifactRef], hist_bins: 
     files.append(plot_interpolation(plots, out.dir / "interpolation.png"))
     mark_complete(out, pairs=len(pairs), files=[str(x) for x in [*files, lat_path]])
     publish_markdown("stitching-pairs", table.to_markdown(index=False, floatfmt=".4g"), "Stitching, one row per pair")
-    return out

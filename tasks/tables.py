@@ -9,13 +9,12 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
-from prefect import task
 
 from saeflow.artifacts import COMPLETE_MARKER, ArtifactRef, begin, fingerprint, mark_complete, require_complete
 from saeflow.config import PipelineConfig
 from saeflow.plots import frontier_plot
 from saeflow.tables import core_table, write_table
-from tasks.common import EvalOutput, publish_markdown, publish_table, stage_logger
+from tasks.common import EvalOutput, publish_markdown, publish_table, stage_logger, stage_task
 
 STAGE = "results"
 FRONTIER_PNG = "frontier.png"
@@ -35,15 +34,12 @@ def ref(config: PipelineConfig, saes: list[ArtifactRef], metrics: list[ArtifactR
     return ArtifactRef(stage=STAGE, fingerprint=fp, path=str(Path(root) / STAGE / config.name))
 
 
-@task(name="results")
-def tables_task(config: PipelineConfig, saes: list[ArtifactRef], metrics: list[ArtifactRef], root: str,
-                evals: dict[str, EvalOutput] | None = None) -> ArtifactRef:
+@stage_task(ref, name="results")
+def tables_task(out: ArtifactRef, config: PipelineConfig, saes: list[ArtifactRef], metrics: list[ArtifactRef], root: str,
+                evals: dict[str, EvalOutput] | None = None) -> None:
     """One row per SAE (core metrics plus each evaluation's ``summary.json`` columns); every
     evaluation's own tables and plots are copied to ``<eval>/`` beside it."""
     evals = evals or {}
-    out = ref(config, saes, metrics, root, evals)
-    if out.is_complete():
-        return out
     rows = []
     for i, (sae, met) in enumerate(zip(saes, metrics)):
         sae_dir = require_complete(sae)
@@ -75,7 +71,6 @@ def tables_task(config: PipelineConfig, saes: list[ArtifactRef], metrics: list[A
     publish_table("core-metrics", json.loads(df.to_json(orient="records")), "Core SAE metrics, one row per SAE")
     publish_markdown("core-metrics-md", df.to_markdown(index=False, floatfmt=".4g"))
     stage_logger().info("results: %d rows -> %s", len(df), out.dir)
-    return out
 
 
 def load_table(ref_: ArtifactRef) -> pd.DataFrame:

@@ -35,3 +35,14 @@ def _prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(params=[True, False], ids=["sparse", "dense"])
+def kernels(request, monkeypatch):
+    """Run a TopK / BatchTopK / Matryoshka test with both implementations: the sparse autograd
+    kernels and the dense reference (``sparse_kernels`` on both classes)."""
+    from saeflow.saes import BatchTopKSAE, TopKSAE
+
+    for cls in (TopKSAE, BatchTopKSAE):
+        monkeypatch.setattr(cls, "sparse_kernels", request.param)
+    return request.param

@@ -57,14 +57,7 @@ CPU = torch.device("cpu")
 NEW = ("batchtopk", "matryoshka", "relu", "jumprelu")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
-
-
-@pytest.fixture(params=[True, False], ids=["sparse", "dense"])
-def kernels(request, monkeypatch):
-    """Run a BatchTopK / Matryoshka test with both implementations (sparse kernels, dense reference)."""
-    monkeypatch.setattr(BatchTopKSAE, "sparse_kernels", request.param)
-    return request.param
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures one_thread, kernels: conftest.py
 
 
 # ------------------------------------------------------------------------------------ helpers

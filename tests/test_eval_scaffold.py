@@ -8,12 +8,11 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from prefect import task
 
 import flows.pipeline as fp
 from saeflow.artifacts import artifact_ref, begin, fingerprint, mark_complete, require_complete
 from saeflow.tables import write_table
-from tasks.common import EvalOutput
+from tasks.common import EvalOutput, stage_task
 from tests.helpers import tiny_config
 
 CALLS: list[str] = []
@@ -23,32 +22,24 @@ def _ref(sae, offset: float, root: str, **_):
     return artifact_ref(root, "fake-eval", fingerprint("fake-eval", {"offset": offset}, sae))
 
 
-@task(name="fake-eval")
-def _fake_task(sae, offset: float, root: str):
-    out = _ref(sae, offset, root)
-    if out.is_complete():
-        return out
+@stage_task(_ref, name="fake-eval")
+def _fake_task(out, sae, offset: float, root: str):
     CALLS.append(sae.fingerprint)
     cfg = json.loads((require_complete(sae) / "cfg.json").read_text())
     begin(out, {"offset": offset}, [sae])
     (out.dir / "summary.json").write_text(json.dumps({"fake_width_plus": cfg["d_sae"] + offset}))
     mark_complete(out)
-    return out
 
 
 def _results_ref(per_sae, root: str, **_):
     return artifact_ref(root, "fake-eval-results", fingerprint("fake-eval-results", None, *per_sae))
 
 
-@task(name="fake-eval-results")
-def _fake_results(per_sae, root: str):
-    out = _results_ref(per_sae, root)
-    if out.is_complete():
-        return out
+@stage_task(_results_ref, name="fake-eval-results")
+def _fake_results(out, per_sae, root: str):
     begin(out, None, per_sae)
     write_table(pd.DataFrame({"sae": [r.fingerprint for r in per_sae]}), out.dir, "fake_table")
     mark_complete(out)
-    return out
 
 
 def _module(offset: float):

@@ -32,14 +32,7 @@ from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig  # noq
 NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
-
-
-@pytest.fixture(params=[True, False], ids=["sparse", "dense"])
-def kernels(request, monkeypatch):
-    """Run a test with both TopK implementations (sparse kernels and the dense reference)."""
-    monkeypatch.setattr(TopKSAE, "sparse_kernels", request.param)
-    return request.param
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures one_thread, kernels: conftest.py
 
 
 def _perturbed_sae(d_in=48, d_sae=256, k=8, seed=1, rescale=True) -> TopKSAE:
