@@ -145,8 +145,8 @@ def named_tables(results_dir: str | Path) -> dict[str, pd.DataFrame]:
     out = {}
     for key, df in raw.items():
         section = key.rsplit("/", 1)[0] if "/" in key else ""
-        index_table = next((t for k, t in raw.items() if k.startswith(section + "/") and {"sae_index", "sae_fingerprint"} <= set(t)),
-                           None) if section else None
+        index_table = next((t for k, t in raw.items()
+                            if k.startswith(section + "/") and {"sae_index", "sae_fingerprint"} <= set(t)), None) if section else None
         out[key] = named_table(df, by_fp, names, index_table)
     return out
 

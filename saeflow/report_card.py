@@ -221,7 +221,8 @@ def report_card(core: pd.DataFrame, probing_summary: pd.DataFrame | None = None)
                        for x, f in zip(v, ok)]
         label = h.label + (f" (baseline {baseline:.3f})" if key == "probing_auc" and baseline is not None else "")
         columns.append(CardColumn(headline=h, label=label, best=[n for n, m in zip(names, marks[key]) if m]))
-    dead = pd.to_numeric(core["frac_dead"], errors="coerce").to_numpy(float) if "frac_dead" in core else np.full(len(core), np.nan)
+    dead = (pd.to_numeric(core["frac_dead"], errors="coerce").to_numpy(float) if "frac_dead" in core
+            else np.full(len(core), np.nan))
     rows = []
     for i, name in enumerate(names):
         cells = []

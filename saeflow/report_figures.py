@@ -72,9 +72,28 @@ def by_width(df: pd.DataFrame, column: str, width: str = "width") -> list[tuple[
 
 
 def _width_colors(widths: Sequence[int]) -> dict[int, Any]:
-    ws = sorted(set(int(w) for w in widths))
+    ws = sorted(set(int(w) for w in widths if pd.notna(w)))
     cmap = plt.get_cmap("viridis", max(len(ws), 2))
     return {w: cmap(i) for i, w in enumerate(ws)}
+
+
+def _core_panels(core: pd.DataFrame, panels: Sequence[tuple[str, str]], draw: Any, xlabel: str, log_base: int) -> Any:
+    """A figure with one panel per ``(column, label)`` of the core table (a missing column: an empty
+    panel), each drawn by ``draw(ax, column, colours by width)`` on a log x axis."""
+    colors = _width_colors(core["width"])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.4), squeeze=False)
+    for ax, (col, label) in zip(axes[0], panels):
+        if col not in core:
+            ax.axis("off")
+            continue
+        draw(ax, col, colors)
+        ax.set_xscale("log", base=log_base)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def _skipped(evaluation: str, title: str, paper: str, why: str) -> ReportFigure:
@@ -86,26 +105,18 @@ def absorption_figure(core: pd.DataFrame) -> ReportFigure:
     """Full-absorption rate and mean absorption fraction against L0, coloured by width."""
     title, paper = "Absorption vs L0", (f"{ABSORPTION_PAPER}: feature absorption is common, and more "
                                         "frequent in wider and sparser SAEs")
-    need = {"absorption_mean_full", "l0", "width"}
+    need = {"absorption_mean_full", "l0", "width", "architecture"}
     if not need <= set(core) or not pd.to_numeric(core["absorption_mean_full"], errors="coerce").notna().any():
         return _skipped("absorption", title, paper, "absorption did not run in this run")
-    colors = _width_colors(core["width"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-    for ax, (col, label) in zip(axes, (("absorption_mean_full", "full-absorption rate"),
-                                       ("absorption_mean_fraction", "mean absorption fraction"))):
-        if col not in core:
-            ax.axis("off")
-            continue
-        for (w, arch), g in core.groupby(["width", "architecture"]):
+
+    def draw(ax: Any, col: str, colors: dict[int, Any]) -> None:
+        for (w, arch), g in core.groupby(["width", "architecture"]):  # one line per width across L0
             g = g.sort_values("l0")
             ax.plot(g["l0"], pd.to_numeric(g[col], errors="coerce"), marker=MARKERS.get(arch, "o"),
                     color=colors[int(w)], label=f"{arch} w={w}")
-        ax.set_xscale("log")
-        ax.set_xlabel("L0")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+
+    fig = _core_panels(core, (("absorption_mean_full", "full-absorption rate"),
+                              ("absorption_mean_fraction", "mean absorption fraction")), draw, "L0", 10)
     per_width = by_width(core, "absorption_mean_full")
     family = f"full absorption rises with width: {rises(per_width)} (mean per width: {_values(per_width)})"
     return ReportFigure("absorption", title, paper, family, png_data_uri(fig))
@@ -185,16 +196,12 @@ def meta_sae_figure(core: pd.DataFrame) -> ReportFigure:
     title = "Meta-SAE vs width"
     paper = (f"{STITCHING_PAPER}: a meta-SAE with few active meta-latents explains much of an SAE's decoder "
              "directions, so SAE latents are compositions rather than atomic units")
-    if "meta_sae_fve" not in core or not pd.to_numeric(core["meta_sae_fve"], errors="coerce").notna().any():
+    if (not {"meta_sae_fve", "width", "architecture"} <= set(core)
+            or not pd.to_numeric(core["meta_sae_fve"], errors="coerce").notna().any()):
         return _skipped("meta_sae", title, paper, "the meta-SAE evaluation did not run in this run")
-    colors = _width_colors(core["width"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-    for ax, (col, label) in zip(axes, (("meta_sae_fve", "decoder FVE by the meta-SAE"),
-                                       ("meta_sae_mean_latents_per_meta", "latents per meta-latent"))):
-        if col not in core:
-            ax.axis("off")
-            continue
-        series = ["architecture", "k"] if "k" in core and core["k"].notna().any() else ["architecture"]
+    series = ["architecture", "k"] if "k" in core and core["k"].notna().any() else ["architecture"]
+
+    def draw(ax: Any, col: str, colors: dict[int, Any]) -> None:
         for key, g in core.groupby(series, dropna=False):  # one line per architecture (and k) across widths
             g = g.sort_values("width")
             arch = key[0] if isinstance(key, tuple) else key
@@ -202,12 +209,9 @@ def meta_sae_figure(core: pd.DataFrame) -> ReportFigure:
             ax.plot(g["width"], pd.to_numeric(g[col], errors="coerce"), color="0.6", lw=1)
             ax.scatter(g["width"], pd.to_numeric(g[col], errors="coerce"), c=[colors[int(w)] for w in g["width"]],
                        marker=MARKERS.get(arch, "o"), label=label, zorder=3)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("SAE width")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+
+    fig = _core_panels(core, (("meta_sae_fve", "decoder FVE by the meta-SAE"),
+                              ("meta_sae_mean_latents_per_meta", "latents per meta-latent")), draw, "SAE width", 2)
     fve = by_width(core, "meta_sae_fve")
     family = f"meta-SAE FVE rises with width: {rises(fve)} (mean per width: {_values(fve)})"
     if "meta_sae_mean_latents_per_meta" in core:

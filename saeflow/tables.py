@@ -32,7 +32,7 @@ def _finite(x: Any) -> bool:
 def sae_name(architecture: Any, width: Any, k: Any = None, coefficient: Any = None) -> str:
     """The results table's name of an SAE: ``topk-w4096-k32`` (architecture, width, ``k`` when it has
     one, else ``-c<coefficient>`` when it has a sparsity coefficient)."""
-    name = f"{architecture or 'sae'}-w{int(width)}"
+    name = f"{architecture or 'sae'}" + (f"-w{int(width)}" if _finite(width) else "")
     if _finite(k):
         return name + f"-k{int(k)}"
     return name + (f"-c{float(coefficient):g}" if _finite(coefficient) else "")
@@ -41,9 +41,10 @@ def sae_name(architecture: Any, width: Any, k: Any = None, coefficient: Any = No
 def core_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per SAE: identity columns, then every scalar core metric.
 
-    Identity: ``sae`` (its name, :func:`sae_name`), ``architecture``, ``width``, ``k`` (TopK / BatchTopK / Matryoshka, else empty),
-    ``coefficient`` (the sparsity coefficient: ``l1_coefficient`` for ``relu``,
-    ``l0_coefficient`` for ``jumprelu``, else empty) and ``sae_fingerprint``.
+    Identity: ``sae`` (its name, :func:`sae_name`), ``architecture``, ``width``, ``k`` (TopK /
+    BatchTopK / Matryoshka, else empty), ``coefficient`` (the sparsity coefficient:
+    ``l1_coefficient`` for ``relu``, ``l0_coefficient`` for ``jumprelu``, else empty) and
+    ``sae_fingerprint``.
     """
     records = []
     for r in rows:

@@ -215,7 +215,8 @@ def test_figures_captions_and_names(tmp_path):
     assert "meta-SAE FVE rises with width: yes" in figs["Meta-SAE vs width"].family
     assert "every size step adds novel latents: yes" in figs["Novel / reconstruction latents vs width"].family
     assert "MSE falls monotonically: yes (rises at 0 of 6" in figs["Interpolation between sizes"].family
-    assert figs["Probing AUC by regime"].family.startswith("an SAE probe beats the best baseline (method or quiver) in: normal (0.850 vs 0.840)")
+    assert figs["Probing AUC by regime"].family.startswith(
+        "an SAE probe beats the best baseline (method or quiver) in: normal (0.850 vs 0.840)")
 
     doc = _Cells()
     doc.feed(html)
