@@ -103,8 +103,8 @@ def _skipped(evaluation: str, title: str, paper: str, why: str) -> ReportFigure:
 # ------------------------------------------------------------------------------- absorption
 def absorption_figure(core: pd.DataFrame) -> ReportFigure:
     """Full-absorption rate and mean absorption fraction against L0, coloured by width."""
-    title, paper = "Absorption vs L0", (f"{ABSORPTION_PAPER}: feature absorption is common, and more "
-                                        "frequent in wider and sparser SAEs")
+    title, paper = "Absorption vs L0", (f"{ABSORPTION_PAPER}: absorption is common in Gemma Scope SAEs "
+                                        "of every size and sparsity; varying either does not remove it")
     need = {"absorption_mean_full", "l0", "width", "architecture"}
     if not need <= set(core) or not pd.to_numeric(core["absorption_mean_full"], errors="coerce").notna().any():
         return _skipped("absorption", title, paper, "absorption did not run in this run")
@@ -135,8 +135,8 @@ def stitching_fractions(pairs: pd.DataFrame) -> pd.DataFrame:
 def stitching_figure(pairs: pd.DataFrame | None) -> ReportFigure:
     """Novel and reconstruction fractions of the larger SAE of each pair against its width."""
     title = "Novel / reconstruction latents vs width"
-    paper = (f"{STITCHING_PAPER}: a larger SAE holds novel latents (information the smaller one lacks) "
-             "beside reconstruction latents (finer versions of the smaller one's)")
+    paper = (f"{STITCHING_PAPER}: a larger SAE holds novel latents (information the smaller one lacks; "
+             "about 35% in the authors' blog) beside reconstruction latents (finer versions of the smaller one's)")
     if pairs is None or not len(pairs) or not {"n_novel", "n_reconstruction", "n_inactive", "large_width"} <= set(pairs):
         return _skipped("stitching", title, paper, "stitching did not run in this run (no stitching_pairs table)")
     fr = stitching_fractions(pairs)
