@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +22,39 @@ CORE_COLUMNS = [
 _COEFFICIENT = {"relu": "l1_coefficient", "jumprelu": "l0_coefficient"}
 
 
+def _finite(x: Any) -> bool:
+    try:
+        return x is not None and x is not pd.NA and math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def sae_name(architecture: Any, width: Any, k: Any = None, coefficient: Any = None) -> str:
+    """The results table's name of an SAE: ``topk-w4096-k32`` (architecture, width, ``k`` when it has
+    one, else ``-c<coefficient>`` when it has a sparsity coefficient)."""
+    name = f"{architecture or 'sae'}" + (f"-w{int(width)}" if _finite(width) else "")
+    if _finite(k):
+        return name + f"-k{int(k)}"
+    return name + (f"-c{float(coefficient):g}" if _finite(coefficient) else "")
+
+
 def core_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per SAE: identity columns, then every scalar core metric.
 
-    Identity: ``architecture``, ``width``, ``k`` (TopK / BatchTopK / Matryoshka, else empty),
-    ``coefficient`` (the sparsity coefficient: ``l1_coefficient`` for ``relu``,
-    ``l0_coefficient`` for ``jumprelu``, else empty) and ``sae_fingerprint``.
+    Identity: ``sae`` (its name, :func:`sae_name`), ``architecture``, ``width``, ``k`` (TopK /
+    BatchTopK / Matryoshka, else empty), ``coefficient`` (the sparsity coefficient:
+    ``l1_coefficient`` for ``relu``, ``l0_coefficient`` for ``jumprelu``, else empty) and
+    ``sae_fingerprint``.
     """
     records = []
     for r in rows:
         sae = r["sae"]
         arch = sae.get("architecture")
         coef = _COEFFICIENT.get(arch)
-        rec = {"profile": r["profile"], "model": r["model"], "hook": r["hook"], "architecture": arch,
-               "width": sae.get("width"), "k": sae.get("k") if arch in K_ARCHITECTURES else None,
-               "coefficient": sae.get(coef) if coef else None, "sae_fingerprint": r["sae_fingerprint"]}
+        k, c = sae.get("k") if arch in K_ARCHITECTURES else None, sae.get(coef) if coef else None
+        rec = {"profile": r["profile"], "model": r["model"], "hook": r["hook"], "sae": sae_name(arch, sae.get("width"), k, c),
+               "architecture": arch, "width": sae.get("width"), "k": k, "coefficient": c,
+               "sae_fingerprint": r["sae_fingerprint"]}
         metrics = r["metrics"]
         rec.update({c: metrics.get(c) for c in CORE_COLUMNS})
         rec.update({k: v for k, v in metrics.items() if k not in rec and isinstance(v, (int, float))})

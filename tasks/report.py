@@ -9,12 +9,11 @@ import json
 import re
 from typing import Any
 
-import pandas as pd
 from prefect import task
 
 from saeflow.artifacts import ArtifactRef, require_complete
 from saeflow.config import PipelineConfig
-from saeflow.report import MAX_ROWS, build_report, result_files
+from saeflow.report import CORE_TABLE, MAX_ROWS, build_report, named_tables
 from tasks.common import publish_markdown, publish_table, stage_logger
 
 
@@ -35,14 +34,11 @@ def report_task(config: PipelineConfig, results: ArtifactRef, timings: dict[str,
     except Exception:  # noqa: BLE001
         pass
     html_path, md_path = build_report(results_dir, config.model_dump(mode="json"), timings, run_info)
-    tables, _ = result_files(results_dir)
-    for f in tables:
-        rel = f.relative_to(results_dir)
-        if len(rel.parts) == 1 and f.stem == "core_metrics":
+    for key, df in named_tables(results_dir).items():  # SAEs named as in the report, never indexed
+        if key == CORE_TABLE:
             continue  # published by the results stage
-        df = pd.read_parquet(f).head(MAX_ROWS)
-        publish_table(_key(config.name, *rel.parent.parts, f.stem), json.loads(df.to_json(orient="records")),
-                      f"{rel} ({config.name})")
+        publish_table(_key(config.name, *key.split("/")), json.loads(df.head(MAX_ROWS).to_json(orient="records")),
+                      f"{key}.parquet ({config.name})")
     body = md_path.read_text()
     body = re.sub(r"!\[([^\]]*)\]\(([^)]*)\)", lambda m: f"plot `{m.group(2)}` (embedded in {html_path})", body)
     publish_markdown(_key("report", config.name), body, f"saeflow report of profile {config.name}")
