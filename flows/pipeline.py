@@ -88,7 +88,7 @@ def pipeline(config: PipelineConfig, artifacts: str | None = None,
         evals[name] = (as_subflow(module.flow)(ctx), sorted(set(states) - before))
     r = stage("results", tables.ref, tables.tables_task, config=config, saes=s + ext, metrics=mt,
               evals={name: out for name, (out, _) in evals.items()})
-    hit = {name: st.name == "Cached" for name, st in states.items()}
+    hit = {name: stage.cached(name) for name in states}
     cached = {name: hit[name] for name in ("model", "vocab", "corpus", "activations", "train")}
     cached["metrics"] = all(hit[f"metrics-{i}"] for i in range(len(mt)))
     if n_imported:

@@ -127,11 +127,18 @@ class StageRunner:
         self.states: dict = {}
         self.timings: dict[str, dict] = {}
 
-    def _record(self, name: str, state, t0: float):
+    def _complete(self, ref_fn, kw: dict) -> bool:
+        """Whether the artifact(s) a stage makes are complete before it runs: then it computes
+        nothing, whether or not Prefect's own cache key still matches (a task's source edit)."""
+        refs = ref_fn(root=self.root, **kw)
+        return all(r.is_complete() for r in (refs if isinstance(refs, list) else [refs]))
+
+    def _record(self, name: str, state, t0: float, reused: bool = False):
         import time
 
         self.states[name] = state
-        self.timings[name] = {"seconds": round(time.perf_counter() - t0, 3), "cached": state.name == "Cached"}
+        cached = state.name == "Cached" or (reused and state.is_completed())
+        self.timings[name] = {"seconds": round(time.perf_counter() - t0, 3), "cached": cached}
         return state.result()
 
     def _submit(self, name: str, ref_fn, task, kw: dict):
@@ -146,11 +153,12 @@ class StageRunner:
         from tasks.common import run_stage
 
         t0 = time.perf_counter()
+        reused = self._complete(ref_fn, kw)
         if not self.parallel:
-            return self._record(name, run_stage(task, ref_fn, root=self.root, **kw), t0)
+            return self._record(name, run_stage(task, ref_fn, root=self.root, **kw), t0, reused)
         fut = self._submit(name, ref_fn, task, kw)
         fut.wait()
-        return self._record(name, fut.state, t0)
+        return self._record(name, fut.state, t0, reused)
 
     def all(self, calls: list[tuple]) -> list:
         """Independent stages ``(name, ref_fn, task, kwargs)``: one after another with the local
@@ -160,15 +168,17 @@ class StageRunner:
         if not self.parallel:
             return [self(name, ref_fn, task, **kw) for name, ref_fn, task, kw in calls]
         t0 = time.perf_counter()
-        futs = [(name, self._submit(name, ref_fn, task, kw)) for name, ref_fn, task, kw in calls]
+        futs = [(name, self._complete(ref_fn, kw), self._submit(name, ref_fn, task, kw))
+                for name, ref_fn, task, kw in calls]
         out = []
-        for name, fut in futs:
+        for name, reused, fut in futs:
             fut.wait()
-            out.append(self._record(name, fut.state, t0))
+            out.append(self._record(name, fut.state, t0, reused))
         return out
 
     def cached(self, name: str) -> bool:
-        return self.states[name].name == "Cached"
+        """The stage computed nothing: a Prefect cache hit, or its artifacts were complete already."""
+        return self.timings[name]["cached"]
 
 
 def load_profile(profile: str, overrides: dict | None = None) -> PipelineConfig:

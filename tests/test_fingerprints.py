@@ -108,7 +108,8 @@ def test_an_artifacts_root_of_the_base_commit_is_reused(tmp_path):
     out = pipeline(load_config(profile), str(root))
     print(f"base commit's smoke run: {t_base:.0f} s; current code on its root: {time.perf_counter() - t0:.0f} s")
     # Reused, not recomputed: every file of the five stages' artifacts is untouched (same bytes, same
-    # mtime) and no member was trained. Prefect's own cache may still miss for a stage whose task
+    # mtime) and no member was trained, and each stage reports cached (its artifacts were complete).
+    # Prefect's own cache may still miss for a stage whose task
     # inputs include a config class that moved module (its key hashes the class path: train's
     # ``members``); the task then finds its artifacts complete and returns them as they are.
     assert _files(root) == before

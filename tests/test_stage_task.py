@@ -78,3 +78,29 @@ def test_body_must_take_out_first():
         @stage_task(_ref, name="bad")
         def bad(value: int, root: str) -> None:
             pass
+
+
+def test_stage_runner_reports_reused_artifacts_as_cached(tmp_path):
+    """A stage whose artifact is complete computes nothing and says so, even when Prefect's own cache
+    key no longer matches (here: its cache records deleted, as after an edit of the task's source)."""
+    import shutil
+
+    from prefect import flow
+
+    from flows.runner import StageRunner
+    from tests.helpers import tiny_config
+
+    RUNS.clear()
+    cfg = tiny_config()
+
+    @flow
+    def f(root: str) -> bool:
+        stage = StageRunner(root, cfg)
+        stage("toy", _ref, toy_task, value=9)
+        return stage.cached("toy")
+
+    assert f(str(tmp_path)) is False and RUNS == [9]
+    shutil.rmtree(tmp_path / ".prefect" / "cache")
+    assert f(str(tmp_path)) is True and RUNS == [9]
+    (_ref(9, str(tmp_path)).dir / "_COMPLETE.json").unlink()  # partial again: it runs, not cached
+    assert f(str(tmp_path)) is False and RUNS == [9, 9]
