@@ -128,10 +128,10 @@ class StageRunner:
         self.timings: dict[str, dict] = {}
 
     def _complete(self, ref_fn, kw: dict) -> bool:
-        """Whether the artifact(s) a stage makes are complete before it runs: then it computes
-        nothing, whether or not Prefect's own cache key still matches (a task's source edit)."""
-        refs = ref_fn(root=self.root, **kw)
-        return all(r.is_complete() for r in (refs if isinstance(refs, list) else [refs]))
+        """The stage's artifacts are complete before it runs (:func:`tasks.common.artifacts_complete`)."""
+        from tasks.common import artifacts_complete
+
+        return artifacts_complete(ref_fn, {"root": self.root, **kw})
 
     def _record(self, name: str, state, t0: float, reused: bool = False):
         import time

@@ -284,7 +284,8 @@ def _cross(card: ReportCard | None) -> CrossEvaluation:
 
 
 def report_page(results_dir: str | Path, config: dict[str, Any], timings: dict[str, Any],
-                run_info: dict[str, Any] | None = None, vers: dict[str, str] | None = None) -> ReportPage:
+                run_info: dict[str, Any] | None = None, vers: dict[str, str] | None = None,
+                tables: dict[str, pd.DataFrame] | None = None) -> ReportPage:
     """What the report of ``results_dir`` shows (reads the tables and plots; writes nothing).
 
     ``config`` is the profile as JSON-able data, ``timings`` stage -> ``{"seconds", "cached"}``,
@@ -292,7 +293,7 @@ def report_page(results_dir: str | Path, config: dict[str, Any], timings: dict[s
     :func:`versions`). Every ``*.png`` must be a valid PNG (else :class:`ReportError`).
     """
     results_dir = Path(results_dir)
-    tables = named_tables(results_dir)
+    tables = named_tables(results_dir) if tables is None else tables  # the caller's, when it read them
     info = {"profile": config.get("name"), "model": (config.get("model") or {}).get("name"),
             "hook": (config.get("activations") or {}).get("hook"),
             "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **(run_info or {})}
@@ -322,18 +323,20 @@ def render_report(page: ReportPage) -> tuple[str, str]:
 
 
 def build_report(results_dir: str | Path, config: dict[str, Any], timings: dict[str, Any] | None = None,
-                 run_info: dict[str, Any] | None = None) -> tuple[Path, Path]:
+                 run_info: dict[str, Any] | None = None,
+                 tables: dict[str, pd.DataFrame] | None = None) -> tuple[Path, Path]:
     """Write ``report.html``, ``report.md`` and ``run.json`` into ``results_dir``; return the
     first two paths.
 
-    ``timings`` ``None``: taken from ``run.json`` of an earlier report, if any. See
-    :func:`report_page` for the arguments.
+    ``timings`` ``None``: taken from ``run.json`` of an earlier report, if any. ``tables``: the
+    folder's :func:`named_tables`, when the caller has read them already. See :func:`report_page`
+    for the arguments.
     """
     results_dir = Path(results_dir)
     saved = json.loads((results_dir / RUN_JSON).read_text()) if (results_dir / RUN_JSON).is_file() else {}
     if timings is None:
         timings = saved.get("timings") or {}
-    page = report_page(results_dir, config, timings, run_info)
+    page = report_page(results_dir, config, timings, run_info, tables=tables)
     html_text, md_text = render_report(page)
     html_path, md_path = results_dir / REPORT_HTML, results_dir / REPORT_MD
     write_atomic(html_path, html_text)

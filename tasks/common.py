@@ -186,14 +186,19 @@ def cache_policy(root: str | Path):
     )
 
 
-def _configured(task, ref_fn: Callable[..., ArtifactRef | list[ArtifactRef]], kwargs: dict[str, Any]):
+def artifacts_complete(ref_fn: Callable[..., ArtifactRef | list[ArtifactRef]], kwargs: dict[str, Any]) -> bool:
+    """Whether every artifact a stage makes (``ref_fn(**kwargs)``: one or a list) is complete: then
+    the stage computes nothing, whatever Prefect's cache key says."""
     expected = ref_fn(**kwargs)
-    expected = expected if isinstance(expected, list) else [expected]
+    return all(e.is_complete() for e in (expected if isinstance(expected, list) else [expected]))
+
+
+def _configured(task, ref_fn: Callable[..., ArtifactRef | list[ArtifactRef]], kwargs: dict[str, Any]):
     opts: dict[str, Any] = {
         "cache_policy": cache_policy(kwargs["root"]),
         "persist_result": True,
     }
-    if not all(e.is_complete() for e in expected):
+    if not artifacts_complete(ref_fn, kwargs):
         opts["refresh_cache"] = True
     configured = task.with_options(**opts)
     if remote.url_of(kwargs["root"]) is not None:

@@ -33,8 +33,9 @@ def report_task(config: PipelineConfig, results: ArtifactRef, timings: dict[str,
             run_info["flow_run"] = f"{flow_run.name} ({flow_run.id})"
     except Exception:  # noqa: BLE001
         pass
-    html_path, md_path = build_report(results_dir, config.model_dump(mode="json"), timings, run_info)
-    for key, df in named_tables(results_dir).items():  # SAEs named as in the report, never indexed
+    tables = named_tables(results_dir)  # SAEs named as in the report, never indexed; read once
+    html_path, md_path = build_report(results_dir, config.model_dump(mode="json"), timings, run_info, tables=tables)
+    for key, df in tables.items():
         if key == CORE_TABLE:
             continue  # published by the results stage
         publish_table(_key(config.name, *key.split("/")), json.loads(df.head(MAX_ROWS).to_json(orient="records")),
