@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from saeflow.artifacts import COMPLETE_MARKER, ArtifactError, write_atomic, write_json_atomic
+from saeflow.artifacts import COMPLETE_MARKER, ArtifactError, sha256_file, write_atomic, write_json_atomic
 from saeflow.saes.config import SAEConfig
 from saeflow.saes.registry import REGISTRY
 
@@ -25,6 +25,9 @@ __all__ = ["save_sae", "load_sae", "saved_hook", "SAEFormatError", "SAE_CFG_FILE
 
 SAE_CFG_FILENAME = "cfg.json"
 SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
+#: The training summary saeflow writes into a finished SAE folder: the weights' size and SHA-256
+#: (:func:`saeflow.checkpoint.write_done`), checked by :func:`load_sae`.
+DONE_FILE = "training_summary.json"
 #: SAELens version whose on-disk format :func:`save_sae` writes (recorded as ``metadata.sae_lens_version``
 #: so SAELens >= 6 skips its pre-6.0 config conversion).
 SAELENS_FORMAT_VERSION = "6.54.12"
@@ -119,10 +122,8 @@ def _fix_hint(path: Path) -> str:
 
 def _check_recorded_weights(path: Path, w_path: Path, hint: str) -> None:
     """A folder saeflow trained records the weights' size and SHA-256 in its training summary
-    (:func:`saeflow.checkpoint.write_done`): weights that differ were damaged after training (a
+    (:data:`DONE_FILE`): weights that differ were damaged after training (a
     truncated or overwritten file), which must fail, never load as other numbers."""
-    from saeflow.checkpoint import DONE_FILE, sha256_file  # saeflow.checkpoint imports this module
-
     try:
         done = json.loads((path / DONE_FILE).read_text())
     except (OSError, ValueError):
