@@ -17,6 +17,7 @@ from typing import Any, Callable
 from flows import options
 from saeflow.config import PipelineConfig, RunnerConfig
 
+
 class DiskFullError(OSError):
     """A stage ran out of space on the artifacts root (``errno.ENOSPC``), with the fix."""
 
