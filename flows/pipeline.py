@@ -22,7 +22,7 @@ from tasks import common  # noqa: F401  (sets Prefect's offline settings before 
 from prefect import flow
 
 from flows.options import main_of, overrides
-from flows.runner import StageRunner, as_subflow, load_profile, resolve_root, with_runner
+from flows.runner import STAGE_START, StageRunner, as_subflow, load_profile, resolve_root, with_runner
 from flows.summary import EvalRefs, MemberSummary, PipelineRefs, PipelineSummary, StageTiming
 from saeflow import remote
 from saeflow.artifacts import ArtifactRef
@@ -98,6 +98,7 @@ def pipeline(config: PipelineConfig, artifacts: str | None = None,
     cached["results"] = hit["results"]
     stage_logger().info("stages cached: %s", cached)
     timings["total"] = {"seconds": round(time.perf_counter() - t_flow, 3), "cached": all(cached.values())}
+    stage_logger().info(STAGE_START, "report")
     html = report.report_task(config=config, results=r, timings=timings, root=root)
     if remote.url_of(root) is not None:  # the report and the profile's results folder, to the URL root
         remote.push_tree(r.dir)

@@ -10,11 +10,17 @@ worker GPU slots (``gpus_per_worker``, default one per worker).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 from typing import Any, Callable
 
 from flows import options
 from saeflow.config import PipelineConfig, RunnerConfig
+
+
+class DiskFullError(OSError):
+    """A stage ran out of space on the artifacts root (``errno.ENOSPC``), with the fix."""
+
 
 class UnsupportedRootError(ValueError):
     """An artifacts root that cannot be used (see :class:`saeflow.remote.RemoteRootError`)."""
@@ -106,6 +112,11 @@ def with_runner(flow_fn, config: PipelineConfig):
     return flow_fn if runner is None else flow_fn.with_options(task_runner=runner)
 
 
+#: The log line :class:`StageRunner` writes when a stage starts (before its cache check), e.g.
+#: ``stage train: start``; the pipeline writes it for the report too. Tests and operators see from
+#: it which stage a run is in (tests/test_faults.py kills a run inside a chosen stage).
+STAGE_START = "stage %s: start"
+
 #: Stages that never need a GPU (not annotated ``resources={"GPU": 1}`` on a Dask cluster).
 CPU_STAGES = ("model", "vocab", "corpus", "imported", "results")
 
@@ -127,10 +138,12 @@ class StageRunner:
         self.states: dict = {}
         self.timings: dict[str, dict] = {}
 
-    def _complete(self, ref_fn, kw: dict) -> bool:
-        """The stage's artifacts are complete before it runs (:func:`tasks.common.artifacts_complete`)."""
-        from tasks.common import artifacts_complete
+    def _complete(self, name: str, ref_fn, kw: dict) -> bool:
+        """Log the stage's start (:data:`STAGE_START`); whether its artifacts are complete before it
+        runs (:func:`tasks.common.artifacts_complete`)."""
+        from tasks.common import artifacts_complete, stage_logger
 
+        stage_logger().info(STAGE_START, name)
         return artifacts_complete(ref_fn, {"root": self.root, **kw})
 
     def _record(self, name: str, state, t0: float, reused: bool = False):
@@ -139,7 +152,16 @@ class StageRunner:
         self.states[name] = state
         cached = state.name == "Cached" or (reused and state.is_completed())
         self.timings[name] = {"seconds": round(time.perf_counter() - t0, 3), "cached": cached}
-        return state.result()
+        try:
+            return state.result()
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise DiskFullError(
+                f"stage {name} failed: no space left on the device of the artifacts root {self.root} ({exc}). Free "
+                "space there (or pass --artifacts DIR on a larger disk) and re-run: finished stages are kept and "
+                "reused, this one resumes or starts over"
+            ) from exc
 
     def _submit(self, name: str, ref_fn, task, kw: dict):
         from tasks.common import run_stage
@@ -153,7 +175,7 @@ class StageRunner:
         from tasks.common import run_stage
 
         t0 = time.perf_counter()
-        reused = self._complete(ref_fn, kw)
+        reused = self._complete(name, ref_fn, kw)
         if not self.parallel:
             return self._record(name, run_stage(task, ref_fn, root=self.root, **kw), t0, reused)
         fut = self._submit(name, ref_fn, task, kw)
@@ -168,7 +190,7 @@ class StageRunner:
         if not self.parallel:
             return [self(name, ref_fn, task, **kw) for name, ref_fn, task, kw in calls]
         t0 = time.perf_counter()
-        futs = [(name, self._complete(ref_fn, kw), self._submit(name, ref_fn, task, kw))
+        futs = [(name, self._complete(name, ref_fn, kw), self._submit(name, ref_fn, task, kw))
                 for name, ref_fn, task, kw in calls]
         out = []
         for name, reused, fut in futs:

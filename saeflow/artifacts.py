@@ -11,8 +11,9 @@ import hashlib
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from pydantic import BaseModel, ConfigDict
 
@@ -110,6 +111,15 @@ def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], None]
     return path
 
 
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str))
 
@@ -132,16 +142,37 @@ def mark_complete(ref: ArtifactRef, **meta: Any) -> None:
 
 
 def is_complete(path: str | Path, fp: str | None = None) -> bool:
-    """True when the folder's completion marker exists (and names ``fp``, when given)."""
+    """True when the folder's completion marker exists (and names ``fp``, when given), and every
+    file the marker lists under ``files`` (the tables of a results stage) still exists: a table
+    removed by hand makes its stage incomplete, so the next run rebuilds it."""
     marker = Path(path) / COMPLETE_MARKER
     if not marker.is_file():
         return False
-    if fp is None:
-        return True
     try:
-        return json.loads(marker.read_text()).get("fingerprint") == fp
+        meta = json.loads(marker.read_text())
     except (OSError, ValueError):
+        return fp is None
+    if fp is not None and meta.get("fingerprint") != fp:
         return False
+    return all((p := listed_file(Path(path), f)) is not None and p.is_file() for f in meta.get("files") or [])
+
+
+def listed_file(folder: Path, listed: str | Path) -> Path | None:
+    """A file a completion marker lists (``files``, by absolute path) found under ``folder``, even
+    if the artifacts root moved since (``.../<stage>/<name>/<rel>`` -> ``folder/<rel>``); ``None``
+    when it is not under a folder of that stage and name."""
+    listed = Path(listed)
+    if not listed.is_absolute():
+        return folder / listed
+    try:
+        return folder / listed.relative_to(folder)
+    except ValueError:
+        pass
+    parts = listed.parts
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i] == folder.name and parts[i - 1] == folder.parent.name:
+            return folder.joinpath(*parts[i + 1:])
+    return None
 
 
 def completion_meta(path: str | Path) -> dict[str, Any]:
@@ -149,6 +180,30 @@ def completion_meta(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ArtifactError(f"{path} is not a complete artifact (no {COMPLETE_MARKER}); re-run the pipeline to rebuild it")
     return json.loads(p.read_text())
+
+
+@contextmanager
+def build_lock(ref: ArtifactRef, wait: bool = True) -> Iterator[bool]:
+    """The exclusive right to build ``ref`` on this machine: ``fcntl.flock`` on
+    ``<root>/<stage>/.<fingerprint>.lock``, which the kernel releases when the holder exits or is
+    killed (SIGKILL included), so a dead run never blocks a later one. Yields ``True`` once held;
+    with ``wait=False`` yields ``False`` at once when another process (or thread) holds it. For
+    artifacts that runs with different cache keys may build at once (a family member shared by two
+    families); the lock file stays (removing it would race with a waiting run)."""
+    import fcntl
+
+    path = ref.dir.parent / f".{ref.fingerprint}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def require_complete(ref: ArtifactRef) -> Path:

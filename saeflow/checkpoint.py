@@ -14,7 +14,6 @@ weights' size and checksum, marks the folder finished (:func:`write_done`, :func
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,8 +23,8 @@ from typing import Any
 
 import torch
 
-from saeflow.artifacts import ArtifactError, write_atomic, write_json_atomic
-from saeflow.saes.saelens_format import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+from saeflow.artifacts import ArtifactError, sha256_file, write_atomic, write_json_atomic
+from saeflow.saes.saelens_format import DONE_FILE, SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -46,9 +45,10 @@ __all__ = [
 ]
 
 CHECKPOINT_DIR = "checkpoint"
-#: Written into ``out_dir`` after the final save (before the checkpoint is removed): fingerprint,
-#: weights checksum and the run's summary. A folder holding a valid one is finished: never trained again.
-DONE_FILE = "training_summary.json"
+# DONE_FILE (``training_summary.json``, defined beside the SAE file names because
+# saeflow.saes.load_sae checks the weights against it) is written into ``out_dir`` after the final
+# save (before the checkpoint is removed): fingerprint, weights checksum and the run's summary. A
+# folder holding a valid one is finished: never trained again.
 #: Format of ``meta.json`` and of :data:`DONE_FILE`.
 FORMAT = 1
 _STATE_FILE = "state.pt"
@@ -59,15 +59,6 @@ _TMP_PREFIX = ".checkpoint.tmp-"
 
 class CheckpointError(ArtifactError):
     """A training checkpoint that is damaged or belongs to another configuration."""
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

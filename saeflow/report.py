@@ -32,7 +32,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from saeflow.artifacts import COMPLETE_MARKER, write_atomic
+from saeflow.artifacts import COMPLETE_MARKER, listed_file, write_atomic
 from saeflow.pages import render
 from saeflow.report_card import (
     HEADLINES,
@@ -80,19 +80,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _relocate(listed: Path, results_dir: Path) -> Path | None:
-    """A file recorded by absolute path, found under ``results_dir`` even if the root moved."""
-    try:
-        return results_dir / listed.relative_to(results_dir)
-    except ValueError:
-        pass
-    parts = listed.parts
-    for i in range(len(parts) - 1, -1, -1):  # .../results/<profile>/<rel>
-        if parts[i] == results_dir.name and i > 0 and parts[i - 1] == results_dir.parent.name:
-            return results_dir.joinpath(*parts[i + 1:])
-    return None
-
-
 def _run_files(results_dir: Path) -> list[Path]:
     """Every file of the results folder's run (see :func:`result_files`), the report's own left out."""
     results_dir = Path(results_dir)
@@ -103,7 +90,7 @@ def _run_files(results_dir: Path) -> list[Path]:
     if marker.is_file():
         listed = json.loads(marker.read_text()).get("files")
         if isinstance(listed, list) and listed:
-            files = [p for p in (_relocate(Path(f), results_dir) for f in listed) if p is not None and p.is_file()]
+            files = [p for p in (listed_file(results_dir, f) for f in listed) if p is not None and p.is_file()]
     if files is None:
         files = [f for f in results_dir.rglob("*") if f.is_file()]
 

@@ -10,6 +10,10 @@ Layout of ``<dir>/acts.zarr`` (a Zarr v3 group):
 BOS/pad/EOS positions are never stored. Rows are in corpus order; the contexts after
 ``attrs.train_contexts`` form the held-out evaluation rows (``attrs.train_rows`` onwards).
 
+Every array carries a CRC32C checksum per chunk (Zarr's ``crc32c`` codec, :data:`CHECKSUM`): a
+chunk damaged on disk fails to read with a :class:`StoreError` naming the store and the fix, never
+gives wrong numbers. (Stores written before the checksum was added read as before, unchecked.)
+
 Writes are resumable: ``progress.json`` beside the group (written atomically after each append)
 records how many rows and contexts are durable. Re-opening for writing truncates anything beyond
 it, so a killed extraction continues from the last completed append.
@@ -26,12 +30,15 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import zarr
+from zarr.codecs import Crc32cCodec
 
 from saeflow.artifacts import ArtifactError, write_json_atomic
 
 GROUP = "acts.zarr"
 PROGRESS = "progress.json"
 ROW_ARRAYS = ("token_ids", "positions", "context")
+#: The bytes-to-bytes codecs of every array: a CRC32C checksum per chunk, no compression.
+CHECKSUM = (Crc32cCodec(),)
 
 
 class StoreError(ArtifactError):
@@ -79,9 +86,9 @@ class ActivationStore:
             return store
         group = zarr.open_group(str(path), mode="w")
         store_dtype = "uint16" if dtype == "bfloat16" else "float32"
-        group.create_array("acts", shape=(0, d_model), chunks=(chunk_rows, d_model), dtype=store_dtype, compressors=None, fill_value=0)
+        group.create_array("acts", shape=(0, d_model), chunks=(chunk_rows, d_model), dtype=store_dtype, compressors=CHECKSUM, fill_value=0)
         for name in ROW_ARRAYS:
-            group.create_array(name, shape=(0,), chunks=(chunk_rows,), dtype="int32", compressors=None, fill_value=-1)
+            group.create_array(name, shape=(0,), chunks=(chunk_rows,), dtype="int32", compressors=CHECKSUM, fill_value=-1)
         group.attrs.update({**attrs, "dtype": dtype, "d_model": d_model, "chunk_rows": chunk_rows, "complete": False})
         write_json_atomic(root / PROGRESS, {"rows": 0, "contexts": 0})
         return cls(root, group)
@@ -204,10 +211,18 @@ class ActivationStore:
 
     def read(self, start: int, end: int) -> np.ndarray:
         """Rows [start, end) as float32."""
-        return _from_storage(np.asarray(self.acts[start:end]), self.dtype)
+        return _from_storage(self.read_rows("acts", start, end), self.dtype)
 
     def read_rows(self, name: str, start: int, end: int) -> np.ndarray:
-        return np.asarray(self.group[name][start:end])
+        """Rows [start, end) of array ``name`` as stored; a damaged chunk raises :class:`StoreError`."""
+        try:
+            return np.asarray(self.group[name][start:end])
+        except Exception as exc:  # zarr raises ValueError on a checksum mismatch, others on garbage
+            raise StoreError(
+                f"activation store at {self.root} is corrupt: rows [{start}, {end}) of {name} do not read back ({exc}); "
+                f"a chunk file under {self.root / GROUP / name} was damaged after it was written. Delete {self.root} "
+                "and re-run the pipeline: the activations stage rebuilds it"
+            ) from exc
 
     def iter_rows(self, start: int, end: int, batch_size: int) -> Iterator[torch.Tensor]:
         """Sequential float32 batches over rows [start, end)."""

@@ -15,9 +15,11 @@ function; a cached result is trusted only while *every* member's folder is compl
 from __future__ import annotations
 
 
+from contextlib import ExitStack
+
 from prefect import task
 
-from saeflow.artifacts import ArtifactRef, artifact_ref, begin, fingerprint, mark_complete, require_complete
+from saeflow.artifacts import ArtifactRef, artifact_ref, begin, build_lock, fingerprint, mark_complete, require_complete
 from saeflow.config import TrainConfig
 from saeflow.saes import REGISTRY, SAEConfig, describe_sae
 from saeflow.device import pick_device
@@ -47,7 +49,12 @@ def check_sae_config(sae_cfg: SAEConfig) -> None:
 
 def train_members(acts: ArtifactRef, members: list[SAEConfig], train_cfg: TrainConfig, root: str,
                   device: str = "auto") -> list[ArtifactRef]:
-    """Train the incomplete members together; return every member's reference (in order)."""
+    """Train the incomplete members together; return every member's reference (in order).
+
+    Each member is trained under its :func:`~saeflow.artifacts.build_lock`: a member that another
+    run is training right now (a family sharing it, started at the same time) is left to that run;
+    once this run's own members are done it waits for that lock and trains whatever the other run
+    did not finish (nothing, unless it died)."""
     outs = family_refs(acts, members, train_cfg, root)
     for m in members:
         check_sae_config(m)
@@ -55,10 +62,30 @@ def train_members(acts: ArtifactRef, members: list[SAEConfig], train_cfg: TrainC
     for i, out in enumerate(outs):
         if not out.is_complete():
             todo.setdefault(out.fingerprint, i)
+    others = _train_locked(acts, members, outs, list(todo.values()), train_cfg, device, wait=False)
+    if others:
+        stage_logger().info("train: %s being trained by another run; waiting for it",
+                            ", ".join(describe_sae(members[i]) for i in others))
+        _train_locked(acts, members, outs, others, train_cfg, device, wait=True)
+    return outs
+
+
+def _train_locked(acts: ArtifactRef, members: list[SAEConfig], outs: list[ArtifactRef], idx: list[int],
+                  train_cfg: TrainConfig, device: str, wait: bool) -> list[int]:
+    """Take the build locks of members ``idx`` (waiting for them, or only the free ones), train
+    those still incomplete together; the members whose lock another run holds."""
+    with ExitStack() as locks:
+        held = [i for i in idx if locks.enter_context(build_lock(outs[i], wait=wait))]
+        _train_together(acts, members, outs, [i for i in held if not outs[i].is_complete()], train_cfg, device)
+    return [i for i in idx if i not in held]
+
+
+def _train_together(acts: ArtifactRef, members: list[SAEConfig], outs: list[ArtifactRef], idx: list[int],
+                    train_cfg: TrainConfig, device: str) -> None:
+    """Train members ``idx`` in one pass over the store and mark each complete."""
+    if not idx:
+        return
     logger = stage_logger()
-    if not todo:
-        return outs
-    idx = list(todo.values())
     logger.info("train: %d of %d SAEs to train in one pass (%s); %d already complete", len(idx), len(members),
                 ", ".join(describe_sae(members[i]) for i in idx), len(members) - len(idx))
     store = ActivationStore.open(require_complete(acts))
@@ -90,7 +117,6 @@ def train_members(acts: ArtifactRef, members: list[SAEConfig], train_cfg: TrainC
         mark_complete(outs[i], **meta)
         logger.info("train: %s done (%s)", describe_sae(members[i]),
                     {k: summary.get(k) for k in ("steps", "resumed_from_step", "n_dead", "wall_time_s")})
-    return outs
 
 
 @task(name="train-family")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from saeflow.artifacts import ArtifactError, write_atomic, write_json_atomic
+from saeflow.artifacts import COMPLETE_MARKER, ArtifactError, sha256_file, write_atomic, write_json_atomic
 from saeflow.saes.config import SAEConfig
 from saeflow.saes.registry import REGISTRY
 
@@ -25,6 +25,9 @@ __all__ = ["save_sae", "load_sae", "saved_hook", "SAEFormatError", "SAE_CFG_FILE
 
 SAE_CFG_FILENAME = "cfg.json"
 SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
+#: The training summary saeflow writes into a finished SAE folder: the weights' size and SHA-256
+#: (:func:`saeflow.checkpoint.write_done`), checked by :func:`load_sae`.
+DONE_FILE = "training_summary.json"
 #: SAELens version whose on-disk format :func:`save_sae` writes (recorded as ``metadata.sae_lens_version``
 #: so SAELens >= 6 skips its pre-6.0 config conversion).
 SAELENS_FORMAT_VERSION = "6.54.12"
@@ -107,6 +110,37 @@ def saved_hook(path: str | Path) -> str | None:
     return (json.loads(cfg_file.read_text()).get("metadata") or {}).get("hook_name")
 
 
+def _fix_hint(path: Path) -> str:
+    """What to do about a damaged SAE folder: a finished artifact (``_COMPLETE.json`` in it or in
+    its parent, e.g. a meta-SAE) is never rebuilt by a re-run on its own, so the fix names it."""
+    for folder in (path, path.parent):
+        if (folder / COMPLETE_MARKER).is_file():
+            return (f"the finished artifact {folder} was damaged after it was written: delete {folder} and "
+                    "re-run the pipeline, which rebuilds it")
+    return "re-run the training stage to rebuild it"
+
+
+def _check_recorded_weights(path: Path, w_path: Path, hint: str) -> None:
+    """A folder saeflow trained records the weights' size and SHA-256 in its training summary
+    (:data:`DONE_FILE`): weights that differ were damaged after training (a
+    truncated or overwritten file), which must fail, never load as other numbers."""
+    try:
+        done = json.loads((path / DONE_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    size, digest = done.get("weights_bytes"), done.get("weights_sha256")
+    if size is None or digest is None:
+        return
+    have = w_path.stat().st_size
+    if have != size:
+        why = f"{have} bytes, {size} recorded in {DONE_FILE}"
+    elif sha256_file(w_path) != digest:
+        why = f"its SHA-256 differs from the one recorded in {DONE_FILE}"
+    else:
+        return
+    raise SAEFormatError(f"{w_path} is unreadable or corrupt: it is not the file training wrote ({why}); {hint}")
+
+
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> BaseSAE:
     """Load an SAE folder written by :func:`save_sae` (or a SAELens standard / TopK / JumpReLU SAE).
 
@@ -121,7 +155,7 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> BaseSAE:
 
     path = Path(path)
     cfg_path, w_path = path / SAE_CFG_FILENAME, path / SAE_WEIGHTS_FILENAME
-    hint = "re-run the training stage to rebuild it"
+    hint = _fix_hint(path)
     if not path.is_dir():
         raise SAEFormatError(f"SAE folder {path} does not exist; {hint}")
     for p in (cfg_path, w_path):
@@ -169,6 +203,7 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> BaseSAE:
     if raw.get("reshape_activations", "none") != "none":
         raise SAEFormatError(f"{cfg_path} has reshape_activations={raw['reshape_activations']!r}; only 'none' is supported")
 
+    _check_recorded_weights(path, w_path, hint)
     try:
         state = load_file(str(w_path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
