@@ -77,15 +77,29 @@ def disk_bytes(root: Path) -> int:
     return sum(p.stat().st_blocks * 512 for p in store_files(root))
 
 
+def train_on_store(store, sae_cfg, train_cfg, out_dir: Path) -> dict:
+    """``train_sae`` over the store's training rows as ``tasks/train.py`` feeds it (normalisation factor,
+    b_dec sample, ``ShuffledLoader``), on CPU; its summary."""
+    import torch
+
+    from saeflow.sae_init import sample_rows
+    from saeflow.store import ShuffledLoader
+    from saeflow.training import train_sae
+
+    scaling = store.normalization_factor() if sae_cfg.normalize_activations == "expected_average_only_in" else None
+    init = sample_rows(store, train_cfg.init_sample_rows, train_cfg.seed) if sae_cfg.b_dec_init != "zeros" else None
+    loader = ShuffledLoader(store, train_cfg.batch_size, train_cfg.seed, train_cfg.buffer_chunks, 0, store.train_rows)
+    return train_sae(sae_cfg, train_cfg, loader, store.d_model, out_dir, torch.device("cpu"), scaling_factor=scaling,
+                     init_sample=init)
+
+
 def measure(rows: int, args: argparse.Namespace) -> dict:
     """One size, in this process: build, read, train, delete; the figures as a dict."""
     import torch
 
     from saeflow.config import TrainConfig
-    from saeflow.sae_init import sample_rows
     from saeflow.saes import SAEConfig
     from saeflow.store import ActivationStore, ShuffledLoader
-    from saeflow.training import train_sae
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -120,11 +134,7 @@ def measure(rows: int, args: argparse.Namespace) -> dict:
         train_cfg = TrainConfig(training_tokens=args.train_steps * args.batch, batch_size=args.batch,
                                 checkpoint_every=10**9, log_every=10**9)
         t0 = time.perf_counter()
-        scaling = store.normalization_factor()
-        init = sample_rows(store, train_cfg.init_sample_rows, train_cfg.seed)
-        loader = ShuffledLoader(store, args.batch, train_cfg.seed, train_cfg.buffer_chunks)
-        train_sae(sae_cfg, train_cfg, loader, args.d, work / "sae", torch.device("cpu"), scaling_factor=scaling,
-                  init_sample=init)
+        train_on_store(store, sae_cfg, train_cfg, work / "sae")
         train_s = time.perf_counter() - t0
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -175,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         results.append(r)
         print(f"rows {rows:,}: write {r['write_s']:.1f} s ({rows / r['write_s']:,.0f} rows/s), loader pass "
               f"{r['loader_rows'] / r['loader_s']:,.0f} rows/s, training {r['train_tokens'] / r['train_s']:,.0f} tok/s, "
-              f"peak RSS {r['peak_rss_kib'] / 1024:,.0f} MiB, disk {r['disk_bytes'] / 1e9:.2f} GB", flush=True)
+              f"peak RSS {r['peak_rss_kib'] / 1024:,.0f} MiB, disk {r['disk_bytes'] / 1e6:,.1f} MB", flush=True)
     rows = [r["rows"] for r in results]
     e_write = slope(rows, [r["write_s"] for r in results])
     e_loader = slope(rows, [r["loader_s"] * r["rows"] / r["loader_rows"] for r in results])

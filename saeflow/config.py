@@ -111,9 +111,9 @@ class ActivationsConfig(Frozen):
 
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Storage dtype of the activations (readers always get float32 back). float16 and bfloat16 halve
-    disk and read time; float16 keeps 11 significant bits (relative rounding error <= 2^-11) but
-    refuses activations beyond +-65504, bfloat16 keeps float32's range with 8 bits (<= 2^-8). Measured
-    cost on Gemma 3 270M: docs/operations.md, "Activation storage dtype"."""
+    the disk; float16 keeps 11 significant bits (relative rounding error <= 2^-11 in its normal range)
+    but refuses activations beyond +-65504, bfloat16 keeps float32's range with 8 bits (<= 2^-8).
+    Measured cost on Gemma 3 270M: docs/operations.md, "Activation storage dtype"."""
 
 
 class TrainConfig(Frozen):

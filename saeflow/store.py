@@ -192,10 +192,11 @@ class ActivationStore:
                 f"{bad} activation rows are NaN/inf (contexts before {contexts_done}); the model produced "
                 "non-finite values: run it in float32 (model.dtype) or pick another hook"
             )
+        stored = _to_storage(acts, self.dtype)  # before any resize: a refused batch leaves the store as it was
         start = self.n_rows
         end = start + n
         self.acts.resize((end, self.d_model))
-        self.acts[start:end] = _to_storage(acts, self.dtype)
+        self.acts[start:end] = stored
         for name, values in zip(ROW_ARRAYS, (token_ids, positions, context)):
             arr = self.group[name]
             arr.resize((end,))
