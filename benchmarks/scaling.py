@@ -16,7 +16,10 @@ extraction does), then measures:
   the pipeline's normalisation factor and b_dec sample taken from the store like ``tasks/train.py``)
   for ``--train-steps`` steps drawn by a fresh ``ShuffledLoader``, whose chunks are spread over the
   whole store (cold cache again);
-- peak RSS: the subprocess's own ``ru_maxrss``; disk: allocated bytes of the store folder.
+- peak RSS: the subprocess's own ``ru_maxrss``; disk: allocated bytes of the store folder;
+- diagnostics: drift (time of the last tenth of the appends / loader batches over the first tenth:
+  ~1 unless one operation's cost grows with the store) and the raw disk rate (plain cold reads of a
+  random ``--raw-fraction`` of the chunk files), the loader's baseline.
 
 The folder is deleted before the next size starts (never two stores at once). Prints one line per
 size, then the log-log least-squares slope of time vs rows (write, loader pass) and the RSS ratio
@@ -109,11 +112,14 @@ def measure(rows: int, args: argparse.Namespace) -> dict:
         root = work / "store"
         t0 = time.perf_counter()
         store = ActivationStore.open_for_write(root, args.d, args.chunk_rows, args.dtype, {"hook": "synthetic"})
+        append_t = []
         for i, s in enumerate(range(0, rows, args.append_rows)):
             e = min(rows, s + args.append_rows)
             idx = np.arange(s, e, dtype=np.int64)
+            t1 = time.perf_counter()
             store.append(pool[i % len(pool)][: e - s], idx % 50_000, idx % CONTEXT, idx // CONTEXT,
                          contexts_done=math.ceil(e / CONTEXT))
+            append_t.append(time.perf_counter() - t1)
         store.finish(train_rows=rows)
         sync_and_evict(root)
         write_s = time.perf_counter() - t0
@@ -123,11 +129,16 @@ def measure(rows: int, args: argparse.Namespace) -> dict:
         loader = ShuffledLoader(store, args.batch, seed=0)
         n_batches = loader.rows_per_epoch // args.batch
         it = iter(loader)
+        batch_t = []
         t0 = time.perf_counter()
         for _ in range(n_batches):
+            t1 = time.perf_counter()
             next(it)
+            batch_t.append(time.perf_counter() - t1)
         loader_s = time.perf_counter() - t0
+        unit = max(1, loader.buffer_chunks * store.chunk_rows // args.batch)  # batches per buffer read
         del it, loader
+        raw_rows_s = raw_read(store, args.raw_fraction)
 
         sync_and_evict(root)
         sae_cfg = SAEConfig(architecture="topk", width=args.width, k=args.k)
@@ -140,7 +151,28 @@ def measure(rows: int, args: argparse.Namespace) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     return {"rows": rows, "write_s": write_s, "loader_s": loader_s, "loader_rows": n_batches * args.batch,
             "train_s": train_s, "train_tokens": args.train_steps * args.batch, "disk_bytes": disk,
-            "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+            "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            "append_drift": drift(append_t), "batch_drift": drift(batch_t, unit), "raw_rows_s": raw_rows_s}
+
+
+def raw_read(store, fraction: float) -> float:
+    """Rows/s of plain file reads of a seeded random ``fraction`` of the ``acts`` chunk files, page cache
+    evicted first: what the disk gives with no Zarr / loader code on top (the loader's baseline)."""
+    sync_and_evict(store.root)
+    files = sorted(store_files(store.root / "acts.zarr" / "acts" / "c"))
+    n = max(1, round(fraction * len(files)))
+    pick = np.random.default_rng(1).permutation(len(files))[:n]
+    t0 = time.perf_counter()
+    nbytes = sum(len(files[i].read_bytes()) for i in pick)
+    return nbytes / (time.perf_counter() - t0) / (store.d_model * np.dtype(store.acts.dtype).itemsize)
+
+
+def drift(times: list[float], unit: int = 1) -> float:
+    """Time of the last tenth of the operations / time of the first tenth (a multiple of ``unit``
+    operations: the loader reads a buffer every ``unit`` batches): ~1 when an operation's cost does not
+    grow with the rows already written / read (an O(rows) per-operation cost shows as >> 1)."""
+    n = max(unit, len(times) // 10 // unit * unit)
+    return sum(times[-n:]) / sum(times[:n])
 
 
 def slope(xs: list[float], ys: list[float]) -> float:
@@ -165,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--width", type=int, default=2048)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--train-steps", type=int, default=40)
+    ap.add_argument("--raw-fraction", type=float, default=0.1, help="chunk files read raw for the disk baseline")
     ap.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -184,8 +217,9 @@ def main(argv: list[str] | None = None) -> None:
         r = json.loads(out.stdout.strip().splitlines()[-1])
         results.append(r)
         print(f"rows {rows:,}: write {r['write_s']:.1f} s ({rows / r['write_s']:,.0f} rows/s), loader pass "
-              f"{r['loader_rows'] / r['loader_s']:,.0f} rows/s, training {r['train_tokens'] / r['train_s']:,.0f} tok/s, "
-              f"peak RSS {r['peak_rss_kib'] / 1024:,.0f} MiB, disk {r['disk_bytes'] / 1e6:,.1f} MB", flush=True)
+              f"{r['loader_rows'] / r['loader_s']:,.0f} rows/s (raw file reads {r['raw_rows_s']:,.0f} rows/s), training {r['train_tokens'] / r['train_s']:,.0f} tok/s, "
+              f"peak RSS {r['peak_rss_kib'] / 1024:,.0f} MiB, disk {r['disk_bytes'] / 1e6:,.1f} MB, drift (last/first tenth) "
+              f"append {r['append_drift']:.2f} loader batch {r['batch_drift']:.2f}", flush=True)
     rows = [r["rows"] for r in results]
     e_write = slope(rows, [r["write_s"] for r in results])
     e_loader = slope(rows, [r["loader_s"] * r["rows"] / r["loader_rows"] for r in results])
@@ -199,8 +233,9 @@ def main(argv: list[str] | None = None) -> None:
 def write_doc(args, argv, results, e_write: float, e_loader: float, rss_ratio: float) -> None:
     table = "\n".join(
         f"| {r['rows']:,} | {r['write_s']:.1f} | {r['rows'] / r['write_s']:,.0f} | {r['loader_s']:.1f} | "
-        f"{r['loader_rows'] / r['loader_s']:,.0f} | {r['train_tokens'] / r['train_s']:,.0f} | "
-        f"{r['peak_rss_kib'] / 1024:,.0f} | {r['disk_bytes'] / 1e9:.2f} |" for r in results)
+        f"{r['loader_rows'] / r['loader_s']:,.0f} | {r['raw_rows_s']:,.0f} | {r['train_tokens'] / r['train_s']:,.0f} | "
+        f"{r['peak_rss_kib'] / 1024:,.0f} | {r['disk_bytes'] / 1e9:.2f} | {r['append_drift']:.2f} | {r['batch_drift']:.2f} |"
+        for r in results)
     write_section("scaling", f"""
 ## Cost vs store size (`benchmarks/scaling.py`)
 
@@ -211,10 +246,13 @@ in its own subprocess). Machine: {machine()}.
 
 Write = appends + `finish` + fsync of every file. Loader = one full epoch of `ShuffledLoader` (every row once),
 read cold (the store's files evicted from the page cache first). Training = `train_sae` incl. the normalisation
-factor and the b_dec sample, cold cache. Peak RSS = the measuring subprocess's `ru_maxrss`.
+factor and the b_dec sample, cold cache. Peak RSS = the measuring subprocess's `ru_maxrss`. Drift = time of the
+last tenth of the appends (loader batches) / time of the first tenth within one size: ~1 when the cost of one
+operation does not grow with the store. Raw read = plain file reads of a random {args.raw_fraction:.0%} of the chunk files,
+cold: the disk's rate with no Zarr / loader code on top.
 
-| rows | write s | write rows/s | loader pass s | loader rows/s | training tok/s | peak RSS MiB | disk GB |
-|---|---|---|---|---|---|---|---|
+| rows | write s | write rows/s | loader pass s | loader rows/s | raw read rows/s | training tok/s | peak RSS MiB | disk GB | drift: append | drift: loader batch |
+|---|---|---|---|---|---|---|---|---|---|---|
 {table}
 
 Growth exponent of time vs rows (log-log least-squares slope over the sizes): write **{e_write:.3f}**, loader pass
