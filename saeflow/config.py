@@ -109,8 +109,11 @@ class ActivationsConfig(Frozen):
     chunk_rows: int = Field(4096, ge=64)
     """Rows per Zarr chunk (also the unit of resume)."""
 
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Storage dtype (bfloat16 is stored as uint16 with the real dtype in attrs)."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Storage dtype of the activations (readers always get float32 back). float16 and bfloat16 halve
+    the disk; float16 keeps 11 significant bits (relative rounding error <= 2^-11 in its normal range)
+    but refuses activations beyond +-65504, bfloat16 keeps float32's range with 8 bits (<= 2^-8).
+    Measured cost on Gemma 3 270M: docs/operations.md, "Activation storage dtype"."""
 
 
 class TrainConfig(Frozen):

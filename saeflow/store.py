@@ -2,7 +2,9 @@
 
 Layout of ``<dir>/acts.zarr`` (a Zarr v3 group):
 
-- ``acts``       ``[n_rows, d_model]`` float32 (bfloat16 is stored as uint16; ``attrs.dtype`` says so)
+- ``acts``       ``[n_rows, d_model]`` in the storage dtype ``attrs.dtype`` (``ActivationsConfig.dtype``):
+  float32, float16, or bfloat16 stored as uint16. Readers (:meth:`ActivationStore.read` and all
+  built on it) always return float32.
 - ``token_ids``  ``[n_rows]`` int32, the token at each row
 - ``positions``  ``[n_rows]`` int32, the position of that token inside its context
 - ``context``    ``[n_rows]`` int32, the index of its context in the corpus
@@ -21,6 +23,8 @@ it, so a killed extraction continues from the last completed append.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -45,20 +49,42 @@ class StoreError(ArtifactError):
     """A store that is missing, partial, corrupt or of the wrong shape."""
 
 
+#: Storage dtypes: the name in ``ActivationsConfig.dtype`` -> the Zarr array dtype holding it
+#: (Zarr has no bfloat16: its 16 bits are stored as uint16 and ``attrs.dtype`` says so).
+STORAGE_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
+#: Largest finite float16 (activations beyond it cannot be stored as float16).
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def _check_dtype(dtype: str) -> str:
+    if dtype not in STORAGE_DTYPES:
+        raise StoreError(f"unsupported storage dtype {dtype!r}: use one of {', '.join(STORAGE_DTYPES)} (activations.dtype)")
+    return dtype
+
+
 def _to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "float32":
-        return np.ascontiguousarray(x, dtype=np.float32)
-    if dtype == "bfloat16":
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16)
-        return t.view(torch.uint16).numpy() if hasattr(torch, "uint16") else t.view(torch.int16).numpy().view(np.uint16)
-    raise StoreError(f"unsupported storage dtype {dtype!r}: use float32 or bfloat16")
+    """``x`` (float32 rows) in the storage representation of ``dtype`` (round to nearest even)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if _check_dtype(dtype) == "float32":
+        return x
+    if dtype == "float16":
+        big = np.abs(x) > FLOAT16_MAX
+        if big.any():
+            raise StoreError(
+                f"{int(big.any(axis=1).sum())} activation rows have |x| up to {float(np.abs(x).max()):.4g}, beyond "
+                f"float16's largest value {FLOAT16_MAX:g}: store them as bfloat16 or float32 (activations.dtype)"
+            )
+        return x.astype(np.float16)
+    return torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
 
 
 def _from_storage(x: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "float32":
+    """Stored rows back as float32 (exact: every stored value is a float32)."""
+    if _check_dtype(dtype) == "float32":
         return x
-    t = torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
-    return t.to(torch.float32).numpy()
+    if dtype == "float16":
+        return x.astype(np.float32)
+    return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16).to(torch.float32).numpy()
 
 
 @dataclass
@@ -84,9 +110,10 @@ class ActivationStore:
                 )
             store._truncate_to_progress()
             return store
+        _check_dtype(dtype)
         group = zarr.open_group(str(path), mode="w")
-        store_dtype = "uint16" if dtype == "bfloat16" else "float32"
-        group.create_array("acts", shape=(0, d_model), chunks=(chunk_rows, d_model), dtype=store_dtype, compressors=CHECKSUM, fill_value=0)
+        group.create_array("acts", shape=(0, d_model), chunks=(chunk_rows, d_model), dtype=STORAGE_DTYPES[dtype],
+                           compressors=CHECKSUM, fill_value=0)
         for name in ROW_ARRAYS:
             group.create_array(name, shape=(0,), chunks=(chunk_rows,), dtype="int32", compressors=CHECKSUM, fill_value=-1)
         group.attrs.update({**attrs, "dtype": dtype, "d_model": d_model, "chunk_rows": chunk_rows, "complete": False})
@@ -172,10 +199,11 @@ class ActivationStore:
                 f"{bad} activation rows are NaN/inf (contexts before {contexts_done}); the model produced "
                 "non-finite values: run it in float32 (model.dtype) or pick another hook"
             )
+        stored = _to_storage(acts, self.dtype)  # before any resize: a refused batch leaves the store as it was
         start = self.n_rows
         end = start + n
         self.acts.resize((end, self.d_model))
-        self.acts[start:end] = _to_storage(acts, self.dtype)
+        self.acts[start:end] = stored
         for name, values in zip(ROW_ARRAYS, (token_ids, positions, context)):
             arr = self.group[name]
             arr.resize((end,))
@@ -198,6 +226,12 @@ class ActivationStore:
             )
         if attrs.get("d_model") != self.d_model:
             raise StoreError(f"activation store at {self.root} has width {self.d_model}, recorded {attrs.get('d_model')}")
+        dtype = self.dtype
+        if dtype not in STORAGE_DTYPES or np.dtype(self.acts.dtype) != np.dtype(STORAGE_DTYPES[dtype]):
+            raise StoreError(
+                f"activation store at {self.root} records dtype {dtype!r} but holds {self.acts.dtype} values "
+                f"(known: {', '.join(STORAGE_DTYPES)}); delete {self.root} and re-run extraction"
+            )
         for name in ROW_ARRAYS:
             if self.group[name].shape[0] != n:
                 raise StoreError(f"activation store at {self.root}: array {name} has {self.group[name].shape[0]} rows, acts has {n}")
@@ -267,6 +301,7 @@ class ShuffledLoader:
         self.epoch = 0
         self.position = 0
         self._cache: tuple[int, int, np.ndarray] | None = None  # (epoch, buffer index, rows)
+        self._plan_cache: tuple[int, list[list[int]], list[int]] | None = None  # (epoch, buffers, cumulative ends)
 
     @property
     def rows_per_epoch(self) -> int:
@@ -281,10 +316,19 @@ class ShuffledLoader:
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
 
-    def _plan(self, epoch: int) -> list[list[int]]:
+    def _plan(self, epoch: int) -> tuple[list[list[int]], list[int]]:
+        """The epoch's buffers (lists of block indices) and the cumulative row count at each buffer's end.
+
+        Memoised for the current epoch: a batch costs O(log n_buffers) here, not O(rows in the store).
+        """
+        if self._plan_cache is not None and self._plan_cache[0] == epoch:
+            return self._plan_cache[1], self._plan_cache[2]
         rng = np.random.default_rng([self.seed, epoch, 0])
         order = rng.permutation(len(self._blocks)).tolist()
-        return [order[i:i + self.buffer_chunks] for i in range(0, len(order), self.buffer_chunks)]
+        plan = [order[i:i + self.buffer_chunks] for i in range(0, len(order), self.buffer_chunks)]
+        ends = list(itertools.accumulate(sum(self._blocks[i][1] - self._blocks[i][0] for i in buf) for buf in plan))
+        self._plan_cache = (epoch, plan, ends)
+        return plan, ends
 
     def _buffer(self, epoch: int, b: int, plan: list[list[int]]) -> np.ndarray:
         if self._cache is not None and self._cache[:2] == (epoch, b):
@@ -299,14 +343,11 @@ class ShuffledLoader:
     def _take(self, n: int) -> list[np.ndarray]:
         out: list[np.ndarray] = []
         while n > 0:
-            plan = self._plan(self.epoch)
-            sizes = [sum(self._blocks[i][1] - self._blocks[i][0] for i in buf) for buf in plan]
-            pos, b = self.position, 0
-            while pos >= sizes[b]:
-                pos -= sizes[b]
-                b += 1
+            plan, ends = self._plan(self.epoch)
+            b = bisect.bisect_right(ends, self.position)
+            pos = self.position - (ends[b - 1] if b else 0)
             rows = self._buffer(self.epoch, b, plan)
-            take = min(n, sizes[b] - pos)
+            take = min(n, ends[b] - self.position)
             out.append(rows[pos:pos + take])
             n -= take
             self.position += take
