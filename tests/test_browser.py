@@ -314,3 +314,33 @@ def test_pipeline_browser_in_headless_chromium(tmp_path):
     assert "meta_sae</span>: decomposed into" in page and "stitching</span>:" in page
     again = pipeline(cfg, str(tmp_path))
     assert again.cached["browser"] is True
+
+
+def test_browse_command_prints_the_site_or_a_clear_error(tmp_path, capsys):
+    from flows.cli import main
+
+    assert main(["browse", "--profile", "p", "--artifacts", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no latent browser at" in err and "browser: {}" in err and "saeflow run --config configs/p.yaml" in err
+    site = tmp_path / "results" / "p" / "browser"
+    site.mkdir(parents=True)
+    (site / "index.html").write_text("<html>browser</html>")
+    assert main(["browse", "--profile", "p", "--artifacts", str(tmp_path)]) == 0
+    assert str(site / "index.html") in capsys.readouterr().out
+    # --serve: the folder on localhost (a child process, stopped by its pid)
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "browse", "--profile", "p", "--artifacts", str(tmp_path),
+                             "--serve", "--port", "0"], stdout=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        url = None
+        for line in proc.stdout:
+            if line.startswith("serving on "):
+                url = line.split()[2]
+                break
+        assert url, "the server did not start"
+        assert urllib.request.urlopen(url + "index.html", timeout=10).read() == b"<html>browser</html>"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
