@@ -36,7 +36,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("train", "core", ("activations",), "the SAE family, one pass"),
     Stage("imported", "per-sae", ("activations",), "SAELens folders copied in"),
     Stage("metrics", "per-sae", ("model", "corpus", "activations", "train", "imported"), "L0, EV, CE loss, density"),
-    Stage("browser", "per-sae", ("model", "activations", "train", "imported"), "latent stats, contexts, logits"),
+    Stage("browser", "per-sae", ("model", "activations", "train", "imported"), "contexts per latent"),
     Stage("absorption", "evaluation", ("model", "vocab", "train", "imported"), "feature absorption"),
     Stage("stitching", "evaluation", ("model", "corpus", "activations", "train", "imported"), "SAE stitching"),
     Stage("meta_sae", "evaluation", ("model", "corpus", "activations", "train", "imported"), "meta-SAEs"),

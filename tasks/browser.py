@@ -45,7 +45,9 @@ SITE_JSON = "site.json"
 
 
 def _code() -> str:
-    return code_version("saeflow.browser.stream", "saeflow.browser.site", "tasks.browser")
+    """The browser stage's code version (the streaming pass and this module); the site's own code
+    and templates only stamp the site (:func:`site_task`), so a page edit recomputes no stage."""
+    return code_version("saeflow.browser.stream", "tasks.browser")
 
 
 def ref(model: ArtifactRef, model_cfg: ModelConfig, acts: ArtifactRef, sae: ArtifactRef, cfg: BrowserConfig, root: str,
@@ -127,7 +129,7 @@ def site_task(profile: str, saes: list[ArtifactRef], browsers: list[ArtifactRef]
     folder = site_dir(root, profile)
     stamp = {"browsers": [b.fingerprint for b in browsers],
              "evals": {n: [r.fingerprint for r in (o.per_sae + o.refs) if r is not None] for n, o in sorted(evals.items())},
-             "code": _code(), "templates": [template_version(f"browser/{n}") for n in
+             "code": code_version("saeflow.browser.site", "saeflow.browser.facts"), "templates": [template_version(f"browser/{n}") for n in
                                             ("browser.css", "browser.js", "index.html.j2", "sae.html.j2", "latent.html.j2")]}
     marker = folder / SITE_JSON
     if marker.is_file() and json.loads(marker.read_text()).get("inputs") == stamp:

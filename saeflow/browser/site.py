@@ -10,7 +10,7 @@ Layout under the site folder (``results/<profile>/browser/``)::
                                (``fetch`` does not work on ``file://``)
 
 The data of one SAE come from its ``browser`` artifact (:data:`DATA_FILE`, :data:`TOKENS_FILE`,
-written by :func:`save_browser_data`) and from :mod:`saeflow.browser.facts`.
+written by :func:`saeflow.browser.stream.save_browser_data`) and from :mod:`saeflow.browser.facts`.
 """
 
 from __future__ import annotations
@@ -25,28 +25,12 @@ from typing import Any
 import numpy as np
 
 from saeflow.browser.facts import Fact, Facts, tags
-from saeflow.browser.stream import LatentStats, Windows
+from saeflow.browser.stream import DATA_FILE, TOKENS_FILE
 from saeflow.pages import TEMPLATES, render
 
-DATA_FILE = "latents.npz"
-TOKENS_FILE = "tokens.json"
 SHARD = 256
 ASSETS = ("browser.css", "browser.js")
 INDEX = "index.html"
-
-
-def save_browser_data(folder: Path, stats: LatentStats, quantile_rows: np.ndarray, quantile_acts: np.ndarray,
-                      windows: Windows, logits: tuple[np.ndarray, ...], token_text: dict[int, str]) -> None:
-    """One SAE's browser data: ``latents.npz`` (statistics, the chosen rows, their windows and the
-    logit effects) and ``tokens.json`` (the text of every token id they use)."""
-    top_ids, top_vals, bottom_ids, bottom_vals = logits
-    np.savez_compressed(
-        folder / DATA_FILE, rows_scanned=stats.rows_scanned, count=stats.count, sum=stats.sum, max=stats.max,
-        hist=stats.hist, hist_edges=stats.hist_edges, top_act=stats.top_act, top_row=stats.top_row,
-        quantile_act=quantile_acts, quantile_row=quantile_rows, window_token=windows.token.astype(np.int32),
-        window_act=windows.act.astype(np.float32), window_center=windows.center, logit_top_ids=top_ids,
-        logit_top_vals=top_vals, logit_bottom_ids=bottom_ids, logit_bottom_vals=bottom_vals)
-    (folder / TOKENS_FILE).write_text(json.dumps({str(k): v for k, v in sorted(token_text.items())}))
 
 
 @dataclass
@@ -59,10 +43,12 @@ class SiteSAE:
     facts: Facts
 
 
-def _r(x: float, digits: int = 3) -> float | None:
+def _r(x: float, digits: int = 3) -> float | int | None:
+    """``x`` to ``digits`` significant digits for the JSON data (an integral value as an int: ``0``, not ``0.0``)."""
     if x is None or not math.isfinite(float(x)):
         return None
-    return float(f"{float(x):.{digits}g}")
+    v = float(f"{float(x):.{digits}g}")
+    return int(v) if v.is_integer() and abs(v) < 1e15 else v
 
 
 def _fact_json(f: Fact, keys: list[str], me: int) -> dict[str, Any]:

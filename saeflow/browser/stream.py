@@ -11,12 +11,19 @@ window around each chosen row and re-encodes only those rows for the latent's pe
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from saeflow.store import ActivationStore
+
+
+#: The ``browser`` artifact's files (:func:`save_browser_data`).
+DATA_FILE = "latents.npz"
+TOKENS_FILE = "tokens.json"
 
 
 class BrowserInputError(ValueError):
@@ -232,3 +239,17 @@ def logit_effects(W_dec: torch.Tensor, W_U: torch.Tensor, n: int, block: int = 2
             for out, t in zip(parts, (hi.indices, hi.values, lo.indices, lo.values)):
                 out.append(t.cpu())
     return tuple(torch.cat(p).numpy() for p in parts)
+
+
+def save_browser_data(folder: Path, stats: LatentStats, quantile_rows: np.ndarray, quantile_acts: np.ndarray,
+                      windows: Windows, logits: tuple[np.ndarray, ...], token_text: dict[int, str]) -> None:
+    """One SAE's browser data: ``latents.npz`` (statistics, the chosen rows, their windows and the
+    logit effects) and ``tokens.json`` (the text of every token id they use)."""
+    top_ids, top_vals, bottom_ids, bottom_vals = logits
+    np.savez_compressed(
+        folder / DATA_FILE, rows_scanned=stats.rows_scanned, count=stats.count, sum=stats.sum, max=stats.max,
+        hist=stats.hist, hist_edges=stats.hist_edges, top_act=stats.top_act, top_row=stats.top_row,
+        quantile_act=quantile_acts, quantile_row=quantile_rows, window_token=windows.token.astype(np.int32),
+        window_act=windows.act.astype(np.float32), window_center=windows.center, logit_top_ids=top_ids,
+        logit_top_vals=top_vals, logit_bottom_ids=bottom_ids, logit_bottom_vals=bottom_vals)
+    (folder / TOKENS_FILE).write_text(json.dumps({str(k): v for k, v in sorted(token_text.items())}))

@@ -43,7 +43,7 @@ function saeflowLatent(shardSize, edges) {
   }
   function histogram(h0, h) {
     if (!h.length) return "<p class='muted'>never fired in the scanned rows</p>";
-    const W = 360, H = 90, bw = W / h.length, top = Math.max(...h);
+    const W = 320, H = 90, bw = W / h.length, top = Math.max(...h);
     let bars = "";
     h.forEach((c, i) => { const bh = c ? Math.max(1, H * c / top) : 0;
       bars += `<rect x='${(i * bw).toFixed(1)}' y='${(H - bh).toFixed(1)}' width='${Math.max(bw - 1, 1).toFixed(1)}' height='${bh.toFixed(1)}' fill='#e66100'><title>${edges[h0 + i]}–${edges[h0 + i + 1]}: ${c}</title></rect>`; });
