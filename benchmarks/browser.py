@@ -68,6 +68,53 @@ def eval_outputs(config, root: str, m, v, c, a, saes) -> dict[str, EvalOutput]:
     return {name: module.flow.fn(ctx) for name, module in EVALS.items() if getattr(config, name) is not None}
 
 
+def findings(data_dir: Path, facts: dict, pairs: list[Path], me: int) -> list[str]:
+    """What the browser data of one SAE say, as numbers: how token-specific its latents' top
+    contexts are (share of the top contexts whose firing token, lowercased and stripped, is the
+    latent's most common one), per stitching class, and whether absorbing latents fire on words
+    starting with the letter they absorb."""
+    from collections import Counter
+
+    import numpy as np
+    import pandas as pd
+
+    d = dict(np.load(data_dir / "latents.npz"))
+    text = json.loads((data_dir / "tokens.json").read_text())
+    c = int(d["window_center"])
+
+    def firing(j: int) -> list[str]:
+        return [text.get(str(int(d["window_token"][j, s, c])), "?").strip().lower()
+                for s in range(d["top_row"].shape[1]) if d["top_row"][j, s] >= 0]
+
+    tops = [firing(j) for j in range(d["count"].shape[0])]
+    spec = np.array([Counter(t).most_common(1)[0][1] / len(t) if t else np.nan for t in tops])
+    out = [f"alive latents: median token specificity {np.nanmedian(spec):.2f}, "
+           f"{np.nanmean(spec[~np.isnan(spec)] >= 0.5):.0%} have >= half their top contexts on one token"]
+    for pair in pairs:
+        info = json.loads((pair / "summary.json").read_text())
+        if int(info["large_index"]) != me:
+            continue
+        lat = pd.read_parquet(pair / "latents.parquet")
+        for cls, g in lat.groupby("class"):
+            j = g["latent"].to_numpy()
+            out.append(f"{cls} vs {info['small']}: {len(j)} latents, median specificity {np.nanmedian(spec[j]):.2f}, "
+                       f"median frequency {np.median(d['count'][j] / int(d['rows_scanned'])):.2e}")
+    share, base = [], []
+    others = [t for k, t in enumerate(tops) if t and k not in facts]
+    first = {}
+    for j, fs in facts.items():
+        letters = frozenset(f.tag.split(":")[1] for f in fs if f.tag.startswith("absorbs:"))
+        if letters and tops[j]:
+            share.append(np.mean([t[:1] in letters for t in tops[j]]))
+            if letters not in first:
+                first[letters] = np.mean([np.mean([x[:1] in letters for x in t]) for t in others])
+            base.append(first[letters])
+    if share:
+        out.append(f"absorbing latents: {len(share)}; on average {np.mean(share):.0%} of their top contexts fire on a "
+                   f"token starting with the absorbed letter (latents without facts, same letters: {np.mean(base):.0%})")
+    return out
+
+
 def screenshot(url: str, path: Path) -> None:
     with tempfile.TemporaryDirectory() as profile:
         subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
@@ -87,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shot-latent", type=int, default=None, help="latent of the screenshot (default: the first "
                                                                   "latent with an absorption fact)")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--site-only", action="store_true", help="measure nothing: build the site from the complete "
+                                                             "browser artifacts, print the findings")
     args = ap.parse_args(argv)
     overrides = {"browser": {"max_rows": args.max_rows}} if args.max_rows else None
     config = load_profile(args.config, overrides)
@@ -109,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             kw = dict(model=m, model_cfg=config.model, acts=a, sae=sae, cfg=config.browser, device="cpu")
             target = browser.ref(**kw, root=root)
             brs.append(target)
-            if args.only is not None and i != args.only:
+            if (args.only is not None and i != args.only) or args.site_only:
                 continue
             out = browser.ref(**kw, root=tmp)
             prof = cProfile.Profile() if args.profile_cpu else None
@@ -152,6 +201,14 @@ def main(argv: list[str] | None = None) -> int:
             key = browser.site_key(k, saes[k])
             screenshot((index.parent / key / "latent.html").resolve().as_uri() + f"#{latent}", Path(args.screenshot))
             print(f"screenshot: {args.screenshot} ({key} latent {latent})")
+        k = len(saes) - 1
+        sources = browser.fact_sources(saes, evals)[k]
+        from saeflow.browser import join as join_facts
+
+        found = findings(brs[k].dir, join_facts(sources, k), sources.stitching_pairs, k)
+        print("\n".join([f"findings ({browser.site_key(k, saes[k])}):", *found]))
+    if not rows:
+        return 0
     tb, tm = sum(r["browser"] for r in rows), sum(r["metrics"] for r in rows)
     lines = ["| SAE | rows scanned | latents fired | scan s | windows s | logits s | browser s | core metrics s | ratio |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -161,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(f"| **family** | | | | | | {tb:.1f} | {tm:.1f} | {tb / tm:.2f} |")
     table = "\n".join(lines)
     print(table)
-    if not args.no_write and args.only is None:
-        site_line = f"Site: {files:,} files, {size / 1e6:.1f} MB, written in {t_site:.1f} s.\n\n"
+    if not args.no_write and args.only is None and not args.site_only:
+        site_line = (f"Site: {files:,} files, {size / 1e6:.1f} MB, written in {t_site:.1f} s. Findings on the widest "
+                     "SAE: " + "; ".join(found) + ".\n\n")
         write_section("browser", f"## Latent browser stage vs core metrics ({config.name})\n\n"
                                  f"`benchmarks/browser.py` ({machine()}); browser config: "
                                  f"`{config.browser.model_dump(mode='json')}`. Seconds per SAE, each stage body run "
