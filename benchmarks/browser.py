@@ -100,7 +100,8 @@ def findings(data_dir: Path, facts: dict, pairs: list[Path], me: int) -> list[st
             out.append(f"{cls} vs {info['small']}: {len(j)} latents, median specificity {np.nanmedian(spec[j]):.2f}, "
                        f"median frequency {np.median(d['count'][j] / int(d['rows_scanned'])):.2e}")
     share, base = [], []
-    others = [t for k, t in enumerate(tops) if t and k not in facts]
+    absorbs = {j for j, fs in facts.items() if any(f.tag.startswith("absorbs:") for f in fs)}
+    others = [t for k, t in enumerate(tops) if t and k not in absorbs]
     first = {}
     for j, fs in facts.items():
         letters = frozenset(f.tag.split(":")[1] for f in fs if f.tag.startswith("absorbs:"))
@@ -111,7 +112,7 @@ def findings(data_dir: Path, facts: dict, pairs: list[Path], me: int) -> list[st
             base.append(first[letters])
     if share:
         out.append(f"absorbing latents: {len(share)}; on average {np.mean(share):.0%} of their top contexts fire on a "
-                   f"token starting with the absorbed letter (latents without facts, same letters: {np.mean(base):.0%})")
+                   f"token starting with the absorbed letter (latents absorbing no letter, same letters: {np.mean(base):.0%})")
     return out
 
 

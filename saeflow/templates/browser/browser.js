@@ -65,7 +65,7 @@ function saeflowLatent(shardSize, edges) {
     const peak = Math.max(L.max || 0, 1e-9);
     const ctx = kind => L.ctx.filter(c => c.k === kind).map(c => {
       const spans = c.t.map((s, i) => { const v = c.v[i] || 0, a = Math.min(1, v / peak).toFixed(2);
-        return `<span class='tok${i === c.c ? " center" : ""}' style='background: rgba(230,97,0,${a})' title='${v}'>${esc(S[s])}</span>`; }).join("");
+        return `<span class='tok${i === c.c ? " center" : ""}' style='background: rgba(230,97,0,${a})' title='${v}'>${esc(S[s]).replace(/\n/g, "⏎")}</span>`; }).join("");
       return `<div class='ctx'><span class='act'>${c.a}</span>${spans}</div>`; }).join("") || "<p class='muted'>none</p>";
     el("top").innerHTML = ctx("top"); el("sample").innerHTML = ctx("sample");
     el("facts").innerHTML = L.facts.length ? L.facts.map(f => `<li><span class='eval'>${esc(f.e)}</span>: ${esc(f.t)}` +
