@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                                  f"`benchmarks/browser.py` ({machine()}); browser config: "
                                  f"`{config.browser.model_dump(mode='json')}`. Seconds per SAE, each stage body run "
                                  f"once in the same process (the metrics' clean/ablated CE reference is built "
-                                 f"by the first SAE and shared, as in the pipeline).\n\n{site_line}{table}\n")
+                                 f"by the first SAE and shared, as in the pipeline; the first SAE's browser loads the model, which "
+                                 f"the later stages reuse).\n\n{site_line}{table}\n")
     return 0
 
 
