@@ -4,6 +4,7 @@
     saeflow report --profile quick                       # rebuild results/quick/report.html from what is there
     saeflow list-artifacts --stage train                 # what the artifacts root holds
     saeflow clean --stage activations --partial-only     # delete (partial) artifacts of ONE stage
+    saeflow browse --profile quick-evals [--serve]       # the latent browser: its path (or serve it on localhost)
 
 Every command takes --artifacts DIR (default: $SAEFLOW_ARTIFACTS, else artifacts/).
 """
@@ -70,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--yes", "-y", action="store_true", help="do not ask; delete")
     cl.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
     add_root_argument(cl)
+
+    br = sub.add_parser("browse", help="the latent browser of a profile: print its path, or serve it on localhost",
+                        description="Print the path of results/<profile>/browser/index.html (open it in a browser; "
+                                    "it works from file://), or serve that folder on localhost with --serve.")
+    br.add_argument("--profile", metavar="NAME", default="quick", help="profile name (the folder under results/)")
+    br.add_argument("--serve", action="store_true", help="serve the site with Python's http.server until Ctrl-C")
+    br.add_argument("--port", type=int, default=8000, help="--serve: the port on 127.0.0.1 (default 8000; 0 = any free)")
+    add_root_argument(br)
     return ap
 
 
@@ -106,6 +115,39 @@ def cmd_report(args: argparse.Namespace) -> int:
         cfg = json.loads(meta.read_text())["config"].get("config", {}) if meta.is_file() else {"name": name}
     html, md = build_report(results, cfg)
     print(f"report: {html}\nmarkdown: {md}")
+    return 0
+
+
+def browser_index(root: Path, profile: str) -> Path:
+    """``<root>/results/<profile>/browser/index.html``; a clear error when it is not there."""
+    if not _NAME.match(profile):
+        raise FileNotFoundError(f"{profile!r} is not a profile name")
+    index = root / "results" / profile / "browser" / "index.html"
+    if not index.is_file():
+        raise FileNotFoundError(
+            f"no latent browser at {index}: the profile's run has not built one. Set `browser: {{}}` in its YAML "
+            f"(configs/quick-evals.yaml has it) and run `saeflow run --config configs/{profile}.yaml`")
+    return index
+
+
+def cmd_browse(args: argparse.Namespace) -> int:
+    try:
+        index = browser_index(_root(args.artifacts), args.profile)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"latent browser: {index}\nopen: {index.resolve().as_uri()}")
+    if args.serve:
+        import functools
+        import http.server
+
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(index.parent))
+        with http.server.ThreadingHTTPServer(("127.0.0.1", args.port), handler) as server:
+            print(f"serving on http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C stops)", flush=True)
+            try:
+                server.serve_forever()
+            except KeyboardInterrupt:
+                pass
     return 0
 
 
@@ -243,7 +285,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return guarded({"run": cmd_run, "report": cmd_report, "list-artifacts": cmd_list, "clean": cmd_clean}[args.command],
+    return guarded({"run": cmd_run, "report": cmd_report, "list-artifacts": cmd_list, "clean": cmd_clean,
+                    "browse": cmd_browse}[args.command],
                    args)
 
 

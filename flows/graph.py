@@ -36,13 +36,15 @@ STAGES: tuple[Stage, ...] = (
     Stage("train", "core", ("activations",), "the SAE family, one pass"),
     Stage("imported", "per-sae", ("activations",), "SAELens folders copied in"),
     Stage("metrics", "per-sae", ("model", "corpus", "activations", "train", "imported"), "L0, EV, CE loss, density"),
+    Stage("browser", "per-sae", ("model", "activations", "train", "imported"), "contexts per latent"),
     Stage("absorption", "evaluation", ("model", "vocab", "train", "imported"), "feature absorption"),
     Stage("stitching", "evaluation", ("model", "corpus", "activations", "train", "imported"), "SAE stitching"),
     Stage("meta_sae", "evaluation", ("model", "corpus", "activations", "train", "imported"), "meta-SAEs"),
     Stage("probing", "evaluation", ("model", "train", "imported"), "sparse probing"),
     Stage("results", "output", ("train", "imported", "metrics", "absorption", "stitching", "meta_sae", "probing"),
           "tables + plots"),
-    Stage("report", "output", ("results",), "one HTML file"),
+    Stage("site", "output", ("browser", "absorption", "stitching", "meta_sae", "results"), "latent browser pages"),
+    Stage("report", "output", ("results", "site"), "one HTML file"),
 )
 
 BY_NAME = {s.name: s for s in STAGES}

@@ -1,7 +1,9 @@
 """The main job: model -> vocab -> corpus -> activations -> train (the SAE family, one pass) -> core
 metrics (one task per SAE) -> the evaluations the profile enables (absorption, stitching, meta-SAE,
 probing; each a Prefect subflow ``flows/evals/<eval>.py`` ``flow(ctx)``) -> results tables + plots -> the run report
-(``results/<profile>/report.html``: saeflow/report.py, the task in tasks/report.py). The stages are
+(``results/<profile>/report.html``: saeflow/report.py, the task in tasks/report.py); with ``browser:``
+set, a ``browser`` stage per SAE and the latent browser's site (``results/<profile>/browser/``,
+written after the results stage, linked from the report; tasks/browser.py). The stages are
 listed once in flows/graph.py (drawn into docs/architecture.png).
 
 Run a profile: ``python -m flows.pipeline --config configs/quick.yaml [--artifacts DIR]`` (the
@@ -29,7 +31,7 @@ from saeflow.artifacts import ArtifactRef
 from saeflow.config import PipelineConfig
 from saeflow.saes import describe_sae
 from flows.evals import absorption, meta_sae, probing, stitching
-from tasks import activations, corpus, imported, metrics, model, report, tables, train, vocab
+from tasks import activations, browser, corpus, imported, metrics, model, report, tables, train, vocab
 from tasks.common import EvalContext, stage_logger
 
 #: Evaluations in the order they run: (PipelineConfig field, module of flows/evals/ with a subflow
@@ -78,6 +80,11 @@ def pipeline(config: PipelineConfig, artifacts: str | None = None,
     mt = stage_all([(f"metrics-{i}", metrics.ref, metrics.metrics_task,
                      {"model": m, "model_cfg": config.model, "corpus": c, "acts": a, "sae": ref, "cfg": config.metrics,
                       "device": dev}) for i, ref in enumerate(s + ext)])
+    br = []
+    if config.browser is not None:
+        br = stage_all([(f"browser-{i}", browser.ref, browser.browser_task,
+                         {"model": m, "model_cfg": config.model, "acts": a, "sae": ref, "cfg": config.browser,
+                          "device": dev}) for i, ref in enumerate(s + ext)])
     evals = {}
     for name, module in EVALUATIONS:
         if getattr(config, name) is None:
@@ -88,11 +95,15 @@ def pipeline(config: PipelineConfig, artifacts: str | None = None,
         evals[name] = (as_subflow(module.flow)(ctx), sorted(set(states) - before))
     r = stage("results", tables.ref, tables.tables_task, config=config, saes=s + ext, metrics=mt,
               evals={name: out for name, (out, _) in evals.items()})
+    if config.browser is not None:
+        browser.site_task(config.name, s + ext, br, {name: out for name, (out, _) in evals.items()}, root)
     hit = {name: stage.cached(name) for name in states}
     cached = {name: hit[name] for name in ("model", "vocab", "corpus", "activations", "train")}
     cached["metrics"] = all(hit[f"metrics-{i}"] for i in range(len(mt)))
     if n_imported:
         cached["imported"] = all(hit[f"imported-{i}"] for i in range(n_imported))
+    if br:
+        cached["browser"] = all(hit[f"browser-{i}"] for i in range(len(br)))
     for name, (_, names) in evals.items():
         cached[name] = all(hit[n] for n in names)
     cached["results"] = hit["results"]
@@ -107,7 +118,7 @@ def pipeline(config: PipelineConfig, artifacts: str | None = None,
                              metrics_cached=hit[f"metrics-{i}"])
                for i, (cfg, ref, before) in enumerate(zip(saes, s, complete_before))]
     refs = PipelineRefs(model=m, vocab=v, corpus=c, activations=a, train=s, imported=ext[:n_imported],
-                        extra_saes=ext[n_imported:], metrics=mt, results=r,
+                        extra_saes=ext[n_imported:], metrics=mt, browser=br, results=r,
                         evals={name: EvalRefs(per_sae=out.per_sae, results=out.results, refs=out.refs)
                                for name, (out, _) in evals.items()})
     return PipelineSummary(refs=refs, cached=cached, members=members, report=Path(html),

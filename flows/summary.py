@@ -45,6 +45,8 @@ class PipelineRefs(_Summary):
     """SAE artifacts handed to the flow (``extra_saes=``, e.g. by ``flows.reevaluate``)."""
     metrics: list[ArtifactRef]
     """One per SAE: the family's, then the imported ones, then the extra ones."""
+    browser: list[ArtifactRef] = Field(default_factory=list)
+    """One per SAE (same order as ``metrics``) when the profile sets ``browser:``, else empty."""
     results: ArtifactRef
     evals: dict[str, EvalRefs] = Field(default_factory=dict)
     """Evaluation name (a ``PipelineConfig`` field, e.g. ``absorption``) -> its artifacts; only

@@ -178,6 +178,49 @@ class MetricsConfig(Frozen):
     """A latent is dense when its firing frequency exceeds this."""
 
 
+class BrowserConfig(Frozen):
+    """The latent browser (``saeflow/browser``): per-latent statistics, contexts and logit effects
+    from one streaming pass over the activation store, written as a static site."""
+
+    n_top: int = Field(20, ge=1)
+    """Top-activating contexts kept per latent (the streaming pass keeps ``width x n_top`` entries;
+    must be >= 1)."""
+
+    n_random: int = Field(5, ge=0)
+    """Contexts per latent sampled at lower quantiles of its firing activations (from a seeded
+    reservoir of ``4 x n_random`` random firing rows), shown below the top ones; 0 = none."""
+
+    window: int = Field(8, ge=0)
+    """Tokens shown left of each context's firing token (and ``window // 2`` right of it), with the
+    latent's activation on every one."""
+
+    max_rows: int | None = Field(65_536, ge=1)
+    """Activation-store rows scanned, from the first (``None`` = every row); bounds the stage's cost
+    (docs/browser.md: measured cost against the core metrics)."""
+
+    n_logit_tokens: int = Field(10, ge=1)
+    """Tokens with the largest / smallest logit effect (``W_dec @ W_U``) listed per latent."""
+
+    hist_bins: int = Field(48, ge=4)
+    """Bins of each latent's activation histogram (log-spaced over ``hist_range``)."""
+
+    hist_range: tuple[float, float] = (1e-3, 1e5)
+    """Activation range of the histogram's log-spaced bins; values outside go to the end bins."""
+
+    seed: int = 0
+    """Seed of the reservoir that picks the lower-quantile contexts."""
+
+    batch_size: int = operational(4096, "Store rows encoded per batch.")
+    """Store rows encoded per batch (the result does not depend on it)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "BrowserConfig":
+        lo, hi = self.hist_range
+        if not 0 < lo < hi:
+            raise ValueError(f"browser.hist_range {self.hist_range} must be two increasing positive numbers")
+        return self
+
+
 class RunnerConfig(Frozen):
     """How the flow runs its tasks (operational: never part of a fingerprint; the same artifacts
     come out of every runner)."""
@@ -240,6 +283,10 @@ class PipelineConfig(Frozen):
 
     probing: ProbingConfig | None = None
     """Sparse-probing evaluation on the sae-probes datasets (SPEC 5); ``None`` skips it."""
+
+    browser: BrowserConfig | None = None
+    """The latent browser (docs/browser.md): a per-SAE ``browser`` stage and a static site under
+    ``results/<profile>/browser/`` joined with the evaluations' per-latent findings; ``None`` skips it."""
 
     runner: RunnerConfig = operational(RunnerConfig(), "Task runner: local (default) or dask.")
     """Task runner (``{kind: local|dask, address: null|tcp://..., n_workers: 2}``). Operational:

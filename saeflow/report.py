@@ -6,7 +6,7 @@ number per evaluation, best per column marked), then the papers' figures with ca
 from the data (:mod:`saeflow.report_figures`), the rank correlations between the headline numbers
 across the SAEs (exploratory, with at least four SAEs), and below, collapsed, every table
 (``*.parquet``) and plot (``*.png``) of the results folder with SAEs named, never indexed, links to
-each evaluation's files and to the latent browser (``latents/index.html``) when it exists; then the
+each evaluation's files and to the latent browser (``browser/index.html``, :mod:`saeflow.browser`) when it exists; then the
 profile's config, the model, package versions and the stage timings of the run. ``run.json``
 beside them keeps the timings and versions, so ``saeflow report`` can rebuild the report later
 without re-running anything.
@@ -51,7 +51,7 @@ REPORT_MD = "report.md"
 RUN_JSON = "run.json"
 CORE_TABLE = "core_metrics"
 #: The latent browser, linked from the report when the results folder holds it.
-LATENTS_INDEX = "latents/index.html"
+LATENTS_INDEX = "browser/index.html"
 #: Rows of one table shown in the report (the full table stays in its parquet file).
 MAX_ROWS = 200
 PACKAGES = ("saeflow", "torch", "transformer-lens", "transformers", "prefect", "prefect-dask", "dask", "distributed",
@@ -207,7 +207,7 @@ class ReportPage:
     cross: CrossEvaluation
     sections: list[ReportSection]
     latents_link: str | None
-    """``latents/index.html`` when the results folder holds a latent browser."""
+    """``browser/index.html`` when the results folder holds a latent browser."""
     timings_html: str | None
     """``None``: no timings recorded (a report rebuilt without a run)."""
     timings_markdown: str | None

@@ -44,7 +44,7 @@ def _tree(root: Path) -> set[str]:
 def test_every_command_and_option_has_help():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == {"run", "report", "list-artifacts", "clean"}
+    assert set(sub.choices) == {"run", "report", "list-artifacts", "clean", "browse"}
     for name, p in sub.choices.items():
         assert p.description, name
         for action in p._actions:

@@ -282,7 +282,7 @@ def test_stage_graph_lists_the_stages_the_pipeline_reports(first_run):
     _, out = first_run
     names = [s.name for s in STAGES]
     assert list(out.cached) == [n for n in names if n in out.cached]  # every reported stage, in graph order
-    assert set(names) - set(out.cached) == {"imported", "report", *EVALUATION_STAGES}  # not run by the tiny profile
+    assert set(names) - set(out.cached) == {"imported", "browser", "site", "report", *EVALUATION_STAGES}  # not run by the tiny profile
     assert out.report.name == "report.html" and out.report.parent == out.refs.results.dir
     assert EVALUATION_STAGES == tuple(name for name, _ in EVALUATIONS)
     stage_of_timing = {t.split("-")[0] for t in out.timings} - {"total"}
@@ -294,13 +294,14 @@ def test_stage_graph_edges_are_the_artifacts_each_stage_reads():
     import inspect
 
     from flows.graph import BY_NAME, EVALUATION_STAGES
-    from tasks import activations, corpus, imported, metrics, model, tables, train, vocab
+    from tasks import activations, browser, corpus, imported, metrics, model, tables, train, vocab
 
     saes = {"train", "imported"}
     param_stage = {"model": {"model"}, "vocab": {"vocab"}, "corpus": {"corpus"}, "acts": {"activations"},
                    "sae": saes, "saes": saes, "metrics": {"metrics"}, "evals": set(EVALUATION_STAGES)}
     refs = {"model": model.ref, "vocab": vocab.ref, "corpus": corpus.ref, "activations": activations.ref,
-            "train": train.family_refs, "imported": imported.ref, "metrics": metrics.ref, "results": tables.ref}
+            "train": train.family_refs, "imported": imported.ref, "metrics": metrics.ref, "results": tables.ref,
+            "browser": browser.ref}
     for stage, ref_fn in refs.items():
         reads = set().union(*(param_stage.get(p, set()) for p in inspect.signature(ref_fn).parameters))
         assert set(BY_NAME[stage].upstream) == reads, stage

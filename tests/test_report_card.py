@@ -194,7 +194,7 @@ def test_card_values_best_marks_and_correlations(tmp_path):
 
 def test_figures_captions_and_names(tmp_path):
     d = synthetic_run(tmp_path)
-    (d / "latents").mkdir()
+    (d / "browser").mkdir()
     html_path, md_path = build_report(d, CONFIG, {"train": {"seconds": 2.0, "cached": False}})
     html, md = html_path.read_text(), md_path.read_text()
     assert "sae_index" not in html and "sae_index" not in md  # named, never indexed
@@ -226,11 +226,11 @@ def test_figures_captions_and_names(tmp_path):
         assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC)
     for f in ("absorption/absorption_summary.parquet", "stitching/stitching_pairs.md", "probing/probing_summary.parquet"):
         assert f"href='{f}'" in html
-    assert "latents/index.html" not in html  # the folder exists, the browser does not
-    (d / "latents" / "index.html").write_text("<html></html>")
+    assert "browser/index.html" not in html  # the folder exists, the browser does not
+    (d / "browser" / "index.html").write_text("<html></html>")
     build_report(d, CONFIG)
-    assert "href='latents/index.html'" in html_path.read_text()
-    assert "[latents/index.html](latents/index.html)" in md_path.read_text()
+    assert "href='browser/index.html'" in html_path.read_text()
+    assert "[browser/index.html](browser/index.html)" in md_path.read_text()
     assert re.search(r"<details>.*core_metrics", html, re.S)  # long tables collapsed below
 
 

@@ -16,6 +16,39 @@ from saeflow.report import PNG_MAGIC
 REPO = Path(__file__).resolve().parent.parent
 
 
+def check_browser(out) -> None:
+    """The latent browser: pages for every SAE, linked from the report, and a latent's top contexts
+    are the true top activations of a brute-force encode of the whole store."""
+    import torch
+
+    from saeflow.browser import DATA_FILE
+    from saeflow.saes import load_sae
+    from saeflow.store import ActivationStore
+    from tasks.browser import site_key
+
+    site = out.refs.results.dir / "browser"
+    assert (site / "index.html").is_file() and len(out.refs.browser) == len(out.refs.saes) == 4
+    for i, sae_ref in enumerate(out.refs.saes):
+        pages = site / site_key(i, sae_ref)
+        assert (pages / "index.html").is_file() and (pages / "latent.html").is_file() and (pages / "data" / "0.js").is_file()
+    assert "href='browser/index.html'" in Path(out.report).read_text()
+    store = ActivationStore.open(out.refs.activations.dir)
+    sae = load_sae(out.refs.saes[3].dir)
+    with torch.no_grad():
+        f = sae.encode(torch.from_numpy(store.read(0, store.n_rows))).numpy()
+    data = np.load(out.refs.browser[3].dir / DATA_FILE)
+    assert int(data["rows_scanned"]) == store.n_rows
+    np.testing.assert_array_equal(data["count"], (f > 0).sum(0))
+    n = data["top_row"].shape[1]
+    for j in range(f.shape[1]):  # the chosen rows hold the true top activations, in order (rows may differ on exact ties)
+        order = np.lexsort((np.arange(f.shape[0]), -f[:, j]))[:n]
+        order = order[f[order, j] > 0]
+        rows = data["top_row"][j]
+        assert (rows[order.size:] == -1).all() and len(set(rows[:order.size].tolist())) == order.size, j
+        np.testing.assert_allclose(f[rows[:order.size], j], f[order, j], rtol=1e-5)
+        np.testing.assert_allclose(data["top_act"][j][:order.size], f[order, j], rtol=1e-4)
+
+
 @pytest.mark.slow
 def test_smoke_profile_end_to_end_then_fully_cached(tmp_path):
     cfg = load_config(REPO / "configs" / "smoke.yaml")
@@ -47,6 +80,7 @@ def test_smoke_profile_end_to_end_then_fully_cached(tmp_path):
     assert ((table["meta_sae_fve"] > 0) & (table["meta_sae_fve"] <= 1)).all()
     larger = table[table["width"] == 1152]
     assert larger["stitching_novel_fraction"].between(0, 1).all() and larger["stitching_proxy_auc"].notna().all()
+    check_browser(out)
     again = pipeline(cfg, str(tmp_path))
     assert all(again.cached.values()), again.cached
     assert not any(m.trained for m in again.members)
