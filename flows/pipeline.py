@@ -96,6 +96,7 @@ def pipeline(config: PipelineConfig, artifacts: str | None = None,
     r = stage("results", tables.ref, tables.tables_task, config=config, saes=s + ext, metrics=mt,
               evals={name: out for name, (out, _) in evals.items()})
     if config.browser is not None:
+        stage_logger().info(STAGE_START, "site")
         browser.site_task(config.name, s + ext, br, {name: out for name, (out, _) in evals.items()}, root)
     hit = {name: stage.cached(name) for name in states}
     cached = {name: hit[name] for name in ("model", "vocab", "corpus", "activations", "train")}

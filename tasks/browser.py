@@ -102,6 +102,9 @@ def fact_sources(saes: list[ArtifactRef], evals: dict[str, EvalOutput]) -> list[
                 info = json.loads((require_complete(r) / "summary.json").read_text())
                 for i in (int(info["small_index"]), int(info["large_index"])):
                     out[i].stitching_pairs.append(r.dir)
+    if "probing" in evals:
+        for src, r in zip(out, evals["probing"].per_sae):
+            src.probing = require_complete(r) if r is not None else None
     if "meta_sae" in evals:
         trains = [r for r in evals["meta_sae"].refs if r.stage == "meta_sae"]
         for src, r in zip(out, trains):

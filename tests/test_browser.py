@@ -228,6 +228,37 @@ def test_facts_join_stitching_and_meta_sae(tmp_path):
     assert [f.evaluation for f in both[0]] == ["stitching", "meta_sae", "meta_sae", "meta_sae"]
 
 
+def test_probing_facts_are_the_latents_the_top_k_probe_used(tmp_path):
+    """The SAE probe records the k latents it used (the top of the class-mean-difference ranking);
+    the browser turns the normal regime's rows into one fact per (latent, dataset) at its smallest k."""
+    import pandas as pd
+
+    from saeflow.evals.probing import rank_latents
+    from saeflow.evals.probing.probes import sae_probe
+
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 40)
+    F = rng.exponential(1.0, (80, 30)) * (rng.random((80, 30)) < 0.3)
+    F[:, 7] += 3.0 * y  # planted: latent 7 separates the classes, so it ranks first
+    F_test, y_test = F[:40], y[:40]
+    (k2, m2), (k4, m4) = sae_probe(F, y, F_test, y_test, [2, 4])
+    order = rank_latents(F, y)
+    assert order[0] == 7
+    assert m2["latents"] == " ".join(map(str, order[:2])) and m4["latents"] == " ".join(map(str, order[:4]))
+    folder = tmp_path / "probing-sae"
+    folder.mkdir()
+    rows = [{"dataset": "d1", "regime": "normal", "method": "sae", "k": k, "test_auc": m["test_auc"], "latents": m["latents"]}
+            for k, m in ((k2, m2), (k4, m4))]
+    rows.append({"dataset": "d1", "regime": "scarcity", "method": "sae", "k": 2, "test_auc": 0.5, "latents": "29 28"})
+    rows.append({"dataset": "d2", "regime": "normal", "method": "sae", "k": 2, "test_auc": 0.6, "latents": None})
+    pd.DataFrame(rows).to_parquet(folder / "rows.parquet")
+    facts = join(FactSources(probing=folder), 0)
+    assert [f.text.split(" (")[0] for f in facts[7]] == ["picked by the top-2 probe of d1"]  # once, at its smallest k
+    assert "rank 1" in facts[7][0].text and facts[7][0].tag == "probe"
+    assert set(facts) == {int(j) for j in m4["latents"].split()}  # the scarcity row and the skipped row add nothing
+    assert "top-4 probe" in facts[int(order[2])][0].text
+
+
 def _site(tmp_path: Path) -> tuple[Path, np.ndarray]:
     d, width = 16, 40
     sae = make_sae(d, width, k=4)

@@ -3,8 +3,8 @@ activation chunk, a truncated SAE weights file, a results table removed by hand.
 
 The kill walk (``test_sigkill_inside_every_stage_kind_then_resume``, slow) runs on the profile
 :func:`faults_config`: the smoke profile's stage graph (every evaluation on, a family of two TopK
-SAEs, so every kind of stage exists: model, vocab, corpus, activations, train, metrics-i, each
-evaluation's stages, results, report) on the tiny random model with each evaluation section sized
+SAEs and the latent browser on, so every kind of stage exists: model, vocab, corpus, activations,
+train, metrics-i, browser-i, each evaluation's stages, results, the browser's site, report) on the tiny random model with each evaluation section sized
 tiny (as tests/test_{absorption,stitching,meta_sae,probing}.py size them), NOT configs/smoke.yaml on
 SmolLM2: that profile alone takes ~9 min and the CI budget left for these tests is ~6 min.
 
@@ -21,7 +21,7 @@ the timing ones, exactly), no lock file is left (and the run did not wait on one
 
 Seeded subset (CI budget): the stage kinds of the core pipeline (:data:`CORE_KINDS`) are always
 killed; of each evaluation's four stage kinds (:data:`EVAL_KINDS`) ONE is killed, chosen by
-``random.Random(SEED)`` (``SAEFLOW_FAULTS_ALL=1`` kills all 24 kinds). A kind with several
+``random.Random(SEED)`` (``SAEFLOW_FAULTS_ALL=1`` kills all 26 kinds). A kind with several
 instances (metrics-0/1, absorption-0/1, stitching-form-0/1, stitching-summary-0/1,
 meta_sae-train-0/1, meta_sae-sae-0/1, probing-sae-0/1) is killed in one instance, chosen by the same
 seed. Stages shorter than the time a kill needs to land (vocab, stitching-form/summary,
@@ -52,6 +52,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tasks.browser import SITE, SITE_JSON
 from tests.helpers import tiny_config, write_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,7 +63,7 @@ TIME_COLUMN = re.compile(r"seconds|time")
 #: Files the report stage rewrites in the (complete) results folder on every run.
 REPORT_FILES = {"report.html", "report.md", "run.json"}
 #: Stage kinds the walk always kills.
-CORE_KINDS = ("model", "vocab", "corpus", "activations", "train", "metrics", "results", "report")
+CORE_KINDS = ("model", "vocab", "corpus", "activations", "train", "metrics", "browser", "results", "site", "report")
 #: Each evaluation's stage kinds: the walk kills EVAL_KINDS_PER_EVAL of them per evaluation, chosen
 #: by the seed (every one with ``SAEFLOW_FAULTS_ALL=1``).
 EVAL_KINDS = {
@@ -90,6 +91,7 @@ def faults_config(**overrides):
         probing={"datasets": ["5_hist_fig_ismale"], "max_rows": 240, "regimes": ["normal", "scarcity"],
                  "scarcity_sizes": [20], "methods": ["logreg"], "ks_normal": [16], "ks_other": [16],
                  "quiver_ks": [16], "n_jobs": 1},
+        browser={"n_top": 5, "n_random": 2, "window": 4},  # the latent browser: a stage per SAE and its site
     )
     return tiny_config(**{**sections, **overrides})
 
@@ -158,15 +160,24 @@ def artifact_folders(root: Path) -> list[Path]:
                   for d in s.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
+def _hashes(d: Path, skip) -> dict[str, str]:
+    return {str(f.relative_to(d)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(d.rglob("*")) if f.is_file() and not skip(f.relative_to(d))}
+
+
 def complete_hashes(root: Path) -> dict[str, dict[str, str]]:
-    """sha256 of every file of every complete folder (the report's own files in results/ excepted)."""
+    """sha256 of every file of every complete folder (the report's own files in results/ excepted);
+    the latent browser's site (``results/<profile>/browser/``, rewritten by the site stage, which
+    builds it in ``browser.tmp/`` beside it: a killed site write leaves that folder, which the next
+    one replaces) counts as its own folder, complete once its ``site.json`` is written."""
     out = {}
     for d in artifact_folders(root):
-        if not (d / "_COMPLETE.json").is_file():
-            continue
-        out[str(d.relative_to(root))] = {
-            str(f.relative_to(d)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(d.rglob("*")) if f.is_file() and not (d.parent.name == "results" and f.name in REPORT_FILES)}
+        if (d / "_COMPLETE.json").is_file():
+            in_results = d.parent.name == "results"
+            out[str(d.relative_to(root))] = _hashes(
+                d, lambda rel: in_results and (rel.name in REPORT_FILES or rel.parts[0] in (SITE, SITE + ".tmp")))
+        if d.parent.name == "results" and (d / SITE / SITE_JSON).is_file():
+            out[str((d / SITE).relative_to(root))] = _hashes(d / SITE, lambda rel: False)
     return out
 
 
@@ -243,7 +254,9 @@ def test_sigkill_inside_every_stage_kind_then_resume(tmp_path):
         (passed if later else inside).append(stage)
         after = complete_hashes(b_root)
         for folder, files in before.items():
-            assert after.get(folder) == files, f"kill in {stage} changed the complete artifact {folder}"
+            now = after.get(folder) or {}
+            changed = sorted(f for f in set(files) | set(now) if files.get(f) != now.get(f))
+            assert not changed, f"kill in {stage} changed the complete artifact {folder}: {changed}"
         if any(not (d / "_COMPLETE.json").exists() for d in artifact_folders(b_root)):
             partial.append(stage)
     print(f"kill walk: {len(inside)}/{len(targets)} kills landed inside their stage: {inside}; "

@@ -12,8 +12,8 @@ latent)``), plus a short tag for the latent table (e.g. ``absorbs:b``, ``novel``
   ``summary.json`` names the two SAEs by index.
 - meta-SAE (``meta_sae/<fp>/decomposition.parquet``): each latent's meta-latents and weights; the
   other members of a meta-latent are the latents whose decomposition uses it.
-- probing: the SAE probes' selected latents are not stored by the probing evaluation (its
-  ``rows.parquet`` keeps only metrics), so there is no per-latent probing fact.
+- probing (``probing-sae/<fp>/rows.parquet``): the latents each top-k SAE probe of the normal
+  regime used (``latents``, best first) with the probe's test AUC, per dataset.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class FactSources:
     stitching_pairs: list[Path] = field(default_factory=list)
     """``stitching-pair`` folders this SAE is part of (as the smaller or the larger SAE)."""
     meta_sae: Path | None = None
+    probing: Path | None = None
 
 
 def _words(words: list[str], n: int = 6) -> str:
@@ -127,6 +128,25 @@ def meta_sae_facts(folder: Path, me: int, n_members: int = 8) -> Facts:
     return out
 
 
+def probing_facts(folder: Path, regime: str = "normal") -> Facts:
+    """The datasets whose top-k SAE probe (``regime``) used each latent, smallest k first. A
+    ``rows.parquet`` written before probes recorded their latents gives no facts."""
+    rows = pd.read_parquet(folder / "rows.parquet")
+    if "latents" not in rows.columns:
+        return {}
+    rows = rows[(rows["regime"] == regime) & rows["latents"].notna()].sort_values(["dataset", "k"])
+    out: Facts = defaultdict(list)
+    seen: set[tuple[int, str]] = set()
+    for row in rows.itertuples():
+        for rank, j in enumerate(int(x) for x in str(row.latents).split()):
+            if (j, row.dataset) in seen:
+                continue  # reported at its smallest k
+            seen.add((j, row.dataset))
+            out[j].append(Fact("probing", f"picked by the top-{int(row.k)} probe of {row.dataset} ({regime} regime; "
+                                          f"rank {rank + 1}, probe test AUC {row.test_auc:.3f})", "probe"))
+    return dict(out)
+
+
 def join(sources: FactSources, me: int) -> Facts:
     """Every fact about SAE number ``me`` (its index among the browsed SAEs)."""
     parts: list[Facts] = []
@@ -136,6 +156,8 @@ def join(sources: FactSources, me: int) -> Facts:
         parts.append(stitching_facts(pair, me))
     if sources.meta_sae is not None:
         parts.append(meta_sae_facts(sources.meta_sae, me))
+    if sources.probing is not None:
+        parts.append(probing_facts(sources.probing))
     out: Facts = defaultdict(list)
     for part in parts:
         for j, facts in part.items():

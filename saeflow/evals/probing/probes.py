@@ -263,7 +263,8 @@ def rank_latents(F_train: np.ndarray | torch.Tensor, y_train: np.ndarray, normal
 def sae_probe(F_train: np.ndarray, y_train: np.ndarray, F_test: np.ndarray, y_test: np.ndarray, ks: Sequence[int],
               penalty: str = "l1", seed: int = 42, normalization: str = "mean",
               binarize: bool = False) -> list[tuple[int, dict[str, float] | str]]:
-    """``[(k, metrics or skip reason)]``: logistic regression (:func:`fit_logreg`) on the top-k latents."""
+    """``[(k, metrics or skip reason)]``: logistic regression (:func:`fit_logreg`) on the top-k latents;
+    the metrics carry ``latents``, the k latents the probe used (space-separated, best first)."""
     order = rank_latents(F_train, y_train, normalization)
     out: list[tuple[int, dict[str, float] | str]] = []
     for k in ks:
@@ -275,7 +276,7 @@ def sae_probe(F_train: np.ndarray, y_train: np.ndarray, F_test: np.ndarray, y_te
         if binarize:
             a, b = (a != 0).astype(np.float64), (b != 0).astype(np.float64)
         try:
-            out.append((k, fit_logreg(a, y_train, b, y_test, penalty, seed)))
+            out.append((k, {**fit_logreg(a, y_train, b, y_test, penalty, seed), "latents": " ".join(map(str, cols))}))
         except (ValueError, SkipSetting) as exc:
             out.append((k, skip_reason(exc)))
     return out

@@ -27,7 +27,7 @@ SAE_METHOD, QUIVER, QUIVER_SAE = "sae", "quiver", "quiver_sae"
 #: Columns of the long results table, in order.
 ROW_COLUMNS: tuple[str, ...] = (
     "dataset", "regime", "setting", "method", "k", "sae", "n_train", "n_test",
-    "val_auc", "test_auc", "test_acc", "test_f1", "picked", "skipped",
+    "val_auc", "test_auc", "test_acc", "test_f1", "picked", "latents", "skipped",
 )
 #: Rows per SAE encoding batch.
 ENCODE_BATCH = 1024
