@@ -17,7 +17,9 @@ counters (``progress.json`` contexts, the checkpoint's step: a seeded fraction 0
 total), every other stage after that fraction of its reference duration. After each kill every
 artifact folder that was complete before is byte-identical (sha256 of every file). Finally a run to
 completion: every folder of A exists complete in B, the results tables equal A's (every column but
-the timing ones, exactly), no lock file is left (and the run did not wait on one).
+the timing ones, exactly), no lock file is left (and the run did not wait on one), extraction and
+training resumed where they were killed (``resumed_from_context`` / ``resumed_from_step``) and
+the activation store and every SAE's weights equal A's exactly.
 
 Seeded subset (CI budget): the stage kinds of the core pipeline (:data:`CORE_KINDS`) are always
 killed; of each evaluation's four stage kinds (:data:`EVAL_KINDS`) ONE is killed, chosen by
@@ -49,9 +51,14 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from saeflow.saes.saelens_format import SAE_WEIGHTS_FILENAME as SAE_WEIGHTS
+from saeflow.store import ROW_ARRAYS, ActivationStore
 from tasks.browser import SITE, SITE_JSON
 from tests.helpers import tiny_config, write_config
 
@@ -274,6 +281,21 @@ def test_sigkill_inside_every_stage_kind_then_resume(tmp_path):
     assert ta.keys() == tb.keys() and "core_metrics.parquet" in ta
     for key in ta:
         pd.testing.assert_frame_equal(ta[key], tb[key], check_exact=True, obj=key)
+    # extraction and training continued where they were killed (not started over) and their outputs
+    # equal the uninterrupted run's: the activation store row for row, every SAE's weights exactly
+    acts_a, acts_b = _only(a_root, "activations"), _only(b_root, "activations")
+    assert json.loads((acts_b / "_COMPLETE.json").read_text()).get("resumed_from_context", 0) > 0
+    resumed = [json.loads((d / "_COMPLETE.json").read_text()).get("resumed_from_step") or 0
+               for d in artifact_folders(b_root) if d.parent.name == "train"]
+    assert len(resumed) == 2 and max(resumed) > 0, resumed
+    sa, sb = ActivationStore.open(acts_a), ActivationStore.open(acts_b)
+    np.testing.assert_array_equal(sa.read(0, sa.n_rows), sb.read(0, sb.n_rows))
+    for name in ROW_ARRAYS:
+        np.testing.assert_array_equal(sa.read_rows(name, 0, sa.n_rows), sb.read_rows(name, 0, sb.n_rows), err_msg=name)
+    for d in (d for d in artifact_folders(a_root) if d.parent.name == "train"):
+        wa, wb = load_file(str(d / SAE_WEIGHTS)), load_file(str(b_root / "train" / d.name / SAE_WEIGHTS))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), d.name
+        assert not (b_root / "train" / d.name / "checkpoint").exists()
     print(f"kill walk test: {len(targets)} kills, {time.monotonic() - t_test:.0f} s")
 
 
