@@ -225,21 +225,33 @@ def context_windows(sae, store: ActivationStore, rows: np.ndarray, left: int, ri
     return Windows(token=token.reshape(width, slots, span), act=act.reshape(width, slots, span), center=left)
 
 
-def logit_effects(W_dec: torch.Tensor, W_U: torch.Tensor, n: int, block: int = 256) -> tuple[np.ndarray, ...]:
+def logit_effects(W_dec: torch.Tensor, W_U: torch.Tensor, n: int, block: int = 256,
+                  shortlist: int = 4) -> tuple[np.ndarray, ...]:
     """``(top_ids, top_vals, bottom_ids, bottom_vals)``, each ``[width, n]``: the tokens whose
     logits each latent's decoder direction raises (lowers) most, ``W_dec @ W_U``, computed
-    ``block`` latents at a time so memory stays ``block x vocab``."""
+    ``block`` latents at a time so memory stays ``block x vocab``.
+
+    The full product is taken in bfloat16 (4x faster than float32 on a CPU with bfloat16 units)
+    only to shortlist ``shortlist * n + 8`` candidates per side; the candidates' values are then
+    computed exactly in float32 and ranked. The result equals the float32 ranking unless bfloat16's
+    rounding (relative 2^-8 of the products' terms) moves a true top-n token below the shortlist."""
     n = min(n, int(W_U.shape[1]))
+    m = min(int(W_U.shape[1]), shortlist * n + 8)
     parts: list[list[torch.Tensor]] = [[], [], [], []]
     W_U = W_U.float()
+    W_U_low = W_U.to(torch.bfloat16)
+    W_U_cols = W_U.T.contiguous()  # [vocab, d]: exact values of the shortlisted tokens
     with torch.no_grad():
         for s in range(0, W_dec.shape[0], block):
-            eff = W_dec[s:s + block].float().to(W_U.device) @ W_U
-            hi, lo = eff.topk(n, dim=1), eff.topk(n, dim=1, largest=False)
-            for out, t in zip(parts, (hi.indices, hi.values, lo.indices, lo.values)):
-                out.append(t.cpu())
+            dec = W_dec[s:s + block].float().to(W_U.device)
+            rough = dec.to(torch.bfloat16) @ W_U_low
+            for largest, (ids_out, vals_out) in ((True, (parts[0], parts[1])), (False, (parts[2], parts[3]))):
+                cand = rough.topk(m, dim=1, largest=largest).indices  # [b, m]
+                exact = torch.einsum("bd,bmd->bm", dec, W_U_cols[cand])
+                best = exact.topk(n, dim=1, largest=largest)
+                ids_out.append(cand.gather(1, best.indices).cpu())
+                vals_out.append(best.values.cpu())
     return tuple(torch.cat(p).numpy() for p in parts)
-
 
 def save_browser_data(folder: Path, stats: LatentStats, quantile_rows: np.ndarray, quantile_acts: np.ndarray,
                       windows: Windows, logits: tuple[np.ndarray, ...], token_text: dict[int, str]) -> None:
