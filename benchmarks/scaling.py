@@ -18,8 +18,11 @@ extraction does), then measures:
   whole store (cold cache again);
 - peak RSS: the subprocess's own ``ru_maxrss``; disk: allocated bytes of the store folder;
 - diagnostics: drift (time of the last tenth of the appends / loader batches over the first tenth:
-  ~1 unless one operation's cost grows with the store) and the raw disk rate (plain cold reads of a
-  random ``--raw-fraction`` of the chunk files), the loader's baseline.
+  ~1 unless one operation's cost grows with the store); the raw disk rate (plain cold reads of a
+  random ``--raw-fraction`` of the chunk files) just before and just after the loader pass, the
+  loader's baseline; the loader pass's own CPU seconds (user, system) and, from ``/proc/diskstats``,
+  how much of the pass the store's disk was busy and at what rate it delivered. The loader's wall
+  time follows the disk when the disk is the bottleneck; its CPU time is the code's own cost.
 
 The folder is deleted before the next size starts (never two stores at once). Prints one line per
 size, then the log-log least-squares slope of time vs rows (write, loader pass) and the RSS ratio
@@ -76,6 +79,32 @@ def sync_and_evict(root: Path) -> None:
             os.close(fd)
 
 
+def block_device(path: Path) -> str | None:
+    """The ``/proc/diskstats`` name of the block device holding ``path`` (``None`` when not found)."""
+    dev = os.stat(path).st_dev
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        f = line.split()
+        if (int(f[0]), int(f[1])) == (os.major(dev), os.minor(dev)):
+            return f[2]
+    return None
+
+
+def io_snapshot(device: str | None) -> dict[str, float]:
+    """This process's CPU seconds (user, system) and the device's bytes read and busy seconds so far
+    (``/proc/diskstats``: sectors read x 512, io_ticks)."""
+    t = os.times()
+    out = {"user_s": t.user, "sys_s": t.system, "disk_read_bytes": 0.0, "disk_busy_s": 0.0}
+    for line in Path("/proc/diskstats").read_text().splitlines() if device else []:
+        f = line.split()
+        if f[2] == device:
+            out.update(disk_read_bytes=int(f[5]) * 512.0, disk_busy_s=int(f[12]) / 1000)
+    return out
+
+
+def delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: b[k] - a[k] for k in a}
+
+
 def disk_bytes(root: Path) -> int:
     return sum(p.stat().st_blocks * 512 for p in store_files(root))
 
@@ -126,19 +155,25 @@ def measure(rows: int, args: argparse.Namespace) -> dict:
         disk = disk_bytes(root)
 
         store = ActivationStore.open(root)
+        device = block_device(root)
+        raw_before = raw_read(store, args.raw_fraction, seed=1)
+        sync_and_evict(root)
         loader = ShuffledLoader(store, args.batch, seed=0)
         n_batches = loader.rows_per_epoch // args.batch
         it = iter(loader)
         batch_t = []
+        io0 = io_snapshot(device)
         t0 = time.perf_counter()
         for _ in range(n_batches):
             t1 = time.perf_counter()
             next(it)
             batch_t.append(time.perf_counter() - t1)
         loader_s = time.perf_counter() - t0
+        io = delta(io0, io_snapshot(device))
         unit = max(1, loader.buffer_chunks * store.chunk_rows // args.batch)  # batches per buffer read
+        loader.close()
         del it, loader
-        raw_rows_s = raw_read(store, args.raw_fraction)
+        raw_after = raw_read(store, args.raw_fraction, seed=2)
 
         sync_and_evict(root)
         sae_cfg = SAEConfig(architecture="topk", width=args.width, k=args.k)
@@ -152,16 +187,19 @@ def measure(rows: int, args: argparse.Namespace) -> dict:
     return {"rows": rows, "write_s": write_s, "loader_s": loader_s, "loader_rows": n_batches * args.batch,
             "train_s": train_s, "train_tokens": args.train_steps * args.batch, "disk_bytes": disk,
             "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-            "append_drift": drift(append_t), "batch_drift": drift(batch_t, unit), "raw_rows_s": raw_rows_s}
+            "append_drift": drift(append_t), "batch_drift": drift(batch_t, unit), "raw_before_rows_s": raw_before,
+            "raw_after_rows_s": raw_after, "loader_user_s": io["user_s"], "loader_sys_s": io["sys_s"],
+            "loader_disk_read_bytes": io["disk_read_bytes"], "loader_disk_busy_s": io["disk_busy_s"], "device": device}
 
 
-def raw_read(store, fraction: float) -> float:
+def raw_read(store, fraction: float, seed: int) -> float:
     """Rows/s of plain file reads of a seeded random ``fraction`` of the ``acts`` chunk files, page cache
-    evicted first: what the disk gives with no Zarr / loader code on top (the loader's baseline)."""
+    evicted first: what the disk gives with no Zarr / loader code on top (the loader's baseline; taken
+    just before and just after the loader pass, as this VM's disk rate changes over minutes)."""
     sync_and_evict(store.root)
     files = sorted(store_files(store.root / "acts.zarr" / "acts" / "c"))
     n = max(1, round(fraction * len(files)))
-    pick = np.random.default_rng(1).permutation(len(files))[:n]
+    pick = np.random.default_rng(seed).permutation(len(files))[:n]
     t0 = time.perf_counter()
     nbytes = sum(len(files[i].read_bytes()) for i in pick)
     return nbytes / (time.perf_counter() - t0) / (store.d_model * np.dtype(store.acts.dtype).itemsize)
@@ -176,7 +214,9 @@ def drift(times: list[float], unit: int = 1) -> float:
 
 
 def slope(xs: list[float], ys: list[float]) -> float:
-    """Least-squares slope of log(y) on log(x)."""
+    """Least-squares slope of log(y) on log(x); nan when a y is 0 (a CPU time below the clock's tick)."""
+    if min(ys) <= 0:
+        return float("nan")
     return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
 
 
@@ -217,23 +257,42 @@ def main(argv: list[str] | None = None) -> None:
         r = json.loads(out.stdout.strip().splitlines()[-1])
         results.append(r)
         print(f"rows {rows:,}: write {r['write_s']:.1f} s ({rows / r['write_s']:,.0f} rows/s), loader pass "
-              f"{r['loader_rows'] / r['loader_s']:,.0f} rows/s (raw file reads {r['raw_rows_s']:,.0f} rows/s), training {r['train_tokens'] / r['train_s']:,.0f} tok/s, "
-              f"peak RSS {r['peak_rss_kib'] / 1024:,.0f} MiB, disk {r['disk_bytes'] / 1e6:,.1f} MB, drift (last/first tenth) "
-              f"append {r['append_drift']:.2f} loader batch {r['batch_drift']:.2f}", flush=True)
+              f"{r['loader_rows'] / r['loader_s']:,.0f} rows/s (raw file reads before/after {r['raw_before_rows_s']:,.0f}/"
+              f"{r['raw_after_rows_s']:,.0f} rows/s; loader CPU user {r['loader_user_s']:.1f} s sys {r['loader_sys_s']:.1f} s; "
+              f"disk busy {busy_share(r):.0%} of the pass at {disk_rate(r) / 1e6:,.0f} MB/s), training "
+              f"{r['train_tokens'] / r['train_s']:,.0f} tok/s, peak RSS {r['peak_rss_kib'] / 1024:,.0f} MiB, disk "
+              f"{r['disk_bytes'] / 1e6:,.1f} MB, drift (last/first tenth) append {r['append_drift']:.2f} loader batch "
+              f"{r['batch_drift']:.2f}", flush=True)
     rows = [r["rows"] for r in results]
-    e_write = slope(rows, [r["write_s"] for r in results])
-    e_loader = slope(rows, [r["loader_s"] * r["rows"] / r["loader_rows"] for r in results])
+    per_epoch = [r["rows"] / r["loader_rows"] for r in results]  # a pass covers the training rows (all of them here)
+    e = {"write": slope(rows, [r["write_s"] for r in results]),
+         "loader": slope(rows, [r["loader_s"] * f for r, f in zip(results, per_epoch)]),
+         "loader_user": slope(rows, [r["loader_user_s"] * f for r, f in zip(results, per_epoch)]),
+         "loader_cpu": slope(rows, [(r["loader_user_s"] + r["loader_sys_s"]) * f for r, f in zip(results, per_epoch)])}
     rss_ratio = results[-1]["peak_rss_kib"] / results[0]["peak_rss_kib"]
     if not args.no_doc:
-        write_doc(args, argv, results, e_write, e_loader, rss_ratio)
-    print(f"time exponent: write {e_write:.3f}, loader pass {e_loader:.3f} (goal <= {GOAL_EXPONENT})")
+        write_doc(args, argv, results, e, rss_ratio)
+    print(f"time exponent: write {e['write']:.3f}, loader pass {e['loader']:.3f} (goal <= {GOAL_EXPONENT}); loader CPU "
+          f"time (user + sys) {e['loader_cpu']:.3f}, user only {e['loader_user']:.3f}")
     print(f"RSS ratio largest/smallest: {rss_ratio:.3f} (goal <= {GOAL_RSS_RATIO})")
 
 
-def write_doc(args, argv, results, e_write: float, e_loader: float, rss_ratio: float) -> None:
+def busy_share(r: dict) -> float:
+    """Share of the loader pass during which the store's disk had reads in flight (``io_ticks``)."""
+    return r["loader_disk_busy_s"] / r["loader_s"] if r["device"] else float("nan")
+
+
+def disk_rate(r: dict) -> float:
+    """Bytes/s the store's disk delivered during the loader pass."""
+    return r["loader_disk_read_bytes"] / r["loader_s"]
+
+
+def write_doc(args, argv, results, e: dict[str, float], rss_ratio: float) -> None:
     table = "\n".join(
         f"| {r['rows']:,} | {r['write_s']:.1f} | {r['rows'] / r['write_s']:,.0f} | {r['loader_s']:.1f} | "
-        f"{r['loader_rows'] / r['loader_s']:,.0f} | {r['raw_rows_s']:,.0f} | {r['train_tokens'] / r['train_s']:,.0f} | "
+        f"{r['loader_rows'] / r['loader_s']:,.0f} | {r['raw_before_rows_s']:,.0f} / {r['raw_after_rows_s']:,.0f} | "
+        f"{r['loader_user_s']:.1f} / {r['loader_sys_s']:.1f} | {busy_share(r):.0%} | {disk_rate(r) / 1e6:,.0f} | "
+        f"{r['train_tokens'] / r['train_s']:,.0f} | "
         f"{r['peak_rss_kib'] / 1024:,.0f} | {r['disk_bytes'] / 1e9:.2f} | {r['append_drift']:.2f} | {r['batch_drift']:.2f} |"
         for r in results)
     write_section("scaling", f"""
@@ -249,14 +308,17 @@ read cold (the store's files evicted from the page cache first). Training = `tra
 factor and the b_dec sample, cold cache. Peak RSS = the measuring subprocess's `ru_maxrss`. Drift = time of the
 last tenth of the appends (loader batches) / time of the first tenth within one size: ~1 when the cost of one
 operation does not grow with the store. Raw read = plain file reads of a random {args.raw_fraction:.0%} of the chunk files,
-cold: the disk's rate with no Zarr / loader code on top.
+cold, just before / just after the loader pass: the disk's rate with no Zarr / loader code on top. Loader CPU =
+the process's user / system seconds during the pass; disk busy = share of the pass during which the store's block
+device had reads in flight (`/proc/diskstats` io_ticks), disk MB/s = bytes it read during the pass / pass time.
 
-| rows | write s | write rows/s | loader pass s | loader rows/s | raw read rows/s | training tok/s | peak RSS MiB | disk GB | drift: append | drift: loader batch |
-|---|---|---|---|---|---|---|---|---|---|---|
+| rows | write s | write rows/s | loader pass s | loader rows/s | raw read rows/s before / after | loader CPU s user / sys | disk busy | disk MB/s | training tok/s | peak RSS MiB | disk GB | drift: append | drift: loader batch |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 {table}
 
-Growth exponent of time vs rows (log-log least-squares slope over the sizes): write **{e_write:.3f}**, loader pass
-**{e_loader:.3f}** (goal <= {GOAL_EXPONENT}). Peak RSS ratio largest / smallest: **{rss_ratio:.3f}** (goal <= {GOAL_RSS_RATIO}).
+Growth exponent of time vs rows (log-log least-squares slope over the sizes): write **{e['write']:.3f}**, loader pass
+**{e['loader']:.3f}** (goal <= {GOAL_EXPONENT}); the loader's CPU time (user + system) **{e['loader_cpu']:.3f}**, user
+time alone {e['loader_user']:.3f}. Peak RSS ratio largest / smallest: **{rss_ratio:.3f}** (goal <= {GOAL_RSS_RATIO}).
 """)
 
 

@@ -27,6 +27,7 @@ import bisect
 import itertools
 import json
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -281,10 +282,14 @@ class ShuffledLoader:
     the rows of that buffer. The epoch's row order is a pure function of (seed, epoch), so the state
     is just (epoch, position) and a restored loader yields exactly the batches an uninterrupted one
     would. A batch that runs past the end of an epoch continues into the next one.
+
+    With ``prefetch`` (the default) the next buffer is read, decoded and permuted on a background
+    thread while the current one is consumed, so disk reads overlap the caller's work (training, or
+    the permutation and batching here); the batches are the same with or without it.
     """
 
     def __init__(self, store: ActivationStore, batch_size: int, seed: int, buffer_chunks: int = 8,
-                 start: int = 0, end: int | None = None) -> None:
+                 start: int = 0, end: int | None = None, prefetch: bool = True) -> None:
         self.store = store
         self.batch_size = int(batch_size)
         self.seed = int(seed)
@@ -302,6 +307,8 @@ class ShuffledLoader:
         self.position = 0
         self._cache: tuple[int, int, np.ndarray] | None = None  # (epoch, buffer index, rows)
         self._plan_cache: tuple[int, list[list[int]], list[int]] | None = None  # (epoch, buffers, cumulative ends)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saeflow-loader") if prefetch else None
+        self._ahead: tuple[int, int, Future[np.ndarray]] | None = None  # (epoch, buffer index, rows being read)
 
     @property
     def rows_per_epoch(self) -> int:
@@ -323,22 +330,47 @@ class ShuffledLoader:
         """
         if self._plan_cache is not None and self._plan_cache[0] == epoch:
             return self._plan_cache[1], self._plan_cache[2]
-        rng = np.random.default_rng([self.seed, epoch, 0])
-        order = rng.permutation(len(self._blocks)).tolist()
-        plan = [order[i:i + self.buffer_chunks] for i in range(0, len(order), self.buffer_chunks)]
+        plan = self._order(epoch)
         ends = list(itertools.accumulate(sum(self._blocks[i][1] - self._blocks[i][0] for i in buf) for buf in plan))
         self._plan_cache = (epoch, plan, ends)
         return plan, ends
 
+    def _order(self, epoch: int) -> list[list[int]]:
+        """The epoch's buffers: its shuffled block indices, ``buffer_chunks`` per buffer."""
+        order = np.random.default_rng([self.seed, epoch, 0]).permutation(len(self._blocks)).tolist()
+        return [order[i:i + self.buffer_chunks] for i in range(0, len(order), self.buffer_chunks)]
+
+    def _load(self, epoch: int, b: int, blocks: list[int]) -> np.ndarray:
+        """Buffer ``b`` of ``epoch`` (made of ``blocks``): its rows read and permuted. A pure function
+        of its arguments (safe on the prefetch thread)."""
+        parts = [self.store.read(*self._blocks[i]) for i in blocks]
+        rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        perm = np.random.default_rng([self.seed, epoch, b + 1]).permutation(rows.shape[0])
+        return rows[perm]
+
     def _buffer(self, epoch: int, b: int, plan: list[list[int]]) -> np.ndarray:
         if self._cache is not None and self._cache[:2] == (epoch, b):
             return self._cache[2]
-        parts = [self.store.read(*self._blocks[i]) for i in plan[b]]
-        rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        perm = np.random.default_rng([self.seed, epoch, b + 1]).permutation(rows.shape[0])
-        rows = rows[perm]
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[:2] == (epoch, b):
+            rows = ahead[2].result()  # re-raises a read error (a damaged chunk) here, in the caller
+        else:
+            if ahead is not None:
+                ahead[2].cancel()
+            rows = self._load(epoch, b, plan[b])
         self._cache = (epoch, b, rows)
+        if self._pool is not None:
+            nxt = (epoch, b + 1, plan[b + 1]) if b + 1 < len(plan) else (epoch + 1, 0, self._order(epoch + 1)[0])
+            self._ahead = (nxt[0], nxt[1], self._pool.submit(self._load, *nxt))
         return rows
+
+    def close(self) -> None:
+        """Stop the prefetch thread (it also ends when the loader is garbage-collected)."""
+        if self._pool is not None:
+            if self._ahead is not None:
+                self._ahead[2].cancel()
+            self._pool.shutdown(wait=True)
+            self._pool, self._ahead = None, None
 
     def _take(self, n: int) -> list[np.ndarray]:
         out: list[np.ndarray] = []

@@ -110,3 +110,41 @@ def test_loader_batches_are_copies(tmp_path):
     first.mul_(0)  # a caller scaling its batch in place must not corrupt the loader's buffer
     loader.load_state_dict(start)
     assert torch.equal(next(iter(loader)), kept)
+
+
+def test_prefetching_loader_yields_the_same_batches_as_a_plain_one(tmp_path):
+    _fill(tmp_path)
+    store = ActivationStore.open(tmp_path)
+    plain = ShuffledLoader(store, batch_size=70, seed=5, buffer_chunks=2, prefetch=False)
+    ahead = ShuffledLoader(store, batch_size=70, seed=5, buffer_chunks=2)
+    it_p, it_a = iter(plain), iter(ahead)
+    for _ in range(40):  # 800 training rows: 3.5 epochs, every buffer boundary and two epoch wraps
+        assert torch.equal(next(it_p), next(it_a))
+    assert ahead._ahead is not None  # the next buffer was being read ahead
+    ahead.close()
+    assert ahead._pool is None
+    # after close it still works (reads in the caller), and a restored state continues exactly
+    state = ahead.state_dict()
+    resumed = ShuffledLoader(store, batch_size=70, seed=5, buffer_chunks=2)
+    resumed.load_state_dict(state)
+    it_r = iter(resumed)
+    for _ in range(5):
+        assert torch.equal(next(it_a), next(it_r))
+        next(it_p)
+
+
+def test_a_damaged_chunk_read_ahead_raises_in_the_caller(tmp_path):
+    _fill(tmp_path)
+    store = ActivationStore.open(tmp_path)
+    loader = ShuffledLoader(store, batch_size=100, seed=0, buffer_chunks=1)
+    it = iter(loader)
+    next(it)  # buffer 0 read; buffer 1 is being read ahead
+    blocks = loader._plan(0)[0]
+    damaged = blocks[2][0]  # a chunk neither of them holds, read two buffers later
+    chunk = tmp_path / "acts.zarr" / "acts" / "c" / str(damaged) / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[10] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match="is corrupt"):
+        for _ in range(10):
+            next(it)
