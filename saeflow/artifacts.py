@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,17 +84,25 @@ def ensure_writable_root(root: str | Path) -> Path:
     return root
 
 
+#: Who writes a temporary file: this machine (a hash of its host name) and process, so that
+#: :func:`remove_stale_temporaries` can tell a dead writer's leftover from a live writer's file.
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_TEMP = re.compile(r"^\..+\.w(?P<host>[0-9a-f]{8})-(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
 def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], None], mode: int = 0o644) -> Path:
     """Write ``path`` so that readers see the old file or the whole new one, never a part.
 
     ``content`` is text, bytes, or a function writing a temporary path it is given (for writers
     such as ``safetensors.save_file`` or ``DataFrame.to_parquet``). The temporary file sits beside
-    ``path``; it is fsynced, given ``mode``, then renamed over ``path`` (``os.replace``); on any
-    error it is removed and ``path`` is untouched. The one atomic-write helper of the project.
+    ``path`` (``.<name>.w<host>-<pid>.<random>.tmp``); it is fsynced, given ``mode``, then renamed
+    over ``path`` (``os.replace``); on any error it is removed and ``path`` is untouched. A process
+    killed mid-write leaves its temporary file; :func:`begin` and :func:`mark_complete` remove it.
+    The one atomic-write helper of the project.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.w{_HOST}-{os.getpid()}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         if callable(content):
@@ -111,6 +121,29 @@ def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], None]
     return path
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary files of :func:`write_atomic` under ``folder`` whose writer was killed
+    (a process of this machine that no longer exists); a live writer's file, another machine's
+    (a shared artifacts root) and any other file are left alone. Returns the removed paths."""
+    removed = []
+    for p in Path(folder).rglob(".*.tmp"):
+        m = _TEMP.match(p.name)
+        if m and m["host"] == _HOST and not _alive(int(m["pid"])) and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def sha256_file(path: str | Path) -> str:
     """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
     h = hashlib.sha256()
@@ -125,9 +158,11 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def begin(ref: ArtifactRef, config: Frozen | dict[str, Any] | None, upstream: list[ArtifactRef] | None = None) -> Path:
-    """Create the artifact folder and write ``config.json`` (idempotent)."""
+    """Create the artifact folder and write ``config.json`` (idempotent); a killed earlier attempt's
+    temporary files are removed (:func:`remove_stale_temporaries`)."""
     d = ref.dir
     d.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(d)
     cfg = config.model_dump(mode="json") if isinstance(config, Frozen) else config
     write_json_atomic(
         d / "config.json",
@@ -138,6 +173,8 @@ def begin(ref: ArtifactRef, config: Frozen | dict[str, Any] | None, upstream: li
 
 
 def mark_complete(ref: ArtifactRef, **meta: Any) -> None:
+    """Mark the folder complete, after removing the temporary files killed writers left in it."""
+    remove_stale_temporaries(ref.dir)
     write_json_atomic(ref.dir / COMPLETE_MARKER, {"fingerprint": ref.fingerprint, **meta})
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import Crc32cCodec
+from zarr.core.buffer import default_buffer_prototype
 
 from saeflow.artifacts import ArtifactError, write_json_atomic
 
@@ -248,9 +249,24 @@ class ActivationStore:
         """Rows [start, end) as float32."""
         return _from_storage(self.read_rows("acts", start, end), self.dtype)
 
-    def read_rows(self, name: str, start: int, end: int) -> np.ndarray:
-        """Rows [start, end) of array ``name`` as stored; a damaged chunk raises :class:`StoreError`."""
+    def read_into(self, start: int, end: int, out: np.ndarray) -> np.ndarray:
+        """Rows [start, end) as float32 into ``out`` (float32, ``end - start`` rows; no new array for
+        a float32 store: Zarr decodes into it). Returns ``out``."""
+        if out.dtype != np.float32 or out.shape != (end - start, self.d_model):
+            raise StoreError(f"read_into needs a float32 array of shape {(end - start, self.d_model)}, got {out.dtype} {out.shape}")
+        if self.dtype != "float32":
+            out[...] = self.read(start, end)
+            return out
+        buffer = default_buffer_prototype().nd_buffer.from_numpy_array(out)
+        self.read_rows("acts", start, end, out=buffer)
+        return out
+
+    def read_rows(self, name: str, start: int, end: int, out: Any = None) -> np.ndarray:
+        """Rows [start, end) of array ``name`` as stored (into ``out``, a Zarr ``NDBuffer``, when
+        given); a damaged chunk raises :class:`StoreError`."""
         try:
+            if out is not None:
+                return np.asarray(self.group[name].get_basic_selection(slice(start, end), out=out))
             return np.asarray(self.group[name][start:end])
         except Exception as exc:  # zarr raises ValueError on a checksum mismatch, others on garbage
             raise StoreError(
@@ -273,6 +289,12 @@ class ActivationStore:
         end = self.train_rows if end is None else end
         x = self.read(0, min(end, n_rows)).astype(np.float64)
         return float(np.linalg.norm(x, axis=1).mean())
+
+
+def _settle(ahead: tuple[int, int, Future[Any]] | None) -> None:
+    """Cancel a read ahead, or wait for it to end if it is running (its outcome is not needed)."""
+    if ahead is not None and not ahead[2].cancel():
+        ahead[2].exception()
 
 
 class ShuffledLoader:
@@ -309,6 +331,9 @@ class ShuffledLoader:
         self._plan_cache: tuple[int, list[list[int]], list[int]] | None = None  # (epoch, buffers, cumulative ends)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saeflow-loader") if prefetch else None
         self._ahead: tuple[int, int, Future[np.ndarray]] | None = None  # (epoch, buffer index, rows being read)
+        self._raw = np.empty((0, self.d_in), np.float32)  # see _load: allocated once, on the first read
+        self._slots: list[np.ndarray] = []
+        self._slot = 0  # the slot of the current buffer
 
     @property
     def rows_per_epoch(self) -> int:
@@ -340,48 +365,61 @@ class ShuffledLoader:
         order = np.random.default_rng([self.seed, epoch, 0]).permutation(len(self._blocks)).tolist()
         return [order[i:i + self.buffer_chunks] for i in range(0, len(order), self.buffer_chunks)]
 
-    def _load(self, epoch: int, b: int, blocks: list[int]) -> np.ndarray:
-        """Buffer ``b`` of ``epoch`` (made of ``blocks``): its rows read and permuted. A pure function
-        of its arguments (safe on the prefetch thread)."""
-        parts = [self.store.read(*self._blocks[i]) for i in blocks]
-        rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        perm = np.random.default_rng([self.seed, epoch, b + 1]).permutation(rows.shape[0])
-        return rows[perm]
+    def _load(self, epoch: int, b: int, blocks: list[int], slot: int) -> np.ndarray:
+        """Buffer ``b`` of ``epoch`` (made of ``blocks``): its rows read and permuted into buffer slot
+        ``slot``. A pure function of its arguments but for the slot it fills; one runs at a time.
+
+        The loader reuses its three arrays (the rows as read, and two slots of permuted rows: the
+        current buffer and the one read ahead) instead of allocating ~100 MB per buffer: fresh large
+        allocations are page-faulted again each time and, with the page cache full of a store larger
+        than RAM, each fault made the kernel compact memory (system time that grew with the store)."""
+        if not self._slots:
+            size = min(self.buffer_chunks, len(self._blocks)) * self.store.chunk_rows
+            self._raw = np.empty((size, self.d_in), np.float32)
+            self._slots = [np.empty((size, self.d_in), np.float32) for _ in range(2)]
+        n = 0
+        for i in blocks:
+            s, e = self._blocks[i]
+            self.store.read_into(s, e, self._raw[n:n + e - s])
+            n += e - s
+        perm = np.random.default_rng([self.seed, epoch, b + 1]).permutation(n)
+        return np.take(self._raw[:n], perm, axis=0, out=self._slots[slot][:n])
 
     def _buffer(self, epoch: int, b: int, plan: list[list[int]]) -> np.ndarray:
         if self._cache is not None and self._cache[:2] == (epoch, b):
             return self._cache[2]
         ahead, self._ahead = self._ahead, None
+        slot = 1 - self._slot  # the current buffer's slot stays intact until this one replaces it
         if ahead is not None and ahead[:2] == (epoch, b):
             rows = ahead[2].result()  # re-raises a read error (a damaged chunk) here, in the caller
         else:
-            if ahead is not None:
-                ahead[2].cancel()
-            rows = self._load(epoch, b, plan[b])
-        self._cache = (epoch, b, rows)
+            _settle(ahead)  # (a read ahead of another buffer, after load_state_dict) its arrays are free again
+            rows = self._load(epoch, b, plan[b], slot)
+        self._slot, self._cache = slot, (epoch, b, rows)
         if self._pool is not None:
             nxt = (epoch, b + 1, plan[b + 1]) if b + 1 < len(plan) else (epoch + 1, 0, self._order(epoch + 1)[0])
-            self._ahead = (nxt[0], nxt[1], self._pool.submit(self._load, *nxt))
+            self._ahead = (nxt[0], nxt[1], self._pool.submit(self._load, *nxt, 1 - slot))
         return rows
 
     def close(self) -> None:
         """Stop the prefetch thread (it also ends when the loader is garbage-collected)."""
         if self._pool is not None:
-            if self._ahead is not None:
-                self._ahead[2].cancel()
+            _settle(self._ahead)
             self._pool.shutdown(wait=True)
             self._pool, self._ahead = None, None
 
-    def _take(self, n: int) -> list[np.ndarray]:
-        out: list[np.ndarray] = []
-        while n > 0:
+    def _take(self, n: int) -> np.ndarray:
+        """The next ``n`` rows, copied out of the buffers into a new array."""
+        out = np.empty((n, self.d_in), np.float32)
+        done = 0
+        while done < n:
             plan, ends = self._plan(self.epoch)
             b = bisect.bisect_right(ends, self.position)
             pos = self.position - (ends[b - 1] if b else 0)
             rows = self._buffer(self.epoch, b, plan)
-            take = min(n, ends[b] - self.position)
-            out.append(rows[pos:pos + take])
-            n -= take
+            take = min(n - done, ends[b] - self.position)
+            out[done:done + take] = rows[pos:pos + take]
+            done += take
             self.position += take
             if self.position >= self.rows_per_epoch:
                 self.epoch += 1
@@ -390,5 +428,4 @@ class ShuffledLoader:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         while True:
-            parts = self._take(self.batch_size)
-            yield torch.from_numpy(np.concatenate(parts))  # a copy: callers may modify it in place
+            yield torch.from_numpy(self._take(self.batch_size))  # a new array: callers may modify it in place

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from prefect import task
 
-from saeflow.artifacts import ArtifactRef, artifact_ref, begin, fingerprint, mark_complete, require_complete
+from saeflow.artifacts import (ArtifactRef, artifact_ref, begin, fingerprint, mark_complete, require_complete,
+                               write_json_atomic)
 from saeflow.browser import (
     BrowserInputError,
     FactSources,
@@ -144,6 +145,6 @@ def site_task(profile: str, saes: list[ArtifactRef], browsers: list[ArtifactRef]
     with timed("browser site"):
         index = write_site(folder, site, f"saeflow latent browser: {profile}", sorted(evals))
     files, size = site_size(folder)
-    marker.write_text(json.dumps({"inputs": stamp, "files": files, "bytes": size}, indent=2))
+    write_json_atomic(marker, {"inputs": stamp, "files": files, "bytes": size})
     stage_logger().info("latent browser: %s (%d files, %.1f MB)", index, files, size / 1e6)
     return str(index)

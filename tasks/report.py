@@ -11,7 +11,7 @@ from typing import Any
 
 from prefect import task
 
-from saeflow.artifacts import ArtifactRef, require_complete
+from saeflow.artifacts import ArtifactRef, remove_stale_temporaries, require_complete
 from saeflow.config import PipelineConfig
 from saeflow.report import CORE_TABLE, MAX_ROWS, build_report, named_tables
 from tasks.common import publish_markdown, publish_table, stage_logger
@@ -25,6 +25,7 @@ def _key(*parts: str) -> str:
 def report_task(config: PipelineConfig, results: ArtifactRef, timings: dict[str, Any], root: str) -> str:
     """Build the run's report in the results folder and publish it to the Prefect UI."""
     results_dir = require_complete(results)
+    remove_stale_temporaries(results_dir)  # of a report (or site stamp) write killed in an earlier run
     run_info: dict[str, Any] = {"artifacts_root": root}
     try:
         from prefect.runtime import flow_run

@@ -277,6 +277,8 @@ def test_sigkill_inside_every_stage_kind_then_resume(tmp_path):
     assert [str(d.relative_to(a_root)) for d in artifact_folders(a_root)] == \
         [str(d.relative_to(b_root)) for d in artifact_folders(b_root)]
     assert all((d / "_COMPLETE.json").is_file() for d in artifact_folders(b_root))
+    stale = [str(f.relative_to(b_root)) for d in artifact_folders(b_root) for f in d.rglob(".*.tmp")]
+    assert not stale, f"temporary files of killed writes left in finished folders: {stale}"
     ta, tb = tables(a_root / "results" / "faults"), tables(b_root / "results" / "faults")
     assert ta.keys() == tb.keys() and "core_metrics.parquet" in ta
     for key in ta:

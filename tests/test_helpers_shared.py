@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from saeflow.artifacts import write_atomic, write_json_atomic
+from saeflow.artifacts import (ArtifactRef, begin, mark_complete, remove_stale_temporaries, write_atomic,
+                               write_json_atomic)
 from saeflow.cosine import max_cosine
 from saeflow.plots import plt, save_figure
 
@@ -73,6 +77,38 @@ def test_write_atomic_failure_keeps_the_old_file(tmp_path):
         write_atomic(p, broken)
     assert p.read_text() == '{\n  "a": 1\n}'
     assert [f.name for f in tmp_path.iterdir()] == ["keep.json"]
+
+
+def test_a_killed_writers_temporary_file_is_removed_when_its_folder_is_built_again(tmp_path):
+    folder = tmp_path / "train" / "abc"
+    # a real process killed inside write_atomic (its writer never returns)
+    code = ("import time, sys; from saeflow.artifacts import write_atomic; "
+            "write_atomic(sys.argv[1], lambda tmp: (tmp.write_text('half'), print('writing', flush=True), time.sleep(60)))")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder / "sub" / "weights.bin")], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (dead,) = (folder / "sub").glob(".weights.bin.*.tmp")
+    # a live writer's temporary file (this process) and files that only look alike stay
+    host = dead.name.split(".")[3].split("-")[0]  # .weights.bin.w<host>-<pid>.<random>.tmp
+    live = folder / f".other.json.{host}-{os.getpid()}.abc123.tmp"
+    live.write_text("in progress")
+    look_alike = [folder / ".notes.tmp", folder / "data.tmp"]
+    for f in look_alike:
+        f.write_text("x")
+    ref = ArtifactRef(stage="train", fingerprint="abc", path=str(folder))
+    begin(ref, {"a": 1})
+    assert not dead.exists() and live.exists() and all(f.exists() for f in look_alike)
+    assert remove_stale_temporaries(folder) == []
+    live.unlink()
+    # the same cleanup runs when the folder is marked complete
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder / "x.json")], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(list(folder.glob(".x.json.*.tmp"))) == 1
+    mark_complete(ref)
+    assert not list(folder.glob(".x.json.*.tmp"))
 
 
 def test_save_figure_writes_a_png_and_closes(tmp_path):
