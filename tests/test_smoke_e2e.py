@@ -1,8 +1,9 @@
 """End-to-end: the CI smoke profile on a real packaged model (SmolLM2-135M-Instruct), with every
 evaluation, fully cached on a re-run; then the same profile on prefect-dask's ``DaskTaskRunner``
-(2-worker ``LocalCluster``) gives the same results table."""
+(2-worker ``LocalCluster``, upstream stages seeded from the first run) gives the same results table."""
 
 import base64
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -85,10 +86,16 @@ def test_smoke_profile_end_to_end_then_fully_cached(tmp_path):
     assert all(again.cached.values()), again.cached
     assert not any(m.trained for m in again.members)
 
-    # the same profile on a 2-worker Dask LocalCluster, in a fresh root: everything computed on the
-    # cluster (family members and per-SAE evaluations submitted together), same fingerprints, same table
+    # the same profile on a 2-worker Dask LocalCluster, in a fresh root seeded with this run's model,
+    # vocabulary, corpus and activation store (extraction is one task on the cluster like training;
+    # redoing it would cost CI minutes): the family, metrics, every evaluation and the browser computed
+    # on the cluster (family members and per-SAE evaluations submitted together), same fingerprints, same table
+    upstream = ("model", "vocab", "corpus", "activations")
+    for name in upstream:
+        shutil.copytree(tmp_path / name, tmp_path / "dask" / name)
     dask = run_pipeline(cfg.model_copy(update={"runner": RunnerConfig(kind="dask", n_workers=2)}), str(tmp_path / "dask"))
-    assert not any(dask.cached.values()), dask.cached
+    assert all(dask.cached[n] for n in upstream), dask.cached
+    assert not any(hit for n, hit in dask.cached.items() if n not in upstream), dask.cached
 
     def fps(ref):
         # every reference reduced to its fingerprint: the two runs write under different roots
