@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -79,14 +80,16 @@ def sync_and_evict(root: Path) -> None:
             os.close(fd)
 
 
+def diskstats() -> Iterator[list[str]]:
+    """The fields of each ``/proc/diskstats`` line (major, minor, name, reads, ..., io_ticks, ...)."""
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        yield line.split()
+
+
 def block_device(path: Path) -> str | None:
     """The ``/proc/diskstats`` name of the block device holding ``path`` (``None`` when not found)."""
     dev = os.stat(path).st_dev
-    for line in Path("/proc/diskstats").read_text().splitlines():
-        f = line.split()
-        if (int(f[0]), int(f[1])) == (os.major(dev), os.minor(dev)):
-            return f[2]
-    return None
+    return next((f[2] for f in diskstats() if (int(f[0]), int(f[1])) == (os.major(dev), os.minor(dev))), None)
 
 
 def io_snapshot(device: str | None) -> dict[str, float]:
@@ -94,8 +97,7 @@ def io_snapshot(device: str | None) -> dict[str, float]:
     (``/proc/diskstats``: sectors read x 512, io_ticks)."""
     t = os.times()
     out = {"user_s": t.user, "sys_s": t.system, "disk_read_bytes": 0.0, "disk_busy_s": 0.0}
-    for line in Path("/proc/diskstats").read_text().splitlines() if device else []:
-        f = line.split()
+    for f in diskstats() if device else []:
         if f[2] == device:
             out.update(disk_read_bytes=int(f[5]) * 512.0, disk_busy_s=int(f[12]) / 1000)
     return out

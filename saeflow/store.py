@@ -257,16 +257,15 @@ class ActivationStore:
         if self.dtype != "float32":
             out[...] = self.read(start, end)
             return out
-        buffer = default_buffer_prototype().nd_buffer.from_numpy_array(out)
-        self.read_rows("acts", start, end, out=buffer)
-        return out
+        return self.read_rows("acts", start, end, out=out)
 
-    def read_rows(self, name: str, start: int, end: int, out: Any = None) -> np.ndarray:
-        """Rows [start, end) of array ``name`` as stored (into ``out``, a Zarr ``NDBuffer``, when
-        given); a damaged chunk raises :class:`StoreError`."""
+    def read_rows(self, name: str, start: int, end: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [start, end) of array ``name`` as stored (decoded into ``out`` when given); a damaged
+        chunk raises :class:`StoreError`."""
         try:
             if out is not None:
-                return np.asarray(self.group[name].get_basic_selection(slice(start, end), out=out))
+                self.group[name].get_basic_selection(slice(start, end), out=default_buffer_prototype().nd_buffer.from_numpy_array(out))
+                return out
             return np.asarray(self.group[name][start:end])
         except Exception as exc:  # zarr raises ValueError on a checksum mismatch, others on garbage
             raise StoreError(

@@ -253,6 +253,7 @@ def logit_effects(W_dec: torch.Tensor, W_U: torch.Tensor, n: int, block: int = 2
                 vals_out.append(best.values.cpu())
     return tuple(torch.cat(p).numpy() for p in parts)
 
+
 def save_browser_data(folder: Path, stats: LatentStats, quantile_rows: np.ndarray, quantile_acts: np.ndarray,
                       windows: Windows, logits: tuple[np.ndarray, ...], token_text: dict[int, str]) -> None:
     """One SAE's browser data: ``latents.npz`` (statistics, the chosen rows, their windows and the
