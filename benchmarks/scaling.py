@@ -11,7 +11,10 @@ extraction does), then measures:
   does not change the cost);
 - loader: after evicting the store's files from the page cache (``posix_fadvise(DONTNEED)``: every
   size is read cold, as a store larger than RAM is), rows/s of a full epoch (every training row
-  once) of ``ShuffledLoader`` in batches of ``--batch``;
+  once) of ``ShuffledLoader`` in batches of ``--batch``, as the trainer builds it (its default
+  ``direct_io``: O_DIRECT for a store larger than half the RAM, the page cache otherwise; the table
+  says which). Where that pass went through the page cache, a second cold pass with
+  ``direct_io=True`` gives the like-for-like O_DIRECT figure at every size;
 - training: tokens/s of the real trainer (``saeflow.training.train_sae``; TopK ``--width`` / ``--k``,
   the pipeline's normalisation factor and b_dec sample taken from the store like ``tasks/train.py``)
   for ``--train-steps`` steps drawn by a fresh ``ShuffledLoader``, whose chunks are spread over the
@@ -162,20 +165,15 @@ def measure(rows: int, args: argparse.Namespace) -> dict:
         sync_and_evict(root)
         loader = ShuffledLoader(store, args.batch, seed=0)
         n_batches = loader.rows_per_epoch // args.batch
-        it = iter(loader)
-        batch_t = []
-        io0 = io_snapshot(device)
-        t0 = time.perf_counter()
-        for _ in range(n_batches):
-            t1 = time.perf_counter()
-            next(it)
-            batch_t.append(time.perf_counter() - t1)
-        loader_s = time.perf_counter() - t0
-        io = delta(io0, io_snapshot(device))
+        loader_direct = loader.direct_io
+        loader_s, batch_t, io = loader_pass(loader, n_batches, device)
         unit = max(1, loader.buffer_chunks * store.chunk_rows // args.batch)  # batches per buffer read
-        loader.close()
-        del it, loader
+        del loader
         raw_after = raw_read(store, args.raw_fraction, seed=2)
+        direct_s, direct_io = loader_s, io
+        if not loader_direct:  # the same pass past the page cache, for the like-for-like O_DIRECT exponent
+            sync_and_evict(root)
+            direct_s, _, direct_io = loader_pass(ShuffledLoader(store, args.batch, seed=0, direct_io=True), n_batches, device)
 
         sync_and_evict(root)
         sae_cfg = SAEConfig(architecture="topk", width=args.width, k=args.k)
@@ -191,7 +189,26 @@ def measure(rows: int, args: argparse.Namespace) -> dict:
             "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
             "append_drift": drift(append_t), "batch_drift": drift(batch_t, unit), "raw_before_rows_s": raw_before,
             "raw_after_rows_s": raw_after, "loader_user_s": io["user_s"], "loader_sys_s": io["sys_s"],
-            "loader_disk_read_bytes": io["disk_read_bytes"], "loader_disk_busy_s": io["disk_busy_s"], "device": device}
+            "loader_disk_read_bytes": io["disk_read_bytes"], "loader_disk_busy_s": io["disk_busy_s"], "device": device,
+            "loader_direct": loader_direct, "direct_s": direct_s, "direct_user_s": direct_io["user_s"],
+            "direct_sys_s": direct_io["sys_s"]}
+
+
+def loader_pass(loader, n_batches: int, device: str | None) -> tuple[float, list[float], dict[str, float]]:
+    """Wall time of ``n_batches`` batches of ``loader`` (then closed), each batch's time, and the
+    CPU / disk counters over the pass."""
+    it = iter(loader)
+    batch_t = []
+    io0 = io_snapshot(device)
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        t1 = time.perf_counter()
+        next(it)
+        batch_t.append(time.perf_counter() - t1)
+    wall = time.perf_counter() - t0
+    io = delta(io0, io_snapshot(device))
+    loader.close()
+    return wall, batch_t, io
 
 
 def raw_read(store, fraction: float, seed: int) -> float:
@@ -259,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
         r = json.loads(out.stdout.strip().splitlines()[-1])
         results.append(r)
         print(f"rows {rows:,}: write {r['write_s']:.1f} s ({rows / r['write_s']:,.0f} rows/s), loader pass "
-              f"{r['loader_rows'] / r['loader_s']:,.0f} rows/s (raw file reads before/after {r['raw_before_rows_s']:,.0f}/"
+              f"{r['loader_rows'] / r['loader_s']:,.0f} rows/s ({path(r)}; O_DIRECT pass {r['loader_rows'] / r['direct_s']:,.0f} "
+              f"rows/s, CPU {r['direct_user_s']:.1f} / {r['direct_sys_s']:.1f} s) (raw file reads before/after {r['raw_before_rows_s']:,.0f}/"
               f"{r['raw_after_rows_s']:,.0f} rows/s; loader CPU user {r['loader_user_s']:.1f} s sys {r['loader_sys_s']:.1f} s; "
               f"disk busy {busy_share(r):.0%} of the pass at {disk_rate(r) / 1e6:,.0f} MB/s), training "
               f"{r['train_tokens'] / r['train_s']:,.0f} tok/s, peak RSS {r['peak_rss_kib'] / 1024:,.0f} MiB, disk "
@@ -269,14 +287,21 @@ def main(argv: list[str] | None = None) -> None:
     per_epoch = [r["rows"] / r["loader_rows"] for r in results]  # a pass covers the training rows (all of them here)
     e = {"write": slope(rows, [r["write_s"] for r in results]),
          "loader": slope(rows, [r["loader_s"] * f for r, f in zip(results, per_epoch)]),
+         "direct": slope(rows, [r["direct_s"] * f for r, f in zip(results, per_epoch)]),
          "loader_user": slope(rows, [r["loader_user_s"] * f for r, f in zip(results, per_epoch)]),
          "loader_cpu": slope(rows, [(r["loader_user_s"] + r["loader_sys_s"]) * f for r, f in zip(results, per_epoch)])}
     rss_ratio = results[-1]["peak_rss_kib"] / results[0]["peak_rss_kib"]
     if not args.no_doc:
         write_doc(args, argv, results, e, rss_ratio)
-    print(f"time exponent: write {e['write']:.3f}, loader pass {e['loader']:.3f} (goal <= {GOAL_EXPONENT}); loader CPU "
+    print(f"time exponent: write {e['write']:.3f}, loader pass {e['loader']:.3f} (goal <= {GOAL_EXPONENT}), O_DIRECT at "
+          f"every size {e['direct']:.3f}; loader CPU "
           f"time (user + sys) {e['loader_cpu']:.3f}, user only {e['loader_user']:.3f}")
     print(f"RSS ratio largest/smallest: {rss_ratio:.3f} (goal <= {GOAL_RSS_RATIO})")
+
+
+def path(r: dict) -> str:
+    """How the default loader read the store."""
+    return "O_DIRECT" if r["loader_direct"] else "page cache"
 
 
 def busy_share(r: dict) -> float:
@@ -292,7 +317,8 @@ def disk_rate(r: dict) -> float:
 def write_doc(args, argv, results, e: dict[str, float], rss_ratio: float) -> None:
     table = "\n".join(
         f"| {r['rows']:,} | {r['write_s']:.1f} | {r['rows'] / r['write_s']:,.0f} | {r['loader_s']:.1f} | "
-        f"{r['loader_rows'] / r['loader_s']:,.0f} | {r['raw_before_rows_s']:,.0f} / {r['raw_after_rows_s']:,.0f} | "
+        f"{r['loader_rows'] / r['loader_s']:,.0f} | {path(r)} | {r['loader_rows'] / r['direct_s']:,.0f} | "
+        f"{r['direct_user_s']:.1f} / {r['direct_sys_s']:.1f} | {r['raw_before_rows_s']:,.0f} / {r['raw_after_rows_s']:,.0f} | "
         f"{r['loader_user_s']:.1f} / {r['loader_sys_s']:.1f} | {busy_share(r):.0%} | {disk_rate(r) / 1e6:,.0f} | "
         f"{r['train_tokens'] / r['train_s']:,.0f} | "
         f"{r['peak_rss_kib'] / 1024:,.0f} | {r['disk_bytes'] / 1e9:.2f} | {r['append_drift']:.2f} | {r['batch_drift']:.2f} |"
@@ -306,7 +332,9 @@ and training batches of {args.batch}; training: TopK width {args.width}, k {args
 in its own subprocess). Machine: {machine()}.
 
 Write = appends + `finish` + fsync of every file. Loader = one full epoch of `ShuffledLoader` (every row once),
-read cold (the store's files evicted from the page cache first). Training = `train_sae` incl. the normalisation
+read cold (the store's files evicted from the page cache first), with the loader's default `direct_io` (O_DIRECT
+for a store larger than half the RAM, else the page cache: "read via"); "O_DIRECT" columns = the same pass with
+`direct_io=True` at every size (the same pass where the default already was O_DIRECT), CPU = its user / system s. Training = `train_sae` incl. the normalisation
 factor and the b_dec sample, cold cache. Peak RSS = the measuring subprocess's `ru_maxrss`. Drift = time of the
 last tenth of the appends (loader batches) / time of the first tenth within one size: ~1 when the cost of one
 operation does not grow with the store. Raw read = plain file reads of a random {args.raw_fraction:.0%} of the chunk files,
@@ -314,12 +342,12 @@ cold, just before / just after the loader pass: the disk's rate with no Zarr / l
 the process's user / system seconds during the pass; disk busy = share of the pass during which the store's block
 device had reads in flight (`/proc/diskstats` io_ticks), disk MB/s = bytes it read during the pass / pass time.
 
-| rows | write s | write rows/s | loader pass s | loader rows/s | raw read rows/s before / after | loader CPU s user / sys | disk busy | disk MB/s | training tok/s | peak RSS MiB | disk GB | drift: append | drift: loader batch |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| rows | write s | write rows/s | loader pass s | loader rows/s | read via | O_DIRECT rows/s | O_DIRECT CPU s | raw read rows/s before / after | loader CPU s user / sys | disk busy | disk MB/s | training tok/s | peak RSS MiB | disk GB | drift: append | drift: loader batch |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 {table}
 
 Growth exponent of time vs rows (log-log least-squares slope over the sizes): write **{e['write']:.3f}**, loader pass
-**{e['loader']:.3f}** (goal <= {GOAL_EXPONENT}); the loader's CPU time (user + system) **{e['loader_cpu']:.3f}**, user
+**{e['loader']:.3f}** (goal <= {GOAL_EXPONENT}), the O_DIRECT pass at every size **{e['direct']:.3f}**; the loader's CPU time (user + system) **{e['loader_cpu']:.3f}**, user
 time alone {e['loader_user']:.3f}. Peak RSS ratio largest / smallest: **{rss_ratio:.3f}** (goal <= {GOAL_RSS_RATIO}).
 """)
 

@@ -24,18 +24,23 @@ it, so a killed extraction continues from the last completed append.
 from __future__ import annotations
 
 import bisect
+import errno
 import itertools
 import json
 import math
+import mmap
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import google_crc32c
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import Crc32cCodec
+from zarr.codecs import BytesCodec, Crc32cCodec
+from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 from zarr.core.buffer import default_buffer_prototype
 
 from saeflow.artifacts import ArtifactError, write_json_atomic
@@ -56,6 +61,31 @@ class StoreError(ArtifactError):
 STORAGE_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
 #: Largest finite float16 (activations beyond it cannot be stored as float16).
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+#: Alignment of buffers, lengths and file offsets for O_DIRECT reads: a page suits every Linux
+#: filesystem that supports them (they need the device's logical block size, at most a page).
+DIRECT_ALIGN = mmap.PAGESIZE
+
+
+def aligned_empty(rows: int, cols: int) -> np.ndarray:
+    """A float32 ``[rows, cols]`` array at a page-aligned address (anonymous memory, zero-filled),
+    so whole chunks can be read into it with O_DIRECT."""
+    buf = mmap.mmap(-1, max(1, rows * cols * 4))
+    return np.frombuffer(buf, np.float32, rows * cols).reshape(rows, cols)
+
+
+def _read_file(path: Path, buffers: list[Any], direct: bool) -> int:
+    """Read the file at ``path`` into ``buffers`` in order (one ``readv``, O_DIRECT if ``direct``);
+    the number of bytes read. A regular file gives all its bytes up to the buffers' size at once."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    try:
+        return os.readv(fd, buffers)
+    finally:
+        os.close(fd)
+
+
+def physical_memory() -> int:
+    """Bytes of RAM on this machine."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _check_dtype(dtype: str) -> str:
@@ -95,6 +125,8 @@ class ActivationStore:
 
     root: Path
     group: zarr.Group
+    _plain: bool | None = field(default=None, init=False, repr=False, compare=False)  # see plain_chunk_files
+    _direct_ok: bool = field(default=True, init=False, repr=False, compare=False)  # False: the filesystem refused O_DIRECT
 
     # ---------------------------------------------------------------- creation / opening
     @classmethod
@@ -268,11 +300,71 @@ class ActivationStore:
                 return out
             return np.asarray(self.group[name][start:end])
         except Exception as exc:  # zarr raises ValueError on a checksum mismatch, others on garbage
-            raise StoreError(
-                f"activation store at {self.root} is corrupt: rows [{start}, {end}) of {name} do not read back ({exc}); "
-                f"a chunk file under {self.root / GROUP / name} was damaged after it was written. Delete {self.root} "
-                "and re-run the pipeline: the activations stage rebuilds it"
-            ) from exc
+            raise self._corrupt(name, start, end, str(exc)) from exc
+
+    def _corrupt(self, name: str, start: int, end: int, why: str) -> StoreError:
+        return StoreError(
+            f"activation store at {self.root} is corrupt: rows [{start}, {end}) of {name} do not read back ({why}); "
+            f"a chunk file under {self.root / GROUP / name} was damaged after it was written. Delete {self.root} "
+            "and re-run the pipeline: the activations stage rebuilds it"
+        )
+
+    def plain_chunk_files(self) -> bool:
+        """Whether each chunk of ``acts`` is one local file of little-endian float32 values followed by
+        their CRC32C (what :meth:`open_for_write` makes for a float32 store), which
+        :meth:`read_chunk_into` can read itself. Stores written by other code, or before the checksum,
+        are read through Zarr."""
+        if self._plain is None:
+            meta = self.acts.metadata
+            self._plain = (
+                self.dtype == "float32" and np.dtype(self.acts.dtype) == np.float32
+                and isinstance(self.group.store, zarr.storage.LocalStore)
+                and tuple(meta.codecs) == (BytesCodec(endian="little"), Crc32cCodec())  # type: ignore[union-attr]
+                and meta.chunk_key_encoding == DefaultChunkKeyEncoding(separator="/")  # type: ignore[union-attr]
+                and not getattr(meta, "storage_transformers", ())
+                and len(self.acts.chunks) == 2 and self.acts.chunks[1] == self.d_model
+            )
+        return self._plain
+
+    def read_chunk_into(self, index: int, out: np.ndarray, direct: bool = False) -> np.ndarray:
+        """Whole chunk ``index`` of ``acts`` (``chunk_rows`` rows, all before ``n_rows``) as float32 into
+        ``out``; returns ``out``.
+
+        For a store with :meth:`plain_chunk_files` the chunk file is read straight into ``out`` (one
+        ``readv``, no intermediate copy; the checksum is verified, a damaged, truncated or missing
+        file raises :class:`StoreError`), otherwise this is :meth:`read_into`. With ``direct`` the
+        read bypasses the page cache (O_DIRECT) when ``out`` is page-aligned (see
+        :func:`aligned_empty`) and the filesystem allows it: for a pass over a store larger than
+        memory, which would only evict the page cache (and make the kernel reclaim and compact
+        memory on every read) without ever reading a cached page."""
+        c, d = self.chunk_rows, self.d_model
+        start = index * c
+        if out.dtype != np.float32 or out.shape != (c, d) or not out.flags.c_contiguous:
+            raise StoreError(f"read_chunk_into needs a contiguous float32 array of shape {(c, d)}, got {out.dtype} {out.shape}")
+        if index < 0 or start + c > self.n_rows:
+            raise StoreError(f"chunk {index} of {self.root} is not a whole chunk of its {self.n_rows} rows")
+        if not self.plain_chunk_files():
+            return self.read_into(start, start + c, out)
+        path = self.root / GROUP / "acts" / "c" / str(index) / "0"
+        data = out.reshape(-1).view(np.uint8)
+        direct = (direct and self._direct_ok and out.ctypes.data % DIRECT_ALIGN == 0
+                  and data.nbytes % DIRECT_ALIGN == 0)
+        trailer = mmap.mmap(-1, DIRECT_ALIGN)  # the checksum; a whole aligned block for O_DIRECT
+        try:
+            got = _read_file(path, [data, trailer], direct)
+        except FileNotFoundError:
+            raise self._corrupt("acts", start, start + c, f"chunk file {path} is missing") from None
+        except OSError as exc:
+            if not (direct and exc.errno == errno.EINVAL):
+                raise
+            self._direct_ok = False  # no O_DIRECT on this filesystem (tmpfs): read through the cache
+            got = _read_file(path, [data, trailer], False)
+        if got != data.nbytes + 4:  # (a longer file fills the buffers: its size says by how much)
+            size = got if got < data.nbytes + 4 else path.stat().st_size
+            raise self._corrupt("acts", start, start + c, f"chunk file {path} holds {size} bytes, not {data.nbytes + 4}")
+        if google_crc32c.value(data) != int.from_bytes(trailer[:4], "little"):
+            raise self._corrupt("acts", start, start + c, f"checksum mismatch in {path}")
+        return out
 
     def iter_rows(self, start: int, end: int, batch_size: int) -> Iterator[torch.Tensor]:
         """Sequential float32 batches over rows [start, end)."""
@@ -307,10 +399,19 @@ class ShuffledLoader:
     With ``prefetch`` (the default) the next buffer is read, decoded and permuted on a background
     thread while the current one is consumed, so disk reads overlap the caller's work (training, or
     the permutation and batching here); the batches are the same with or without it.
+
+    Whole chunks are read from their files straight into the loader's buffer
+    (:meth:`ActivationStore.read_chunk_into`). ``direct_io`` reads them past the page cache
+    (O_DIRECT); ``None`` (the default) does so when the store's activations are larger than half
+    this machine's memory: a pass over such a store cannot be served from the cache, only evicts it,
+    and the kernel's reclaim and compaction of a full cache cost more system time per row as the
+    store grows. A store that fits is read through the cache, so later epochs come from memory.
+    The batches are the same either way.
     """
 
     def __init__(self, store: ActivationStore, batch_size: int, seed: int, buffer_chunks: int = 8,
-                 start: int = 0, end: int | None = None, prefetch: bool = True) -> None:
+                 start: int = 0, end: int | None = None, prefetch: bool = True,
+                 direct_io: bool | None = None) -> None:
         self.store = store
         self.batch_size = int(batch_size)
         self.seed = int(seed)
@@ -326,12 +427,14 @@ class ShuffledLoader:
         self._blocks = [(max(s, self.start), min(s + c, self.end)) for s in range(first, self.end, c)]
         self.epoch = 0
         self.position = 0
-        self._cache: tuple[int, int, np.ndarray] | None = None  # (epoch, buffer index, rows)
+        self._cache: tuple[int, int, np.ndarray, np.ndarray] | None = None  # (epoch, buffer index, rows, order)
         self._plan_cache: tuple[int, list[list[int]], list[int]] | None = None  # (epoch, buffers, cumulative ends)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saeflow-loader") if prefetch else None
-        self._ahead: tuple[int, int, Future[np.ndarray]] | None = None  # (epoch, buffer index, rows being read)
-        self._raw = np.empty((0, self.d_in), np.float32)  # see _load: allocated once, on the first read
-        self._slots: list[np.ndarray] = []
+        self._ahead: tuple[int, int, Future[tuple[np.ndarray, np.ndarray]]] | None = None  # (epoch, buffer index, read)
+        if direct_io is None:
+            direct_io = store.n_rows * store.d_model * np.dtype(store.acts.dtype).itemsize > physical_memory() // 2
+        self.direct_io = bool(direct_io)
+        self._slots: list[np.ndarray] = []  # see _load: allocated once, on the first read
         self._slot = 0  # the slot of the current buffer
 
     @property
@@ -364,41 +467,45 @@ class ShuffledLoader:
         order = np.random.default_rng([self.seed, epoch, 0]).permutation(len(self._blocks)).tolist()
         return [order[i:i + self.buffer_chunks] for i in range(0, len(order), self.buffer_chunks)]
 
-    def _load(self, epoch: int, b: int, blocks: list[int], slot: int) -> np.ndarray:
-        """Buffer ``b`` of ``epoch`` (made of ``blocks``): its rows read and permuted into buffer slot
-        ``slot``. A pure function of its arguments but for the slot it fills; one runs at a time.
+    def _load(self, epoch: int, b: int, blocks: list[int], slot: int) -> tuple[np.ndarray, np.ndarray]:
+        """Buffer ``b`` of ``epoch`` (made of ``blocks``): its rows, read into buffer slot ``slot``, and
+        their order in the epoch (a permutation). A pure function of its arguments but for the slot
+        it fills; one runs at a time.
 
-        The loader reuses its three arrays (the rows as read, and two slots of permuted rows: the
-        current buffer and the one read ahead) instead of allocating ~100 MB per buffer: fresh large
-        allocations are page-faulted again each time and, with the page cache full of a store larger
-        than RAM, each fault made the kernel compact memory (system time that grew with the store)."""
+        The loader keeps two slots (the current buffer and the one read ahead) for its life, page
+        aligned for O_DIRECT, instead of allocating ~100 MB per buffer: fresh large allocations are
+        page-faulted again each time and, with the page cache full of a store larger than RAM, each
+        fault made the kernel compact memory (system time that grew with the store). Batches are
+        gathered from a slot in the permuted order (one copy per row, no permuted copy of the buffer)."""
         if not self._slots:
             size = min(self.buffer_chunks, len(self._blocks)) * self.store.chunk_rows
-            self._raw = np.empty((size, self.d_in), np.float32)
-            self._slots = [np.empty((size, self.d_in), np.float32) for _ in range(2)]
-        n = 0
+            self._slots = [aligned_empty(size, self.d_in) for _ in range(2)]
+        rows = self._slots[slot]
+        n, c = 0, self.store.chunk_rows
         for i in blocks:
             s, e = self._blocks[i]
-            self.store.read_into(s, e, self._raw[n:n + e - s])
+            if e - s == c:  # a whole chunk (blocks are chunk-aligned)
+                self.store.read_chunk_into(s // c, rows[n:n + c], self.direct_io)
+            else:
+                self.store.read_into(s, e, rows[n:n + e - s])
             n += e - s
-        perm = np.random.default_rng([self.seed, epoch, b + 1]).permutation(n)
-        return np.take(self._raw[:n], perm, axis=0, out=self._slots[slot][:n])
+        return rows[:n], np.random.default_rng([self.seed, epoch, b + 1]).permutation(n)
 
-    def _buffer(self, epoch: int, b: int, plan: list[list[int]]) -> np.ndarray:
+    def _buffer(self, epoch: int, b: int, plan: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         if self._cache is not None and self._cache[:2] == (epoch, b):
-            return self._cache[2]
+            return self._cache[2:]
         ahead, self._ahead = self._ahead, None
         slot = 1 - self._slot  # the current buffer's slot stays intact until this one replaces it
         if ahead is not None and ahead[:2] == (epoch, b):
-            rows = ahead[2].result()  # re-raises a read error (a damaged chunk) here, in the caller
+            rows, perm = ahead[2].result()  # re-raises a read error (a damaged chunk) here, in the caller
         else:
             _settle(ahead)  # (a read ahead of another buffer, after load_state_dict) its arrays are free again
-            rows = self._load(epoch, b, plan[b], slot)
-        self._slot, self._cache = slot, (epoch, b, rows)
+            rows, perm = self._load(epoch, b, plan[b], slot)
+        self._slot, self._cache = slot, (epoch, b, rows, perm)
         if self._pool is not None:
             nxt = (epoch, b + 1, plan[b + 1]) if b + 1 < len(plan) else (epoch + 1, 0, self._order(epoch + 1)[0])
             self._ahead = (nxt[0], nxt[1], self._pool.submit(self._load, *nxt, 1 - slot))
-        return rows
+        return rows, perm
 
     def close(self) -> None:
         """Stop the prefetch thread (it also ends when the loader is garbage-collected)."""
@@ -415,9 +522,9 @@ class ShuffledLoader:
             plan, ends = self._plan(self.epoch)
             b = bisect.bisect_right(ends, self.position)
             pos = self.position - (ends[b - 1] if b else 0)
-            rows = self._buffer(self.epoch, b, plan)
+            rows, perm = self._buffer(self.epoch, b, plan)
             take = min(n - done, ends[b] - self.position)
-            out[done:done + take] = rows[pos:pos + take]
+            np.take(rows, perm[pos:pos + take], axis=0, out=out[done:done + take], mode="clip")  # in range: "clip" writes straight into out (the default "raise" goes through a temporary copy)
             done += take
             self.position += take
             if self.position >= self.rows_per_epoch:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from saeflow.store import ActivationStore, ShuffledLoader, StoreError
+from saeflow.store import ActivationStore, ShuffledLoader, StoreError, aligned_empty
 
 
 def _fill(root, n=1000, d=8, chunk=128, batch=100, dtype="float32", finish=True):
@@ -148,3 +148,86 @@ def test_a_damaged_chunk_read_ahead_raises_in_the_caller(tmp_path):
     with pytest.raises(StoreError, match="is corrupt"):
         for _ in range(10):
             next(it)
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_whole_chunks_read_from_their_files_match_zarr(tmp_path, direct):
+    data, _ = _fill(tmp_path)  # 1000 rows, chunks of 128 rows x 8 floats: one 4 KiB page each
+    store = ActivationStore.open(tmp_path)
+    assert store.plain_chunk_files()
+    for out in (aligned_empty(128, 8), np.empty((128, 8), np.float32)):  # O_DIRECT needs the aligned one
+        for i in range(1000 // 128):
+            out[:] = np.nan
+            assert store.read_chunk_into(i, out, direct=direct) is out
+            np.testing.assert_array_equal(out, data[i * 128:(i + 1) * 128])
+    with pytest.raises(StoreError, match="not a whole chunk"):  # the last chunk holds 1000 - 896 rows
+        store.read_chunk_into(7, aligned_empty(128, 8), direct=direct)
+    with pytest.raises(StoreError, match="contiguous float32 array of shape"):
+        store.read_chunk_into(0, np.empty((128, 8), np.float64), direct=direct)
+
+
+@pytest.mark.parametrize("direct", [False, True])
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: f.write_bytes(bytes([f.read_bytes()[0] ^ 1]) + f.read_bytes()[1:]), "checksum mismatch"),
+    (lambda f: f.write_bytes(f.read_bytes()[:-1]), "holds 4099 bytes, not 4100"),
+    (lambda f: f.write_bytes(f.read_bytes() + b"\0" * 4096), "holds 8196 bytes, not 4100"),
+    (lambda f: f.unlink(), "is missing"),
+])
+def test_a_damaged_chunk_file_is_a_store_error(tmp_path, direct, damage, message):
+    _fill(tmp_path)
+    store = ActivationStore.open(tmp_path)
+    damage(tmp_path / "acts.zarr" / "acts" / "c" / "3" / "0")
+    out = aligned_empty(128, 8)
+    with pytest.raises(StoreError, match=rf"is corrupt: rows \[384, 512\) of acts .*{message}.*Delete .* re-run the pipeline"):
+        store.read_chunk_into(3, out, direct=direct)
+    store.read_chunk_into(2, out, direct=direct)  # the others still read
+
+
+def test_a_filesystem_without_o_direct_is_read_through_the_cache(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    data, _ = _fill(tmp_path)
+    store = ActivationStore.open(tmp_path)
+    real_open, flags = os.open, []
+
+    def refuse_direct(path, flag, *a, **k):  # what tmpfs (before Linux 6.6) answers to O_DIRECT
+        flags.append(flag)
+        if flag & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flag, *a, **k)
+
+    monkeypatch.setattr(os, "open", refuse_direct)
+    out = aligned_empty(128, 8)
+    store.read_chunk_into(1, out, direct=True)
+    np.testing.assert_array_equal(out, data[128:256])
+    store.read_chunk_into(2, out, direct=True)  # remembered: no second O_DIRECT attempt
+    np.testing.assert_array_equal(out, data[256:384])
+    assert [bool(f & os.O_DIRECT) for f in flags] == [True, False, False]
+
+
+def test_stores_with_other_layouts_are_read_through_zarr(tmp_path):
+    data, _ = _fill(tmp_path, dtype="bfloat16")
+    store = ActivationStore.open(tmp_path)
+    assert not store.plain_chunk_files()
+    out = aligned_empty(128, 8)
+    store.read_chunk_into(2, out, direct=True)
+    np.testing.assert_array_equal(out, store.read(256, 384))
+
+
+def test_direct_and_cached_loaders_yield_the_same_batches(tmp_path, monkeypatch):
+    import saeflow.store as store_mod
+
+    _fill(tmp_path, n=1100)  # 800 training rows: 6 whole chunks and a part of one
+    store = ActivationStore.open(tmp_path)
+    loaders = [ShuffledLoader(store, batch_size=70, seed=5, buffer_chunks=2, direct_io=True),
+               ShuffledLoader(store, batch_size=70, seed=5, buffer_chunks=2, direct_io=False, prefetch=False)]
+    its = [iter(ld) for ld in loaders]
+    for _ in range(40):  # 3.5 epochs
+        a, b = (next(it) for it in its)
+        assert torch.equal(a, b)
+    # the default: past the page cache only for a store larger than half the memory
+    monkeypatch.setattr(store_mod, "physical_memory", lambda: 2 * 1100 * 8 * 4)
+    assert not ShuffledLoader(store, 70, 0).direct_io
+    monkeypatch.setattr(store_mod, "physical_memory", lambda: 2 * 1100 * 8 * 4 - 1)
+    assert ShuffledLoader(store, 70, 0).direct_io
