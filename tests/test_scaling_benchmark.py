@@ -24,7 +24,7 @@ def test_scaling_benchmark_runs_on_tiny_sizes(tmp_path):
         disk = float(re.search(r"disk ([\d,.]+) MB", line).group(1).replace(",", "")) * 1e6
         assert rows * d * 2 <= disk <= rows * d * 2 * 1.5  # float16 activations + int32 row arrays
         assert float(re.search(r"peak RSS ([\d,]+) MiB", line).group(1).replace(",", "")) > 0
-    assert re.fullmatch(r"time exponent: write -?[\d.]+, loader pass -?[\d.]+ \(goal <= 1.05\); loader CPU time "
+    assert re.fullmatch(r"time exponent: write -?[\d.]+, loader pass -?[\d.]+ \(goal <= 1.05\), O_DIRECT at every size -?[\d.]+; loader CPU time "
                         r"\(user \+ sys\) (-?[\d.]+|nan), user only (-?[\d.]+|nan)", lines[-2])  # nan: a CPU time under a tick
     assert re.fullmatch(r"RSS ratio largest/smallest: [\d.]+ \(goal <= 1.2\)", lines[-1])
     assert list(tmp_path.iterdir()) == []  # every temporary store was deleted
