@@ -221,11 +221,13 @@ def test_direct_and_cached_loaders_yield_the_same_batches(tmp_path, monkeypatch)
     _fill(tmp_path, n=1100)  # 800 training rows: 6 whole chunks and a part of one
     store = ActivationStore.open(tmp_path)
     loaders = [ShuffledLoader(store, batch_size=70, seed=5, buffer_chunks=2, direct_io=True),
-               ShuffledLoader(store, batch_size=70, seed=5, buffer_chunks=2, direct_io=False, prefetch=False)]
+               ShuffledLoader(store, batch_size=70, seed=5, buffer_chunks=2, direct_io=False, prefetch=False, read_threads=1),
+               ShuffledLoader(store, batch_size=70, seed=5, buffer_chunks=2, direct_io=True, read_threads=3)]
     its = [iter(ld) for ld in loaders]
     for _ in range(40):  # 3.5 epochs
-        a, b = (next(it) for it in its)
-        assert torch.equal(a, b)
+        a, *others = (next(it) for it in its)
+        for b in others:
+            assert torch.equal(a, b)
     # the default: past the page cache only for a store larger than half the memory
     monkeypatch.setattr(store_mod, "physical_memory", lambda: 2 * 1100 * 8 * 4)
     assert not ShuffledLoader(store, 70, 0).direct_io
