@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import psutil
 from pydantic import BaseModel, ConfigDict
 
 from saeflow.frozen import Frozen
@@ -121,16 +122,6 @@ def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], None]
     return path
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Remove the temporary files of :func:`write_atomic` under ``folder`` whose writer was killed
     (a process of this machine that no longer exists); a live writer's file, another machine's
@@ -138,7 +129,7 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     removed = []
     for p in Path(folder).rglob(".*.tmp"):
         m = _TEMP.match(p.name)
-        if m and m["host"] == _HOST and not _alive(int(m["pid"])) and p.is_file():
+        if m and m["host"] == _HOST and not psutil.pid_exists(int(m["pid"])) and p.is_file():
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed

@@ -41,7 +41,6 @@ import torch
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
-from zarr.core.buffer import default_buffer_prototype
 
 from saeflow.artifacts import ArtifactError, write_json_atomic
 
@@ -281,23 +280,9 @@ class ActivationStore:
         """Rows [start, end) as float32."""
         return _from_storage(self.read_rows("acts", start, end), self.dtype)
 
-    def read_into(self, start: int, end: int, out: np.ndarray) -> np.ndarray:
-        """Rows [start, end) as float32 into ``out`` (float32, ``end - start`` rows; no new array for
-        a float32 store: Zarr decodes into it). Returns ``out``."""
-        if out.dtype != np.float32 or out.shape != (end - start, self.d_model):
-            raise StoreError(f"read_into needs a float32 array of shape {(end - start, self.d_model)}, got {out.dtype} {out.shape}")
-        if self.dtype != "float32":
-            out[...] = self.read(start, end)
-            return out
-        return self.read_rows("acts", start, end, out=out)
-
-    def read_rows(self, name: str, start: int, end: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows [start, end) of array ``name`` as stored (decoded into ``out`` when given); a damaged
-        chunk raises :class:`StoreError`."""
+    def read_rows(self, name: str, start: int, end: int) -> np.ndarray:
+        """Rows [start, end) of array ``name`` as stored; a damaged chunk raises :class:`StoreError`."""
         try:
-            if out is not None:
-                self.group[name].get_basic_selection(slice(start, end), out=default_buffer_prototype().nd_buffer.from_numpy_array(out))
-                return out
             return np.asarray(self.group[name][start:end])
         except Exception as exc:  # zarr raises ValueError on a checksum mismatch, others on garbage
             raise self._corrupt(name, start, end, str(exc)) from exc
@@ -332,7 +317,7 @@ class ActivationStore:
 
         For a store with :meth:`plain_chunk_files` the chunk file is read straight into ``out`` (one
         ``readv``, no intermediate copy; the checksum is verified, a damaged, truncated or missing
-        file raises :class:`StoreError`), otherwise this is :meth:`read_into`. With ``direct`` the
+        file raises :class:`StoreError`), otherwise it is read through Zarr (:meth:`read`). With ``direct`` the
         read bypasses the page cache (O_DIRECT) when ``out`` is page-aligned (see
         :func:`aligned_empty`) and the filesystem allows it: for a pass over a store larger than
         memory, which would only evict the page cache (and make the kernel reclaim and compact
@@ -344,7 +329,8 @@ class ActivationStore:
         if index < 0 or start + c > self.n_rows:
             raise StoreError(f"chunk {index} of {self.root} is not a whole chunk of its {self.n_rows} rows")
         if not self.plain_chunk_files():
-            return self.read_into(start, start + c, out)
+            out[...] = self.read(start, start + c)
+            return out
         path = self.root / GROUP / "acts" / "c" / str(index) / "0"
         data = out.reshape(-1).view(np.uint8)
         direct = (direct and self._direct_ok and out.ctypes.data % DIRECT_ALIGN == 0
@@ -434,7 +420,7 @@ class ShuffledLoader:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saeflow-loader") if prefetch else None
         self._ahead: tuple[int, int, Future[tuple[np.ndarray, np.ndarray]]] | None = None  # (epoch, buffer index, read)
         if direct_io is None:
-            direct_io = store.n_rows * store.d_model * np.dtype(store.acts.dtype).itemsize > physical_memory() // 2
+            direct_io = store.acts.nbytes > physical_memory() // 2
         self.direct_io = bool(direct_io)
         self._slots: list[np.ndarray] = []  # see _load: allocated once, on the first read
         self._readers = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="saeflow-read") if read_threads > 1 else None
@@ -490,15 +476,11 @@ class ShuffledLoader:
             s, e = self._blocks[i]
             if e - s == c:  # a whole chunk (blocks are chunk-aligned)
                 whole.append((s // c, rows[n:n + c]))
-            else:
-                self.store.read_into(s, e, rows[n:n + e - s])
+            else:  # the part of a chunk at the loader's start or end
+                rows[n:n + e - s] = self.store.read(s, e)
             n += e - s
-        if self._readers is not None:
-            for _ in self._readers.map(lambda job: self.store.read_chunk_into(*job, self.direct_io), whole):
-                pass
-        else:
-            for index, into in whole:
-                self.store.read_chunk_into(index, into, self.direct_io)
+        for _ in (self._readers.map if self._readers else map)(lambda job: self.store.read_chunk_into(*job, self.direct_io), whole):
+            pass  # (map raises a read error here)
         return rows[:n], np.random.default_rng([self.seed, epoch, b + 1]).permutation(n)
 
     def _buffer(self, epoch: int, b: int, plan: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
