@@ -389,7 +389,7 @@ class ShuffledLoader:
     Whole chunks are read from their files straight into the loader's buffer
     (:meth:`ActivationStore.read_chunk_into`), ``read_threads`` of them at once (a disk delivers more
     with several reads in flight: 1 / 2 / 3 / 4 threads gave 272-299k / 326-348k / 372-390k /
-    387k rows/s of 640 floats over 8M cold rows here, O_DIRECT). ``direct_io`` reads them past the page cache
+    387k rows/s of 640 floats over 8M cold rows here, O_DIRECT; docs/benchmarks.md, scaling notes). ``direct_io`` reads them past the page cache
     (O_DIRECT); ``None`` (the default) does so when the store's activations are larger than half
     this machine's memory: a pass over such a store cannot be served from the cache, only evicts it,
     and the kernel's reclaim and compaction of a full cache cost more system time per row as the
