@@ -29,33 +29,40 @@ from pathlib import Path
 SBPY = "/work/sbvenv/bin/python"
 
 
-def _sb_run(spec_path: Path) -> None:
-    """(SAEBench venv) run_eval on the SAEs and words in ``spec_path``; print the wall time."""
-    import os
-
+def patch_sb_model_and_words(model_dir: str, words: list[str]) -> None:
+    """(SAEBench venv) make SAEBench's absorption eval use ``words`` as its vocabulary and load the
+    model from the profile's fp32 copy ``model_dir`` (no hub) as ``HookedTransformer`` without weight
+    processing, float32 on the CPU."""
     import torch
-    from sae_lens import SAE
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = json.loads(spec_path.read_text())
-    os.chdir(spec["workdir"])
     import sae_bench.evals.absorption.common as common
     import sae_bench.evals.absorption.feature_absorption as fa
-    import sae_bench.evals.absorption.main as sbmain
-    from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
     from transformer_lens import HookedTransformer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    words = spec["words"]
     common.get_alpha_tokens = lambda tokenizer: list(words)
     fa.get_alpha_tokens = lambda tokenizer: list(words)
     orig = HookedTransformer.from_pretrained_no_processing
 
     def load(name, **kw):
-        hf = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(spec["model_dir"])
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(model_dir)
         return orig("google/gemma-3-270m", hf_model=hf, tokenizer=tok, device="cpu", dtype=torch.float32)
 
     HookedTransformer.from_pretrained_no_processing = staticmethod(load)
+
+
+def _sb_run(spec_path: Path) -> None:
+    """(SAEBench venv) run_eval on the SAEs and words in ``spec_path``; print the wall time."""
+    import os
+
+    from sae_lens import SAE
+
+    spec = json.loads(spec_path.read_text())
+    os.chdir(spec["workdir"])
+    import sae_bench.evals.absorption.main as sbmain
+    from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
+
+    patch_sb_model_and_words(spec["model_dir"], spec["words"])
     saes = [(f"sae{i}", SAE.load_from_disk(p, device="cpu")) for i, p in enumerate(spec["saes"])]
     cfg = AbsorptionEvalConfig(model_name="gemma-3-270m", llm_dtype="float32", llm_batch_size=32)
     t0 = time.perf_counter()
@@ -115,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         t1 = time.perf_counter()
-        proc = subprocess.run([SBPY, str(Path(__file__).resolve()), "--sb-spec", str(spec_path)], capture_output=True,
-                              text=True)
+        repo = Path(__file__).resolve().parent.parent
+        proc = subprocess.run([SBPY, "-m", "benchmarks.absorption", "--sb-spec", str(spec_path)], capture_output=True,
+                              text=True, cwd=repo, env={**__import__("os").environ, "PYTHONPATH": str(repo)})
         sb_wall = time.perf_counter() - t1
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)

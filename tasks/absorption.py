@@ -37,13 +37,21 @@ from tasks.common import Progress, code_version, publish_table, stage_logger, st
 
 DATA, PROBE, PER_SAE, RESULTS = "absorption_data", "absorption_probe", "absorption", "absorption_results"
 DATA_FIELDS = ("seed", "max_words", "icl_examples")
-PROBE_FIELDS = ("seed", "probe_epochs", "probe_batch_size", "probe_lr", "probe_weight_decay", "min_probe_f1")
+PROBE_FIELDS = ("seed", "probe_solver", "probe_steps", "probe_batch_size", "probe_lr", "probe_weight_decay",
+                "min_probe_f1", "convergence_tol")
 
 
 def _code() -> str:
     """This evaluation's code version (every module of :mod:`saeflow.evals.absorption`, the shared
     :mod:`saeflow.evals.common` and this one): a code change gives its stages new fingerprints."""
     return code_version(*package_modules("saeflow.evals.absorption"), "saeflow.evals.common", "tasks.absorption")
+
+
+def _data_code() -> str:
+    """The code version of the data stage alone (the prompt module, the shared store helpers and
+    the stage's body): a change of the probes or the metrics keeps its prompts and activations."""
+    return code_version("saeflow.evals.absorption.prompts", "saeflow.evals.common", "saeflow.store", _write_store,
+                        data_task)
 
 
 class SAEHookMismatchError(ab.AbsorptionError):
@@ -58,7 +66,7 @@ def _sub(cfg: AbsorptionConfig, fields: tuple[str, ...]) -> dict:
 def data_ref(model: ArtifactRef, model_cfg: ModelConfig, vocab: ArtifactRef, hook: str, cfg: AbsorptionConfig,
              root: str, **_) -> ArtifactRef:
     payload = {**_sub(cfg, DATA_FIELDS), "hook": hook, "dtype": model_cfg.dtype, "prepend_bos": model_cfg.prepend_bos}
-    return artifact_ref(root, DATA, fingerprint(DATA, payload, model, vocab, _code()))
+    return artifact_ref(root, DATA, fingerprint(DATA, payload, model, vocab, _data_code()))
 
 
 def _write_store(path, d_model: int, rows: np.ndarray, tok: np.ndarray, pos: np.ndarray, attrs: dict) -> None:
@@ -112,17 +120,21 @@ def probe_task(out: ArtifactRef, data: ArtifactRef, cfg: AbsorptionConfig, root:
     tr, x_tr = ab.probe_split(df, acts, "train")
     te, x_te = ab.probe_split(df, acts, "test")
     with timed(f"ground-truth probe ({len(tr)} train words)"):
-        w, b = ab.ground_truth_probe(x_tr, tr["label"].to_numpy(), epochs=cfg.probe_epochs,
-                                     batch_size=cfg.probe_batch_size, lr=cfg.probe_lr,
-                                     weight_decay=cfg.probe_weight_decay, seed=cfg.seed, device=pick_device(device))
+        fit = ab.ground_truth_probe(x_tr, tr["label"].to_numpy(), steps=cfg.probe_steps, solver=cfg.probe_solver,
+                                    batch_size=cfg.probe_batch_size, lr=cfg.probe_lr,
+                                    weight_decay=cfg.probe_weight_decay, seed=cfg.seed, tol=cfg.convergence_tol,
+                                    device=pick_device(device))
+    w, b, conv = fit.weight, fit.bias, fit.convergence
+    warn_unconverged("ground-truth probe", conv)
     metrics = ab.probe_metrics(w, b, x_te, te["label"].to_numpy(), cfg.min_probe_f1)
     begin(out, _sub(cfg, PROBE_FIELDS), [data])
     np.savez(out.dir / "probe.npz", weight=w.numpy(), bias=b.numpy())
+    (out.dir / "probe_convergence.json").write_text(json.dumps(conv.as_dict(), indent=2))
     metrics.to_parquet(out.dir / "probe_metrics.parquet", index=False)
     (out.dir / "probe_metrics.md").write_text(metrics.to_markdown(index=False, floatfmt=".3f") + "\n")
     passing = metrics.loc[metrics["passes"], "letter"].tolist()
     mark_complete(out, letters_passing=len(passing), passing="".join(passing), mean_f1=float(metrics["f1"].mean()),
-                  train_words=len(tr), test_words=len(te))
+                  train_words=len(tr), test_words=len(te), converged=conv.converged)
     stage_logger().info("absorption probe: %d/26 letters pass F1 > %.2f (mean F1 %.3f)", len(passing),
                         cfg.min_probe_f1, float(metrics["f1"].mean()))
 
@@ -147,6 +159,20 @@ def check_probe(probe: ArtifactRef, cfg: AbsorptionConfig) -> list[int]:
             f"Per-letter probe metrics: {probe.dir / 'probe_metrics.md'}"
         )
     return passing
+
+
+def warn_unconverged(what: str, conv: "ab.Convergence") -> None:
+    """Log ``what``'s convergence record; a warning when it did not converge."""
+    logger = stage_logger()
+    msg = (f"absorption {what}: {conv.solver}, {conv.steps} steps, objective {conv.final_loss:.6g}, change over the "
+           f"last 10% of steps {conv.rel_change_last10:.2e}")
+    if conv.solver == "adam":
+        msg += f", continuation drop {conv.continuation_drop:.2e}"
+    if conv.converged:
+        logger.info("%s: converged (tol %.0e)", msg, conv.tol)
+    else:
+        logger.warning("%s: NOT converged (tol %.0e): its results measure an unfinished optimisation; raise its "
+                       "steps (absorption.probe_steps / sparse_probe_steps)", msg, conv.tol)
 
 
 # --------------------------------------------------------------------------------------- per SAE
@@ -189,11 +215,19 @@ def sae_task(out: ArtifactRef, model: ArtifactRef, model_cfg: ModelConfig, data:
         res = ab.evaluate_sae(
             sae_model, w, b, passing, x_tr, tr["label"].to_numpy(), x_te, te["label"].to_numpy(), x_abs,
             absorb_test_index, absorb["word"].tolist(), te["word"].tolist(), max_k=cfg.max_k, l1_decay=cfg.l1_decay,
-            sparse_epochs=cfg.sparse_probe_epochs, sparse_batch_size=cfg.sparse_probe_batch_size,
+            sparse_steps=cfg.sparse_probe_steps, sparse_solver=cfg.sparse_probe_solver,
+            sparse_batch_size=cfg.sparse_probe_batch_size, tol=cfg.convergence_tol,
             jump=cfg.f1_jump_threshold, seed=cfg.seed, device=dev,
             ablation=runner, max_ablation_prompts=cfg.max_ablation_prompts, log=logger.info)
+    warn_unconverged(f"L1 probe of {sae_dir.name}", res.l1_probe)
+    n_bad = int((~res.k_sparse["refit_converged"]).sum()) if len(res.k_sparse) else 0
+    if n_bad:
+        logger.warning("absorption %s: %d of %d k-sparse refits (sklearn LogisticRegression, max_iter %d) did not "
+                       "converge", sae_dir.name, n_bad, len(res.k_sparse), ab.REFIT_MAX_ITER)
     l0 = ab.word_l0(sae_model, x_te)
     begin(out, cfg, [model, data, probe, sae])
+    (out.dir / "convergence.json").write_text(json.dumps(
+        {"l1_probe": res.l1_probe.as_dict(), "refits": len(res.k_sparse), "refits_not_converged": n_bad}, indent=2))
     res.letters.to_parquet(out.dir / "letters.parquet", index=False)
     res.k_sparse.to_parquet(out.dir / "k_sparse.parquet", index=False)
     res.prompts.to_parquet(out.dir / "prompts.parquet", index=False)

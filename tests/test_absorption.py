@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from saeflow.evals import absorption as ab
+from saeflow.evals.absorption.config import AbsorptionConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,7 +80,7 @@ def _evaluate(x, labels, sae, parents, **kw):
     probe_w, probe_b = parents.clone(), torch.full((26,), -0.5)
     return ab.evaluate_sae(sae, probe_w, probe_b, list(range(26)), x, labels, x, labels, x,
                            np.arange(len(x)), [f"w{i}" for i in range(len(x))], [f"w{i}" for i in range(len(x))],
-                           sparse_epochs=30, sparse_batch_size=256, **kw)
+                           sparse_steps=2000, **kw)
 
 
 def test_planted_absorption_is_recovered_exactly():
@@ -134,7 +136,8 @@ def test_partial_absorption_fraction_matches_formula():
 
 def test_linear_probe_separates_planted_letters():
     x, labels, _c, _sae, _p = _planted(set())
-    w, b = ab.train_linear_probe(x, torch.as_tensor(labels), seed=0)  # SPEC 1.3 defaults
+    fit = ab.train_linear_probe(x, torch.as_tensor(labels), steps=2500, seed=0)  # SPEC 1.3 (at 3,200 words)
+    w, b = fit.weight, fit.bias
     m = ab.letter_metrics((x @ w.T + b).numpy(), labels, 0.6)
     assert m["passes"].all() and m["f1"].min() > 0.95
 
@@ -362,7 +365,7 @@ def test_ig_attribution_matches_spliced_sae_gradient(tiny_model):
 
 # -------------------------------------------------------------------------------------- pipeline
 def _abs_cfg(**kw):
-    base = {"min_letters": 1, "min_probe_f1": 0.0, "probe_epochs": 5, "sparse_probe_epochs": 5,
+    base = {"min_letters": 1, "min_probe_f1": 0.0, "probe_steps": 50, "sparse_probe_steps": 50,
             "max_ablation_prompts": 2, "max_k": 3}
     return {**base, **kw}
 
@@ -417,3 +420,87 @@ def test_prefix_cache_forward_is_exact(tiny_model):
     assert torch.allclose(ab.letter_logits(lm, resid, ids), ab.letter_logits(lm, ref, ids), atol=1e-4)
     same = ab.run_from_hook(lm, hook, toks, clean[:, 5], pos, clean, cache)
     assert torch.allclose(ab.letter_logits(lm, same, ids), full, atol=1e-4)
+
+
+# ------------------------------------------------------------------------ probes sized by steps
+def _planted_latents(n_words: int = 3200, n_latents: int = 1024, seed: int = 0):
+    """SAE-latent-like probe data with planted ground truth: latent ``li`` (one per letter) fires
+    on 60% of the words starting with that letter (and on 1% of the others), every latent fires at
+    random on 2% of all words; magnitudes like a real SAE's (tens). Letters are imbalanced."""
+    rng = np.random.default_rng(seed)
+    freq = rng.dirichlet(np.full(26, 3.0))
+    labels = rng.choice(26, size=n_words, p=freq)
+    f = np.where(rng.random((n_words, n_latents)) < 0.02, rng.uniform(0, 60, (n_words, n_latents)), 0.0)
+    for li in range(26):
+        on = (labels == li) & (rng.random(n_words) < 0.6) | (labels != li) & (rng.random(n_words) < 0.01)
+        f[on, li] = rng.uniform(10, 60, int(on.sum()))
+    perm = rng.permutation(n_latents)  # planted latents at random ids
+    return torch.from_numpy(f[:, np.argsort(perm)].astype(np.float32)), labels, perm[:26]
+
+
+def test_l1_probe_recovers_every_planted_latent_at_the_quick_word_count():
+    torch.manual_seed(0)
+    f, labels, planted = _planted_latents()  # 3,200 train words: the quick profile's 80% of 4,000
+    cfg = AbsorptionConfig()
+    fit = ab.train_linear_probe(f, torch.as_tensor(labels), steps=cfg.sparse_probe_steps,
+                                solver=cfg.sparse_probe_solver, batch_size=cfg.sparse_probe_batch_size, lr=1e-2,
+                                weight_decay=1e-6, l1=cfg.l1_decay, seed=cfg.seed)
+    assert fit.convergence.converged, fit.convergence
+    assert fit.convergence.steps < cfg.sparse_probe_steps and abs(fit.convergence.rel_change_last10) < cfg.convergence_tol
+    assert fit.weight.argmax(1).tolist() == planted.tolist()  # k = 1 latent of every letter is its planted latent
+    ks = ab.k_sparse_probing(f, labels, f, labels, fit.weight, 1, range(26))
+    assert ks["refit_converged"].all()
+
+
+def test_probe_stopped_early_is_reported_not_converged():
+    f, labels, planted = _planted_latents(n_latents=256)
+    y = torch.as_tensor(labels)
+    # SAEBench's sizing at 3,200 words: 50 epochs of batch 4096 = 50 Adam steps, lr decayed to 1e-5
+    sb = ab.train_linear_probe(f, y, steps=50, solver="adam", batch_size=4096, lr=1e-2, weight_decay=1e-6, l1=0.01)
+    assert not sb.convergence.converged
+    assert sb.convergence.continuation_drop > sb.convergence.tol  # the schedule froze it, not the optimum
+    early = ab.train_linear_probe(f, y, steps=10, solver="fista", weight_decay=1e-6, l1=0.01)
+    assert early.convergence.steps == 10 and not early.convergence.converged
+    full = ab.train_linear_probe(f, y, steps=3000, solver="fista", weight_decay=1e-6, l1=0.01)
+    assert full.convergence.converged and full.convergence.final_loss < min(sb.convergence.final_loss,
+                                                                             early.convergence.final_loss)
+
+
+def test_probe_refuses_bad_input():
+    f, labels, _ = _planted_latents(n_words=200, n_latents=32)
+    with pytest.raises(ab.AbsorptionError, match="unknown probe solver"):
+        ab.train_linear_probe(f, torch.as_tensor(labels), steps=10, solver="sgd")
+    bad = f.clone()
+    bad[3, 4] = float("nan")
+    with pytest.raises(ab.AbsorptionError, match="NaN"):
+        ab.train_linear_probe(bad, torch.as_tensor(labels), steps=10)
+    with pytest.raises(ab.AbsorptionError, match="rows but"):
+        ab.train_linear_probe(f[:-1], torch.as_tensor(labels), steps=10)
+
+
+def test_unconverged_probe_is_a_logged_warning():
+    from tasks.absorption import warn_unconverged
+
+    class Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.DEBUG)
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    f, labels, _ = _planted_latents(n_words=400, n_latents=64)
+    short = ab.train_linear_probe(f, torch.as_tensor(labels), steps=5, solver="fista", l1=0.01)
+    done = ab.train_linear_probe(f, torch.as_tensor(labels), steps=3000, solver="fista", l1=0.01)
+    keep, logger = Keep(), logging.getLogger("saeflow")
+    level_before = logger.level
+    logger.addHandler(keep)
+    logger.setLevel(logging.INFO)
+    try:
+        warn_unconverged("L1 probe A", short.convergence)
+        warn_unconverged("L1 probe B", done.convergence)
+    finally:
+        logger.removeHandler(keep)
+        logger.setLevel(level_before)
+    level = {r.getMessage().split(":")[0]: r.levelno for r in keep.records}
+    assert level == {"absorption L1 probe A": logging.WARNING, "absorption L1 probe B": logging.INFO}

@@ -90,7 +90,7 @@ def faults_config(**overrides):
         activations={"hook": "blocks.1.hook_resid_post", "batch_size": 4, "chunk_rows": 256},  # enough for a kill
         train={"training_tokens": 256 * 80, "batch_size": 256, "checkpoint_every": 10, "log_every": 20},  # mid-way
         family={"architectures": ["topk"], "widths": [64, 128], "ks": [8]},
-        absorption={"min_letters": 1, "min_probe_f1": 0.0, "probe_epochs": 5, "sparse_probe_epochs": 5,
+        absorption={"min_letters": 1, "min_probe_f1": 0.0, "probe_steps": 50, "sparse_probe_steps": 50,
                     "max_ablation_prompts": 2, "max_k": 3},
         stitching={"n_tokens": 512, "calibration_tokens": 1024, "n_steps": 3, "ce_batches": 1, "ce_batch_size": 4},
         meta_sae={"train_steps": 30, "batch_size": 64, "n_examples": 2, "example_rows": 1024, "checkpoint_every": 10,

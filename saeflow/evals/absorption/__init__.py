@@ -10,7 +10,8 @@ Pure code (torch / numpy / pandas, no Prefect), in pipeline order:
    only up to the hook (same-length buckets, no padding); :func:`build_prompts` /
    :func:`prompt_activations` do it for every prompt of a run.
 2. **Ground-truth probe** (SPEC 1.3, :mod:`.probes`): :func:`train_linear_probe` (one-vs-rest BCE
-   with ``pos_weight``, Adam, exponential lr decay), :func:`ground_truth_probe` and
+   with ``pos_weight``; Adam with exponential lr decay sized by steps, or deterministic FISTA; each
+   fit returns its :class:`Convergence` record), :func:`ground_truth_probe` and
    :func:`letter_metrics`.
 3. **k-sparse probing** (SPEC 1.4, :mod:`.probes`): :func:`k_sparse_probing` (L1 probe on SAE
    latents, signed top-k, sklearn refit) and :func:`feature_splits` (F1-jump rule).
@@ -33,8 +34,9 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
                 "AbsorptionError", "Located", "absorb_split", "answer", "build_prompts", "check_prompts", "icl_prompt",
                 "length_buckets", "locate_words", "probe_split", "prompt_activations", "sample_words", "store_rows",
                 "usable", "word_activations"),
-    "probes": ("binary_scores", "feature_splits", "ground_truth_probe", "k_sparse_probing", "letter_metrics",
-               "probe_metrics", "train_linear_probe"),
+    "probes": ("CONVERGENCE_TOL", "Convergence", "ProbeFit", "REFIT_MAX_ITER", "SOLVERS", "binary_scores",
+               "feature_splits", "ground_truth_probe", "k_sparse_probing", "letter_metrics", "probe_metrics", "probe_objective",
+               "train_linear_probe"),
     "projection": ("EPS", "ProjectionThresholds", "projection_absorption"),
     "ablation": ("ablation_runner", "absorb_tokens", "first_letter_metric", "ig_latent_attribution",
                  "is_ablation_absorption", "letter_logits", "letter_token_ids", "prefix_cache", "run_from_hook"),

@@ -5,6 +5,8 @@ Imports only pydantic and :mod:`saeflow.frozen`, so :mod:`saeflow.config` stays 
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from saeflow.frozen import Frozen, operational
@@ -28,11 +30,18 @@ class AbsorptionConfig(Frozen):
     batch_size: int = operational(32, "Prompts per model forward.")
     """Prompts per model forward (equal-length batches)."""
 
-    probe_epochs: int = Field(50, ge=1)
-    """Ground-truth probe: epochs (SPEC 1.3: 50)."""
+    probe_solver: Literal["adam", "fista"] = "adam"
+    """Ground-truth probe solver: ``adam`` (SPEC 1.3: mini-batch Adam, lr decaying exponentially to
+    1e-5 over ``probe_steps``) or ``fista`` (deterministic full-batch proximal gradient to
+    convergence); both minimise the same objective (:mod:`saeflow.evals.absorption.probes`)."""
+
+    probe_steps: int = Field(2500, ge=1)
+    """Ground-truth probe: optimiser steps (``adam``) or the iteration cap (``fista``). 2,500 is
+    SAEBench's 50 epochs of batch 64 at the quick profile's 3,200 train words; the stage records
+    whether the probe converged (``probe_convergence.json``) and warns when it did not."""
 
     probe_batch_size: int = Field(64, ge=1)
-    """Ground-truth probe: mini-batch size (SPEC 1.3: 64)."""
+    """Ground-truth probe: ``adam`` mini-batch size (SPEC 1.3: 64; capped at the train words)."""
 
     probe_lr: float = Field(1e-2, gt=0.0)
     """Ground-truth probe: Adam learning rate at the start (decays exponentially to 1e-5)."""
@@ -52,11 +61,21 @@ class AbsorptionConfig(Frozen):
     l1_decay: float = Field(0.01, ge=0.0)
     """k-sparse probing: L1 weight of the probe on SAE latents (SPEC 1.4: 0.01)."""
 
-    sparse_probe_epochs: int = Field(50, ge=1)
-    """k-sparse probing: epochs of the L1 probe (SPEC 1.4: 50)."""
+    sparse_probe_solver: Literal["adam", "fista"] = "fista"
+    """k-sparse probing: solver of the L1 probe on SAE latents. ``fista`` (default): deterministic
+    full-batch proximal gradient on SAEBench's objective, run to convergence; ``adam``: SAEBench's
+    mini-batch Adam (lr 1e-2 decaying to 1e-5, weight decay 1e-6) for ``sparse_probe_steps`` steps.
+    SAEBench's own sizing (50 epochs of batch 4096) is 50 steps at 3,200 words: far from converged."""
+
+    sparse_probe_steps: int = Field(3000, ge=1)
+    """k-sparse probing: the L1 probe's iteration cap (``fista``) or optimiser steps (``adam``)."""
 
     sparse_probe_batch_size: int = Field(4096, ge=1)
-    """k-sparse probing: mini-batch size of the L1 probe (SPEC 1.4: 4096)."""
+    """k-sparse probing: ``adam`` mini-batch size of the L1 probe (SPEC 1.4: 4096; capped at the train words)."""
+
+    convergence_tol: float = Field(1e-4, gt=0.0)
+    """Both probes: converged when the objective changes by less than this (relative) over the last
+    10% of the steps (and, for ``adam``, a short continuation lowers it by less than this)."""
 
     f1_jump_threshold: float = Field(0.03, ge=0.0)
     """Feature splitting: k+1 latents count as a split while F1 rises by more than this (0.03)."""

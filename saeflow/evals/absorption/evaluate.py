@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saeflow.evals.absorption.probes import feature_splits, k_sparse_probing, train_linear_probe
+from saeflow.evals.absorption.probes import CONVERGENCE_TOL, Convergence, feature_splits, k_sparse_probing, train_linear_probe
 from saeflow.evals.absorption.projection import EPS, ProjectionThresholds, projection_absorption
 from saeflow.evals.absorption.prompts import LETTERS
 from saeflow.evals.common import encode_rows
@@ -40,12 +40,14 @@ class SAEEval:
     prompts: pd.DataFrame
     ablation: pd.DataFrame
     summary: dict[str, float]
+    l1_probe: Convergence
 
 
 def evaluate_sae(sae: Any, probe_w: Tensor, probe_b: Tensor, passing: Sequence[int], train_acts: Tensor,
                  train_y: np.ndarray, test_acts: Tensor, test_y: np.ndarray, absorb_acts: Tensor,
                  absorb_test_index: np.ndarray, absorb_words: Sequence[str], test_words: Sequence[str], *,
-                 max_k: int = 10, l1_decay: float = 0.01, sparse_epochs: int = 50, sparse_batch_size: int = 4096,
+                 max_k: int = 10, l1_decay: float = 0.01, sparse_steps: int = 3000, sparse_solver: str = "fista",
+                 sparse_batch_size: int = 4096, tol: float = CONVERGENCE_TOL,
                  jump: float = 0.03, seed: int = 42, device: torch.device | str = "cpu",
                  th: ProjectionThresholds = ProjectionThresholds(),
                  ablation: Callable[[pd.DataFrame, Tensor], pd.DataFrame] | None = None,
@@ -62,9 +64,14 @@ def evaluate_sae(sae: Any, probe_w: Tensor, probe_b: Tensor, passing: Sequence[i
     f_train = encode_rows(sae, train_acts, ENCODE_BATCH)
     f_test = encode_rows(sae, test_acts, ENCODE_BATCH)
     f_abs = encode_rows(sae, absorb_acts, ENCODE_BATCH)
-    say(f"L1 probe on {f_train.shape[1]} latents ({f_train.shape[0]} train words)")
-    l1_w, _ = train_linear_probe(f_train, torch.as_tensor(train_y), epochs=sparse_epochs, batch_size=sparse_batch_size,
-                                 lr=1e-2, end_lr=1e-5, weight_decay=1e-6, l1=l1_decay, seed=seed, device=device)
+    say(f"L1 probe on {f_train.shape[1]} latents ({f_train.shape[0]} train words, {sparse_solver}, "
+        f"{sparse_steps} steps at most)")
+    fit = train_linear_probe(f_train, torch.as_tensor(train_y), steps=sparse_steps, solver=sparse_solver,
+                             batch_size=sparse_batch_size, lr=1e-2, end_lr=1e-5, weight_decay=1e-6, l1=l1_decay,
+                             seed=seed, tol=tol, device=device)
+    l1_w, conv = fit.weight, fit.convergence
+    say(f"L1 probe: {conv.steps} steps, objective {conv.final_loss:.6g}, change over the last 10% "
+        f"{conv.rel_change_last10:.2e}: {'converged' if conv.converged else 'NOT converged'}")
     ks = k_sparse_probing(f_train, train_y, f_test, test_y, l1_w, max_k, passing)
     splits = feature_splits(ks, jump).set_index("label")
     probe_scores_test = (test_acts.float() @ probe_w.T + probe_b).numpy()
@@ -133,8 +140,11 @@ def evaluate_sae(sae: Any, probe_w: Tensor, probe_b: Tensor, passing: Sequence[i
         summary[f"absorption_std_{name}"] = std
     summary["absorption_rate"] = summary.pop("absorption_mean_rate")
     summary["absorption_letters"] = float(len(letters))
+    summary["absorption_l1_probe_converged"] = float(conv.converged)
+    summary["absorption_l1_probe_steps"] = float(conv.steps)
+    summary["absorption_refits_not_converged"] = float((~ks["refit_converged"]).sum()) if len(ks) else 0.0
     prompts = pd.concat(prompt_frames, ignore_index=True) if prompt_frames else pd.DataFrame()
-    return SAEEval(letters=letters, k_sparse=ks, prompts=prompts, ablation=abl, summary=summary)
+    return SAEEval(letters=letters, k_sparse=ks, prompts=prompts, ablation=abl, summary=summary, l1_probe=conv)
 
 
 def word_l0(sae: Any, acts: Tensor) -> float:

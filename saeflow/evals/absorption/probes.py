@@ -1,10 +1,33 @@
 """The probes of the absorption evaluation: the 26-way ground-truth probe on the model's
-activations (SPEC 1.3) and k-sparse probing on SAE latents (SPEC 1.4)."""
+activations (SPEC 1.3) and k-sparse probing on SAE latents (SPEC 1.4).
+
+Both probes minimise SAEBench's objective, one-vs-rest ``BCEWithLogits`` with ``pos_weight =
+n_neg / n_pos`` per class + ``l1 * mean_class(sum |w|)`` + the L2 term of Adam's coupled weight
+decay (``weight_decay / 2 * ||w||^2``), but are sized by what the optimiser does, not by epochs:
+SAEBench's "50 epochs of batch 4096" are 50 optimiser steps at the quick profile's 3,200 training
+words, after which the L1 probe's top latents are noise (issue #25). Two solvers, one objective:
+
+- ``"adam"``: SAEBench's mini-batch Adam with the exponential lr decay spread over ``steps``
+  optimiser steps (the SPEC's schedule, lr -> ``end_lr``);
+- ``"fista"``: deterministic full-batch proximal gradient (FISTA with backtracking and adaptive
+  restart, features scaled by their RMS, the L1 term handled exactly by soft-thresholding), run
+  until the objective changes by less than ``tol`` over the last 10% of its iterations or
+  ``steps`` iterations have run.
+
+Each fit returns a :class:`ProbeFit` with its :class:`Convergence` record: the full-data objective at
+90% of the steps and at the end, their relative change, and ``converged``. Under Adam's decaying
+lr the objective stops moving at the end of the schedule whether or not it reached its minimum, so
+an Adam fit also runs a short *continuation check* (``steps // 10`` more full-batch Adam steps at
+``lr / 10`` from the final weights, which are then discarded): if the objective still falls by more
+than ``tol`` relative, the fit had not converged.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -14,56 +37,233 @@ from torch import Tensor
 
 from saeflow.evals.absorption.prompts import LETTERS, AbsorptionError
 
+#: Default relative tolerance of the convergence check (objective change over the last 10% of steps).
+CONVERGENCE_TOL = 1e-4
+SOLVERS = ("adam", "fista")
+#: ``max_iter`` of the k-sparse refits (SAEBench).
+REFIT_MAX_ITER = 500
 
-def _exp_decay_gamma(lr: float, end_lr: float, epochs: int) -> float:
-    return math.exp(math.log(end_lr / lr) / epochs)
+
+@dataclass(frozen=True)
+class Convergence:
+    """How an optimisation ended: ``final_loss`` (the full objective on all its data),
+    ``loss_at_90`` (the same at 90% of its steps), ``rel_change_last10 = (loss_at_90 - final_loss) /
+    max(|final_loss|, 1e-12)``, ``continuation_drop`` (Adam only: the relative objective decrease of
+    the continuation check, NaN for other solvers) and ``converged``: ``rel_change_last10 < tol``
+    (and for Adam ``continuation_drop < tol``)."""
+
+    solver: str
+    steps: int
+    final_loss: float
+    loss_at_90: float
+    rel_change_last10: float
+    continuation_drop: float
+    tol: float
+    converged: bool
+
+    def as_dict(self, prefix: str = "") -> dict:
+        return {f"{prefix}{k}": v for k, v in asdict(self).items()}
 
 
-def train_linear_probe(x: Tensor, y: Tensor, *, epochs: int = 50, batch_size: int = 64, lr: float = 1e-2,
-                       end_lr: float = 1e-5, weight_decay: float = 1e-4, l1: float = 0.0, seed: int = 0,
-                       device: torch.device | str = "cpu", map_x: Callable[[Tensor], Tensor] | None = None,
-                       dim: int | None = None) -> tuple[Tensor, Tensor]:
-    """One-vs-rest logistic probes ``[n_classes, dim]`` + bias, trained jointly (SPEC 1.3 / 1.4).
+@dataclass
+class ProbeFit:
+    """A trained one-vs-rest probe ``weight [n_classes, dim]``, ``bias [n_classes]`` and how its
+    optimisation ended."""
 
-    ``y`` is ``[n]`` class ids or ``[n, n_classes]`` multi-hot. Loss ``BCEWithLogits`` with
-    ``pos_weight = n_neg / n_pos`` per class, plus ``l1 * mean_class(sum |w|)``; Adam(lr,
-    weight_decay), lr multiplied by ``(end_lr / lr) ** (1 / epochs)`` after each epoch; shuffled
-    mini-batches from a ``torch.Generator`` seeded with ``seed``. ``map_x`` maps a batch before the
-    probe (e.g. SAE encoding) and ``dim`` is then the probe's input width.
-    """
-    dev = torch.device(device)
+    weight: Tensor
+    bias: Tensor
+    convergence: Convergence
+
+
+class _Objective:
+    """SAEBench's probe objective on full data ``z [n, dim]`` (features divided by ``scale``; the
+    weights ``u`` live in that scaled space, ``w = u / scale``)."""
+
+    def __init__(self, z: Tensor, y: Tensor, pos_weight: Tensor, scale: Tensor, l1: float, weight_decay: float) -> None:
+        self.z, self.y, self.scale, self.l1, self.wd = z, y, scale, l1, weight_decay
+        self.loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+
+    def smooth(self, u: Tensor, b: Tensor) -> Tensor:
+        w = u / self.scale
+        return self.loss_fn(self.z @ u.T + b, self.y) + 0.5 * self.wd * (w * w).sum()
+
+    def penalty(self, u: Tensor) -> Tensor:
+        return self.l1 * (u.abs() / self.scale).sum(-1).mean() if self.l1 else u.new_zeros(())
+
+    def __call__(self, u: Tensor, b: Tensor) -> float:
+        with torch.no_grad():
+            return float(self.smooth(u, b) + self.penalty(u))
+
+
+def _convergence(solver: str, steps: int, loss_at_90: float, final: float, tol: float,
+                 continuation_drop: float = float("nan")) -> Convergence:
+    """The record of a run of ``steps`` steps whose objective was ``loss_at_90`` after
+    ``floor(0.9 * steps)`` of them and ``final`` at the end."""
+    rel = (loss_at_90 - final) / max(abs(final), 1e-12)
+    ok = abs(rel) < tol and (solver != "adam" or continuation_drop < tol)
+    return Convergence(solver=solver, steps=int(steps), final_loss=float(final), loss_at_90=float(loss_at_90),
+                       rel_change_last10=float(rel), continuation_drop=float(continuation_drop), tol=float(tol),
+                       converged=bool(ok))
+
+
+def _list_convergence(solver: str, losses: list[float], tol: float) -> Convergence:
+    """:func:`_convergence` of a run whose objective after iteration ``t`` is ``losses[t]``."""
+    steps = len(losses) - 1
+    return _convergence(solver, steps, losses[int(math.floor(0.9 * steps))], losses[-1], tol)
+
+
+def _targets(x: Tensor, y: Tensor) -> Tensor:
     if y.ndim == 1:
         y = F.one_hot(y.long(), num_classes=int(y.max()) + 1)
     y = y.float()
+    if x.shape[0] != y.shape[0]:
+        raise AbsorptionError(f"probe data has {x.shape[0]} rows but {y.shape[0]} labels")
+    if not torch.isfinite(x).all():
+        raise AbsorptionError("probe data holds NaN or infinite values: check the activations / SAE encodings "
+                              "it was built from (re-run the stage that wrote them)")
+    return y
+
+
+def train_linear_probe(x: Tensor, y: Tensor, *, steps: int, solver: str = "adam", batch_size: int = 64,
+                       lr: float = 1e-2, end_lr: float = 1e-5, weight_decay: float = 1e-4, l1: float = 0.0,
+                       seed: int = 0, tol: float = CONVERGENCE_TOL,
+                       device: torch.device | str = "cpu") -> ProbeFit:
+    """One-vs-rest logistic probes ``[n_classes, dim]`` + bias on SAEBench's objective (module
+    docstring), trained by ``solver`` for ``steps`` optimiser steps (``"adam"``: mini-batches of
+    ``min(batch_size, n)`` rows drawn from a ``torch.Generator`` seeded with ``seed``, lr decaying
+    exponentially from ``lr`` to ``end_lr`` over the steps) or at most ``steps`` iterations
+    (``"fista"``, deterministic; ``batch_size`` / ``lr`` / ``seed`` unused but the initial weights).
+
+    ``y`` is ``[n]`` class ids or ``[n, n_classes]`` multi-hot.
+    """
+    if solver not in SOLVERS:
+        raise AbsorptionError(f"unknown probe solver {solver!r}: use one of {', '.join(SOLVERS)}")
+    if steps < 1:
+        raise AbsorptionError(f"probe steps must be >= 1, got {steps}")
+    dev = torch.device(device)
+    y = _targets(x, y).to(dev)
+    x = x.to(dev, torch.float32)
     n, n_cls = y.shape
-    if x.shape[0] != n:
-        raise AbsorptionError(f"probe data has {x.shape[0]} rows but {n} labels")
-    dim = int(dim or x.shape[1])
+    dim = x.shape[1]
     pos = y.sum(0)
-    pos_weight = ((n - pos) / pos.clamp(min=1)).to(dev)
+    pos_weight = (n - pos) / pos.clamp(min=1)
     gen = torch.Generator().manual_seed(int(seed))
-    w = (torch.rand(n_cls, dim, generator=gen) * 2 - 1) / math.sqrt(dim)
-    b = (torch.rand(n_cls, generator=gen) * 2 - 1) / math.sqrt(dim)
-    w, b = w.to(dev).requires_grad_(True), b.to(dev).requires_grad_(True)
-    opt = torch.optim.Adam([w, b], lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=_exp_decay_gamma(lr, end_lr, epochs))
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        for s in range(0, n, batch_size):
-            idx = perm[s:s + batch_size]
-            xb = x[idx].to(dev, torch.float32)
-            if map_x is not None:
-                with torch.no_grad():
-                    xb = map_x(xb)
-            loss = loss_fn(xb @ w.T + b, y[idx].to(dev))
-            if l1:
-                loss = loss + l1 * w.abs().sum(-1).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    w0 = ((torch.rand(n_cls, dim, generator=gen) * 2 - 1) / math.sqrt(dim)).to(dev)
+    b0 = ((torch.rand(n_cls, generator=gen) * 2 - 1) / math.sqrt(dim)).to(dev)
+    if solver == "adam":
+        ones = torch.ones(dim, device=dev)
+        obj = _Objective(x, y, pos_weight, ones, l1, weight_decay)
+        w, b, conv = _adam(obj, w0, b0, steps=steps, batch_size=min(batch_size, n), lr=lr, end_lr=end_lr, gen=gen,
+                           tol=tol)
+    else:
+        scale = x.pow(2).mean(0).sqrt()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        obj = _Objective(x / scale, y, pos_weight, scale, l1, weight_decay)
+        u, b, conv = _fista(obj, w0 * scale, b0, max_steps=steps, tol=tol)
+        w = u / scale
+    return ProbeFit(weight=w.detach().cpu(), bias=b.detach().cpu(), convergence=conv)
+
+
+def probe_objective(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor, *, l1: float = 0.0,
+                    weight_decay: float = 0.0) -> float:
+    """SAEBench's probe objective (module docstring) of the probe ``(weight, bias)`` on all of
+    ``x`` / ``y``: how good a probe trained elsewhere (e.g. by SAEBench itself) is on the same problem."""
+    y = _targets(x, y)
+    n = y.shape[0]
+    pos = y.sum(0)
+    obj = _Objective(x.float(), y, (n - pos) / pos.clamp(min=1), torch.ones(x.shape[1]), l1, weight_decay)
+    return obj(weight.float(), bias.float())
+
+
+def _adam(obj: _Objective, w: Tensor, b: Tensor, *, steps: int, batch_size: int, lr: float, end_lr: float,
+          gen: torch.Generator, tol: float) -> tuple[Tensor, Tensor, Convergence]:
+    """SAEBench's training loop (Adam, coupled weight decay, per-step exponential lr decay) on
+    mini-batches; the objective on all rows at the start, at 90% of the steps and at the end, then
+    the continuation check (module docstring)."""
+    n = obj.z.shape[0]
+    w, b = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    opt = torch.optim.Adam([w, b], lr=lr, weight_decay=obj.wd)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=math.exp(math.log(end_lr / lr) / steps))
+    loss_fn = obj.loss_fn
+    at = {0: obj(w, b)}  # step 0: the objective at the start
+    mark = int(math.floor(0.9 * steps))
+    perm, cursor = torch.randperm(n, generator=gen), 0
+    for step in range(1, steps + 1):
+        if cursor + batch_size > n:  # a new pass over the rows (no partial last batch)
+            perm, cursor = torch.randperm(n, generator=gen), 0
+        idx = perm[cursor:cursor + batch_size].to(obj.z.device)
+        cursor += batch_size
+        loss = loss_fn(obj.z[idx] @ w.T + b, obj.y[idx])
+        if obj.l1:
+            loss = loss + obj.l1 * w.abs().sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
         sched.step()
-    return w.detach().cpu(), b.detach().cpu()
+        if step == mark:
+            at[mark] = obj(w, b)
+    final = obj(w, b)
+    # continuation check: could the objective still fall? (full batch, lr / 10, weights discarded)
+    wc, bc = w.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    copt = torch.optim.Adam([wc, bc], lr=lr / 10, weight_decay=obj.wd)
+    best = final
+    for _ in range(max(10, steps // 10)):
+        loss = loss_fn(obj.z @ wc.T + bc, obj.y) + (obj.l1 * wc.abs().sum(-1).mean() if obj.l1 else 0.0)
+        copt.zero_grad(set_to_none=True)
+        loss.backward()
+        copt.step()
+        best = min(best, obj(wc, bc))
+    drop = (final - best) / max(abs(final), 1e-12)
+    return w.detach(), b.detach(), _convergence("adam", steps, at.get(mark, at[0]), final, tol, drop)
+
+
+def _fista(obj: _Objective, u: Tensor, b: Tensor, *, max_steps: int, tol: float,
+           check_every: int = 25, min_steps: int = 50) -> tuple[Tensor, Tensor, Convergence]:
+    """Accelerated proximal gradient on ``smooth(u, b) + penalty(u)``: backtracking on the
+    Lipschitz estimate (halved again after each accepted step, so the step can grow), momentum reset
+    when the objective rises (adaptive restart), the L1 term by soft-thresholding each weight at
+    ``step * l1 / (n_classes * scale)``. Stops once the objective changed by less than ``tol``
+    (relative) over the last 10% of the iterations run, or after ``max_steps`` iterations."""
+    n_cls = u.shape[0]
+    thresh = obj.l1 / n_cls / obj.scale  # per-weight L1 weight in the scaled space
+    lip = 1.0
+    u_prev, b_prev = u.clone(), b.clone()
+    yu, yb = u.clone(), b.clone()
+    t = 1.0
+    losses = [obj(u, b)]
+    for it in range(1, max_steps + 1):
+        yu_, yb_ = yu.detach().requires_grad_(True), yb.detach().requires_grad_(True)
+        fy = obj.smooth(yu_, yb_)
+        gu, gb = torch.autograd.grad(fy, (yu_, yb_))
+        fy = float(fy.detach())
+        with torch.no_grad():
+            while True:
+                step = 1.0 / lip
+                nu = yu - step * gu
+                if obj.l1:
+                    nu = torch.sign(nu) * (nu.abs() - step * thresh).clamp(min=0)
+                nb = yb - step * gb
+                du, db = nu - yu, nb - yb
+                quad = fy + float((gu * du).sum() + (gb * db).sum()) + 0.5 * lip * float((du * du).sum() + (db * db).sum())
+                if float(obj.smooth(nu, nb)) <= quad + 1e-12 * abs(quad) or lip > 1e20:
+                    break
+                lip *= 2.0
+            lip /= 2.0 ** 0.5
+            loss = obj(nu, nb)
+            if loss > losses[-1]:  # adaptive restart: drop the momentum, step from the last iterate
+                t = 1.0
+                yu, yb = u_prev.clone(), b_prev.clone()
+                u, b = u_prev, b_prev
+                losses.append(losses[-1])
+            else:
+                t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+                mom = (t - 1) / t_next
+                yu, yb = nu + mom * (nu - u_prev), nb + mom * (nb - b_prev)
+                u_prev, b_prev, u, b, t = nu, nb, nu, nb, t_next
+                losses.append(loss)
+        if it >= min_steps and it % check_every == 0 and _list_convergence("fista", losses, tol).converged:
+            break
+    return u.detach(), b.detach(), _list_convergence("fista", losses, tol)
 
 
 def binary_scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
@@ -88,16 +288,18 @@ def letter_metrics(scores: np.ndarray, labels: np.ndarray, min_f1: float) -> pd.
     return pd.DataFrame(rows)
 
 
-def ground_truth_probe(x: Tensor, labels: np.ndarray, *, epochs: int, batch_size: int, lr: float,
-                       weight_decay: float, seed: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+def ground_truth_probe(x: Tensor, labels: np.ndarray, *, steps: int, batch_size: int, lr: float,
+                       weight_decay: float, seed: int, solver: str = "adam", tol: float = CONVERGENCE_TOL,
+                       device: torch.device | str = "cpu") -> ProbeFit:
     """The 26-way first-letter probe (SPEC 1.3: :func:`train_linear_probe`, lr decaying to 1e-5),
     always 26 rows: a letter absent from the train words gets a zero row and bias -1e4."""
-    w, b = train_linear_probe(x, torch.as_tensor(labels), epochs=epochs, batch_size=batch_size, lr=lr, end_lr=1e-5,
-                              weight_decay=weight_decay, seed=seed, device=device)
+    fit = train_linear_probe(x, torch.as_tensor(labels), steps=steps, solver=solver, batch_size=batch_size, lr=lr,
+                             end_lr=1e-5, weight_decay=weight_decay, seed=seed, tol=tol, device=device)
+    w, b = fit.weight, fit.bias
     if w.shape[0] < len(LETTERS):
         w = torch.cat([w, torch.zeros(len(LETTERS) - w.shape[0], w.shape[1])])
         b = torch.cat([b, torch.full((len(LETTERS) - b.shape[0],), -1e4)])
-    return w, b
+    return ProbeFit(weight=w, bias=b, convergence=fit.convergence)
 
 
 def probe_metrics(w: Tensor, b: Tensor, x: Tensor, labels: np.ndarray, min_f1: float) -> pd.DataFrame:
@@ -109,7 +311,10 @@ def k_sparse_probing(f_train: Tensor, y_train: np.ndarray, f_test: Tensor, y_tes
                      max_k: int, letters: Iterable[int]) -> pd.DataFrame:
     """SPEC 1.4 steps 2-4: per letter and k, the signed top-k latents of the L1 probe, an sklearn
     ``LogisticRegression(max_iter=500, class_weight="balanced")`` refit on them, and its test
-    precision / recall / F1 (positive when ``f[ids] @ coef + intercept > 0``)."""
+    precision / recall / F1 (positive when ``f[ids] @ coef + intercept > 0``). Each refit records
+    ``refit_n_iter`` and ``refit_converged`` (fewer iterations than ``max_iter`` and no sklearn
+    ``ConvergenceWarning``)."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
     rows = []
@@ -119,14 +324,21 @@ def k_sparse_probing(f_train: Tensor, y_train: np.ndarray, f_test: Tensor, y_tes
         for k in range(1, max_k + 1):
             ids = torch.topk(l1_weights[li], k).indices.numpy()
             xtr = f_train[:, ids].numpy().astype(np.float64)
+            n_iter, converged = 0, True
             if yt.min() == yt.max():
                 coef, icpt = np.zeros(k), -1.0
             else:
-                lr = LogisticRegression(max_iter=500, class_weight="balanced").fit(xtr, yt)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    lr = LogisticRegression(max_iter=REFIT_MAX_ITER, class_weight="balanced").fit(xtr, yt)
                 coef, icpt = lr.coef_[0], float(lr.intercept_[0])
+                n_iter = int(np.max(lr.n_iter_))
+                converged = n_iter < REFIT_MAX_ITER and not any(issubclass(c.category, ConvergenceWarning)
+                                                                for c in caught)
             score = f_test[:, ids].numpy().astype(np.float64) @ coef + icpt
             rows.append({"letter": LETTERS[li], "label": li, "k": k, "feats": ids.tolist(), "coef": coef.tolist(),
-                         "bias": icpt, **binary_scores(score > 0, truth)})
+                         "bias": icpt, "refit_n_iter": n_iter, "refit_converged": converged,
+                         **binary_scores(score > 0, truth)})
     return pd.DataFrame(rows)
 
 
