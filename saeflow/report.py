@@ -1,8 +1,10 @@
 """The run report: one self-contained HTML file (tables inlined, PNG plots base64-embedded) plus a
 markdown twin, written to ``results/<profile>/report.html`` and ``report.md``.
 
-The page answers first: the report card (:mod:`saeflow.report_card`: one row per SAE, one headline
-number per evaluation, best per column marked), then the papers' figures with captions computed
+The page answers first: a warning listing every optimisation an evaluation recorded as not
+converged (a ``converged`` column that is false in one of its tables), the report card
+(:mod:`saeflow.report_card`: one row per SAE, one headline number per evaluation, best per column
+marked), then the papers' figures with captions computed
 from the data (:mod:`saeflow.report_figures`), the rank correlations between the headline numbers
 across the SAEs (exploratory, with at least four SAEs), and below, collapsed, every table
 (``*.parquet``) and plot (``*.png``) of the results folder with SAEs named, never indexed, links to
@@ -39,6 +41,7 @@ from saeflow.report_card import (
     MIN_CORRELATION_SAES,
     ReportCard,
     card_markdown,
+    convergence_warnings,
     named_table,
     rank_correlations,
     report_card,
@@ -200,6 +203,9 @@ class ReportPage:
     info: dict[str, Any]
     card: ReportCard | None
     """``None``: the results folder has no core table."""
+    not_converged: list[tuple[str, str, str]]
+    """``(evaluation, SAE, what)`` per optimisation recorded as not converged
+    (:func:`saeflow.report_card.convergence_warnings`): a warning at the top of the page."""
     card_markdown: str
     legend: list[tuple[str, str, str]]
     """Per card column: label, direction (``higher`` / ``lower`` is better), meaning."""
@@ -296,6 +302,7 @@ def report_page(results_dir: str | Path, config: dict[str, Any], timings: dict[s
               for c in (card.columns if card else [])]
     latents = results_dir / LATENTS_INDEX
     return ReportPage(title=f"saeflow report: {info['profile']}", info=info, card=card,
+                      not_converged=convergence_warnings(tables),
                       card_markdown=card_markdown(card) if card else "", legend=legend,
                       figures=paper_figures(core, tables) if card else [], cross=_cross(card),
                       sections=_sections(results_dir, tables),

@@ -248,6 +248,35 @@ def card_markdown(card: ReportCard) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------ convergence
+def convergence_warnings(tables: dict[str, pd.DataFrame]) -> list[tuple[str, str, str]]:
+    """``(evaluation, SAE, what)`` for each optimisation an evaluation recorded as not converged.
+
+    Generic: every table (key ``<evaluation>/<table>``, as :func:`saeflow.report.named_tables`)
+    with a ``converged`` column counts; its rows whose ``converged`` is false are counted per SAE
+    (the ``sae`` column; ``baselines`` where it is empty), naming the ``method`` values of those rows
+    and the largest ``rel_change_last10`` when the table has these columns. Empty ``converged``
+    values (no optimisation behind the row) are not counted.
+    """
+    out = []
+    for key, df in tables.items():
+        if "converged" not in df or not len(df):
+            continue
+        evaluation, name = key.rsplit("/", 1) if "/" in key else ("core", key)
+        conv = df["converged"].astype("boolean")
+        bad = conv.eq(False).fillna(False).astype(bool)
+        sae = df["sae"].astype(object).where(df["sae"].notna(), "baselines") if "sae" in df else pd.Series("", index=df.index)
+        for s in dict.fromkeys(sae[bad]):
+            rows = df[bad & (sae == s)]
+            what = f"{len(rows)} of {int((conv.notna() & (sae == s)).sum())} results in {name} not converged"
+            if "method" in df:
+                what += f" ({', '.join(sorted(rows['method'].astype(str).unique()))})"
+            if "rel_change_last10" in df:
+                what += f"; relative loss change over the last 10% of steps {pd.to_numeric(rows['rel_change_last10']).max():.3g}"
+            out.append((evaluation, str(s), what))
+    return out
+
+
 # ------------------------------------------------------------------------- rank correlations
 @dataclass(frozen=True)
 class Correlations:

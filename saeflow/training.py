@@ -364,6 +364,7 @@ def train_saes(
     on_log: Callable[[int, dict[str, Any]], None] | None = None,
     stop_after_steps: int | None = None,
     init_sample: torch.Tensor | None = None,
+    on_step: Callable[[int, int, BaseSAE], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train a family of SAEs from ONE pass over ``loader``; return one JSON-able summary per member.
 
@@ -404,6 +405,11 @@ def train_saes(
       also appended to its ``training_log.json``; ``tokens_per_s`` is the rate of the whole pass).
     - ``stop_after_steps``: return right after global step ``stop_after_steps`` as if killed there
       (no extra checkpoint, no final save); unfinished members' summaries have ``completed=False``.
+    - ``on_step(i, steps_done, sae)`` for member ``i`` after each of its optimiser steps, and with
+      ``steps_done=0`` before the first step of a member that starts from scratch (after its
+      ``b_dec`` initialisation): e.g. to evaluate the SAE at chosen steps. It must not change the
+      SAE (use ``torch.no_grad()``); the weights are in the normalised space of a member that
+      normalises. A resumed member's steps before its checkpoint are not replayed.
 
     Raises :class:`NonFiniteError` (naming the step and the member's folder),
     :class:`CheckpointError`, ``ValueError`` for bad arguments, all before any member's finished
@@ -492,6 +498,8 @@ def train_saes(
     for m in active:
         m.sae.train()
         m.last_log_time, m.last_log_step = time.perf_counter(), m.step
+        if on_step is not None and m.ckpt is None:
+            on_step(m.index, 0, m.sae)
 
     while step < total_steps:
         if stop_after_steps is not None and step >= stop_after_steps:
@@ -514,6 +522,8 @@ def train_saes(
             if m.scale not in scaled:
                 scaled[m.scale] = raw * m.scale if m.scale is not None else raw
             out = m.train_step(scaled[m.scale], step, lr, train_cfg, check_every_step)
+            if on_step is not None:
+                on_step(m.index, m.step, m.sae)
             if is_log or is_ckpt or is_last:
                 m.raise_if_nonfinite()
             if is_log:
@@ -544,6 +554,7 @@ def train_sae(
     stop_after_steps: int | None = None,
     cfg_extra: dict[str, Any] | None = None,
     init_sample: torch.Tensor | None = None,
+    on_step: Callable[[int, BaseSAE], None] | None = None,
 ) -> dict[str, Any]:
     """Train one SAE (a one-member :func:`train_saes`), resuming from ``out_dir/checkpoint``; return a summary.
 
@@ -565,6 +576,7 @@ def train_sae(
       had been killed there (no extra checkpoint, no final save); the summary has
       ``completed=False``.
     - ``init_sample``: raw activation rows for a data-dependent ``b_dec`` (see :func:`train_saes`).
+    - ``on_step(steps_done, sae)`` after each optimiser step and before the first (see :func:`train_saes`).
     - ``cfg_extra`` goes into the saved ``cfg.json`` metadata (e.g. ``model_name``, ``hook_name``).
     - a finished ``out_dir`` (see :data:`DONE_FILE`) is not trained again: its stored summary is
       returned with ``already_complete=True``.
@@ -576,4 +588,5 @@ def train_sae(
         raise ValueError("scaling_factor was given but sae.normalize_activations is 'none'; pass scaling_factor=None")
     return train_saes([(sae_cfg, Path(out_dir), cfg_extra)], train_cfg, loader, d_in, device,
                       scaling_factor=scaling_factor, on_log=(lambda _i, d: on_log(d)) if on_log is not None else None,
-                      stop_after_steps=stop_after_steps, init_sample=init_sample)[0]
+                      stop_after_steps=stop_after_steps, init_sample=init_sample,
+                      on_step=(lambda _i, n, sae: on_step(n, sae)) if on_step is not None else None)[0]

@@ -4,7 +4,8 @@ the stage graph in :mod:`flows.evals.meta_sae`).
 Per SAE of the family (plus imported ones):
 
 - ``meta_sae`` (:func:`meta_train_task`): a BatchTopK meta-SAE trained on the SAE's unit decoder
-  rows (:func:`saeflow.evals.meta_sae.train_meta_sae`, resumable), its decoder variance explained
+  rows (:func:`saeflow.evals.meta_sae.train_meta_sae`, resumable; its convergence check in
+  ``convergence.json`` and ``metrics.json``, a warning when it did not converge), its decoder variance explained
   and MSE (SAEBench's batch-level top-k forward), each latent's meta-latent decomposition
   (``decomposition.parquet``), meta-latent cluster sizes and the 2x2 max-cosine distributions.
   Depends only on that SAE, so adding an SAE to the family trains one more meta-SAE.
@@ -34,6 +35,7 @@ from saeflow.artifacts import ArtifactRef, artifact_ref, begin, fingerprint, mar
 from saeflow.device import pick_device
 from saeflow.evals.common import SAEInfo, package_modules, read_row_blocks, read_sae_info, sample_store_rows
 from saeflow.evals.meta_sae import (
+    CONVERGENCE_FIELDS,
     EXAMPLES_TEMPLATE,
     MetaSAEConfig,
     MetaSAEInputError,
@@ -61,12 +63,13 @@ SAE_STAGE = "meta_sae-sae"
 EXAMPLES_STAGE = "meta_sae-examples"
 RESULTS_STAGE = "meta_sae-results"
 META_DIR = "meta_sae"  # the trained meta-SAE (SAELens layout) inside the meta_sae artifact
+CONVERGENCE_FILE = "convergence.json"  # the training's convergence check and loss trajectory, beside it
 PREFIX = "meta_sae_"
 
 #: Config fields the trained meta-SAE and its per-SAE outputs depend on (the others only change the
 #: cross-size check, the example page or logging, so changing them does not retrain).
 TRAIN_FIELDS = ("seed", "width_ratio", "k", "train_steps", "batch_size", "lr", "dead_feature_window",
-                "eval_batch_size", "decomposition_top")
+                "convergence_tol", "eval_batch_size", "decomposition_top")
 CROSS_FIELDS = ("cross_size_k", "cross_size_threshold")
 #: Bumped when the example page's content changes (it is part of the page's fingerprint; 3: rendered
 #: from a Jinja2 template, autoescaped).
@@ -134,9 +137,15 @@ def meta_train_task(out: ArtifactRef, sae: ArtifactRef, cfg: MetaSAEConfig, root
     np.save(out.dir / "cluster_sizes.npy", sizes)
     np.savez(out.dir / "max_cosines.npz", **{k.replace("->", "_to_"): v for k, v in mc.items()})
     (out.dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    (out.dir / CONVERGENCE_FILE).write_text(json.dumps(summary["convergence"], indent=2, sort_keys=True))
     mark_complete(out, sae=label, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     logger.info("meta-SAE of %s: FVE %.4f (threshold %.4f), MSE %.3g, width %d, %.1f s", label, metrics["fve"],
                 metrics["fve_threshold"], metrics["mse"], meta.d_sae, metrics["train_time_s"])
+    if not metrics["converged"]:
+        logger.warning("meta-SAE of %s did not converge: its full-decoder MSE changed by %.3g (relative) over the last "
+                       "10%% of its %d steps (%.4g -> %.4g; tolerance %g): raise meta_sae.train_steps", label,
+                       metrics["rel_change_last10"], steps, metrics["loss_at_90pct"], metrics["final_loss"],
+                       cfg.convergence_tol)
 
 
 # ------------------------------------------------------------------------- meta_sae-sae (summary)
@@ -152,8 +161,10 @@ def meta_sae_summary_task(out: ArtifactRef, sae: ArtifactRef, meta: ArtifactRef,
     dev = pick_device(device)
     info = sae_info(sae)
     metrics = json.loads((require_complete(meta) / "metrics.json").read_text())
-    summary: dict[str, float] = {PREFIX + k: float(metrics[k]) for k in (
-        "fve", "mse", "width", "mean_latents_per_meta", "l0", "fve_threshold", "frac_meta_unused", "train_time_s")}
+    summary: dict[str, float | bool] = {PREFIX + k: float(metrics[k]) for k in (
+        "fve", "mse", "width", "mean_latents_per_meta", "l0", "fve_threshold", "frac_meta_unused", "train_time_s",
+        "rel_change_last10")}
+    summary[PREFIX + "converged"] = bool(metrics["converged"])
     rows, cos_by_pair = [], {}
     if smaller:
         Y = _unit_decoder(load_sae(require_complete(sae)), sae.dir).to(dev)
@@ -257,7 +268,8 @@ def results_task(out: ArtifactRef, saes: list[ArtifactRef], trains: list[Artifac
                      "width": info.width, "meta_width": m["width"],
                      **{k: m[k] for k in ("fve", "mse", "l0", "fve_threshold", "mean_latents_per_meta",
                                           "max_latents_per_meta", "frac_meta_unused", "mean_recon_cos",
-                                          "mean_max_cos_base_to_base", "mean_max_cos_base_to_meta", "train_time_s")},
+                                          "mean_max_cos_base_to_base", "mean_max_cos_base_to_meta", "train_time_s",
+                                          *CONVERGENCE_FIELDS)},
                      "cross_size_fraction": summ.get(PREFIX + "cross_size_fraction")})
     table = pd.DataFrame(rows)
     frames = [f for f in (pd.read_parquet(ps.dir / "cross_size.parquet") for ps in per_sae) if len(f)]

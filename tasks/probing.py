@@ -11,7 +11,12 @@ the computations are in :mod:`saeflow.evals.probing`.
 - ``probing-sae`` (one per SAE): the SAE's top-k probes; each dataset is encoded once and every
   regime indexes the encoded rows; ``summary.json`` holds the SAE's ``probing_*`` columns.
 - ``probing-results``: the long table with both quivers, the per-regime summary (the paper's Fig. 1),
-  the quiver's picks and the AUC plots.
+  the quiver's picks, the solver fits that did not converge per method and SAE (``probing_convergence``)
+  and the AUC plots.
+
+The baseline and SAE stages log a warning naming how many solver fits did not converge (logistic
+regression or MLP at ``max_iter`` or with a ``ConvergenceWarning``); the ``converged`` column of the
+long table marks each result.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from saeflow.tables import write_table
 from tasks.common import Progress, code_version, publish_markdown, stage_logger, stage_task
 
 STAGE_ACTS, STAGE_BASE, STAGE_SAE, STAGE_RESULTS = "probing-acts", "probing-baselines", "probing-sae", "probing-results"
-TABLE, SUMMARY, PICKS = "probing_results", "probing_summary", "probing_quiver_picks"
+TABLE, SUMMARY, PICKS, CONVERGENCE = "probing_results", "probing_summary", "probing_quiver_picks", "probing_convergence"
 
 
 def _code() -> str:
@@ -143,6 +148,15 @@ def baselines_task(out: ArtifactRef, acts: dict[str, ArtifactRef], ood: dict[str
     df = _run_datasets(out, P.baseline_rows, specs, cfg.n_jobs, "probing baselines")
     df.to_parquet(out.dir / "rows.parquet", index=False)
     mark_complete(out, rows=len(df), skipped=int(df["skipped"].notna().sum()), seconds=time.perf_counter() - t0)
+    _warn_not_converged(df, "probing baselines")
+
+
+def _warn_not_converged(df: pd.DataFrame, what: str) -> None:
+    """A log warning when some of ``df``'s solver fits did not converge (:func:`saeflow.evals.probing.not_converged_note`)."""
+    note = P.not_converged_note(df)
+    if note:
+        stage_logger().warning("%s: %s; the results are kept as they are (see the converged column of %s)", what, note,
+                               TABLE)
 
 
 # ---------------------------------------------------------------------------------- SAE probes
@@ -176,6 +190,7 @@ def sae_task(out: ArtifactRef, sae: ArtifactRef, acts: dict[str, ArtifactRef], o
     (out.dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     mark_complete(out, rows=len(df), sae=name, seconds=time.perf_counter() - t0)
     stage_logger().info("probing SAE %s: %s", name, json.dumps({k: round(v, 4) for k, v in summary.items()}))
+    _warn_not_converged(df, f"probing SAE {name}")
 
 
 # ---------------------------------------------------------------------------------- results
@@ -197,7 +212,9 @@ def results_task(out: ArtifactRef, baselines: ArtifactRef, saes: list[ArtifactRe
     paths = write_table(df, out.dir, TABLE)
     paths += write_table(summary, out.dir, SUMMARY)
     paths += write_table(P.picks_table(df), out.dir, PICKS)
+    paths += write_table(P.convergence_table(df), out.dir, CONVERGENCE)
     paths += P.plot_regimes(df, cfg.regimes, names, cfg.quiver_ks, out.dir)
     mark_complete(out, rows=len(df), skipped=int(df["skipped"].notna().sum()), files=[str(p) for p in paths])
     publish_markdown("probing-summary", summary.to_markdown(index=False, floatfmt=".4f"), "Sparse probing: mean test AUC per regime")
     stage_logger().info("probing summary:\n%s", summary.to_markdown(index=False, floatfmt=".4f"))
+    _warn_not_converged(df, "probing (all probes)")

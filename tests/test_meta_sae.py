@@ -81,6 +81,25 @@ def test_meta_sae_recovers_planted_atoms(tmp_path, one_thread):
     assert sizes.sum() == dec["n_active"].sum() == len(dec["pairs"])
 
 
+def test_convergence_check_of_the_meta_sae_training(tmp_path, one_thread):
+    """The full-decoder MSE at 90% of the steps against the end: 5 steps on planted data have not
+    converged, 1000 have (the MSE still falls, by ~0.3% over the last 100 steps, under the 1% tolerance)."""
+    D, _, _ = planted_decoder(noise=0.1)
+    U = unit_rows(D)
+    for steps, expected in ((5, False), (1000, True)):
+        cfg = MetaSAEConfig(**{**PLANTED_CFG, "train_steps": steps})
+        meta, summary = train_meta_sae(D, cfg, tmp_path / str(steps))
+        c = summary["convergence"]
+        assert c["converged"] is expected, c
+        assert c["step_90pct"] == (9 * steps) // 10 and [p["step"] for p in c["trajectory"]][-2:] == [c["step_90pct"], steps]
+        assert c["final_loss"] == pytest.approx(decoder_variance_explained(meta, U, cfg.eval_batch_size)["mse"], rel=1e-5)
+        assert c["rel_change_last10"] == pytest.approx(abs(c["loss_at_90pct"] - c["final_loss"]) / c["final_loss"])
+        assert (c["rel_change_last10"] < cfg.convergence_tol) is expected
+    # the tolerance is the config's: the same 1000 steps fail a tolerance below their relative change
+    strict = MetaSAEConfig(**{**PLANTED_CFG, "train_steps": 1000, "convergence_tol": c["rel_change_last10"] / 2})
+    assert train_meta_sae(D, strict, tmp_path / "strict")[1]["convergence"]["converged"] is False
+
+
 def test_finished_meta_sae_is_not_retrained_and_resume_is_exact(tmp_path, one_thread):
     D, _, _ = planted_decoder(n=256)
     cfg = MetaSAEConfig(width_ratio=0.125, k=4, train_steps=40, batch_size=64, lr=1e-3, checkpoint_every=10)
@@ -99,6 +118,11 @@ def test_finished_meta_sae_is_not_retrained_and_resume_is_exact(tmp_path, one_th
     resumed, s3 = train_meta_sae(D, cfg, tmp_path / "b")
     assert s3["resumed_from_step"] == 20
     assert torch.equal(full.W_dec, resumed.W_dec) and torch.equal(full.W_enc, resumed.W_enc)
+    # the convergence check survives: read back when finished, the same when resumed
+    check = {k: v for k, v in s1["convergence"].items() if k != "trajectory"}
+    assert s2["convergence"] == s1["convergence"]
+    assert {k: v for k, v in s3["convergence"].items() if k != "trajectory"} == check
+    assert s3["convergence"]["trajectory"] == [p for p in s1["convergence"]["trajectory"] if p["step"] > 20]
 
 
 def test_row_sampler_draws_with_replacement_and_replays():
@@ -292,6 +316,12 @@ def test_meta_sae_through_the_pipeline(tmp_path, one_thread):
     assert len(dec) == 128 and len(per) == 2
     summary = json.loads((Path(per[1].path) / "summary.json").read_text())
     assert all(k.startswith("meta_sae_") for k in summary)
+    # the convergence check: in the artifact, the per-SAE columns and the meta_sae table
+    conv = json.loads((Path(out.refs.evals["meta_sae"].refs[1].path) / "convergence.json").read_text())
+    assert conv["steps"] == 30 and conv["step_90pct"] == 27 and isinstance(conv["converged"], bool)
+    assert table["meta_sae_converged"].dtype == bool and table["meta_sae_rel_change_last10"].notna().all()
+    meta_table = pd.read_parquet(results / "meta_sae" / "meta_sae.parquet")
+    assert {"final_loss", "loss_at_90pct", "rel_change_last10", "converged"} <= set(meta_table)
     # a re-run is fully cached
     again = fp.pipeline(cfg, str(tmp_path))
     assert again.cached["meta_sae"] is True

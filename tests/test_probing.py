@@ -261,6 +261,50 @@ def test_other_baselines_match_reference(ref_train):
         assert abs(t.test_auc - o["test_auc"]) < 1e-6, method
 
 
+# --------------------------------------------------------------------------------- convergence
+def test_solver_convergence_is_recorded(monkeypatch, tmp_path):
+    """A logistic regression held to one iteration has not converged (recorded, not shown as a
+    warning); at the reference's max_iter the same fits converge; KNN has no solver."""
+    import warnings
+
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(4)
+    y = _balanced(300)
+    X = rng.standard_normal((300, 8)).astype(np.float32)
+    X[:, 0] += y
+    sp = P.make_split("scarcity", 74, y)
+    args = (X[sp.train], sp.y_train, X[sp.test], sp.y_test)
+    log = P.FitLog()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the ConvergenceWarning is caught by FitLog, not raised
+        log.fit(LogisticRegression(max_iter=1), X[sp.train], sp.y_train)
+    assert log.columns() == {"converged": False, "n_iter": 1, "n_fits": 1, "n_fits_not_converged": 1}
+    ok = P.fit_logreg(*args)
+    assert ok["converged"] is True and ok["n_fits"] == 10 * 6 + 1 and 1 <= ok["n_iter"] < P.MAX_ITER
+    assert P.fit_baseline("knn", *args).get("converged") is None
+    monkeypatch.setattr(P.probes, "MAX_ITER", 1)
+    for method in ("logreg", "pca", "mlp"):
+        m = P.fit_baseline(method, *args)
+        assert m["converged"] is False and m["n_iter"] == 1 and m["n_fits_not_converged"] == m["n_fits"] > 1, method
+        assert m["test_auc"] == m["test_auc"]  # still reported (NaN only when skipped)
+    # the rows, the per-SAE summary and the convergence table carry it
+    acts = _write_acts(tmp_path / "acts", X, y)
+    spec = P.RunSpec("d", str(acts), None, ("scarcity",), {"scarcity": [74]}, methods=("logreg", "knn"))
+    df = P.results_table([P.baseline_rows(spec)], {}, [16], ["logreg", "knn"])
+    row = df.set_index("method")
+    assert row.loc["logreg", "converged"] == False and pd.isna(row.loc["knn", "converged"])  # noqa: E712
+    assert pd.isna(row.loc[P.QUIVER, "converged"]) and df["converged"].dtype == "boolean"
+    table = P.convergence_table(df)
+    assert table.to_dict("records") == [{"method": "logreg", "sae": None, "results": 1, "results_not_converged": 1,
+                                         "fits": 61, "fits_not_converged": 61, "max_n_iter": 1}]
+    assert P.not_converged_note(df).startswith("61 of 61 solver fits did not converge")
+    sae_rows = df.assign(method=P.SAE_METHOD, sae="s", k=16)
+    assert P.sae_summary(sae_rows)["probing_n_fits_not_converged"] == 61.0
+    monkeypatch.setattr(P.probes, "MAX_ITER", 1000)
+    assert P.not_converged_note(P.results_table([P.baseline_rows(spec)], {}, [16], ["logreg", "knn"])) is None
+
+
 # --------------------------------------------------------------------------------- end to end
 def test_probing_pipeline_on_tiny_model(tmp_path):
     import flows.pipeline as fp
@@ -287,5 +331,15 @@ def test_probing_pipeline_on_tiny_model(tmp_path):
     table = pd.read_parquet(res / "core_metrics.parquet")
     assert table["probing_normal_k16_auc"].between(0, 1).all() and "probing_normal_auc" in table
     assert len(out.refs.evals["probing"].per_sae) == 2
+    # the convergence of every solver fit: per row, per SAE (core table) and per (method, SAE)
+    ran = df[df["skipped"].isna()]
+    fitted = ran["method"].isin(["logreg", "sae"])
+    assert ran.loc[fitted, "n_fits"].gt(0).all() and ran.loc[fitted, "converged"].notna().all()
+    assert ran.loc[~fitted, ["converged", "n_fits"]].isna().all().all()  # knn and the quivers: no solver
+    conv = pd.read_parquet(res / "probing" / "probing_convergence.parquet")
+    assert set(conv["method"]) == {"logreg", "sae"}
+    for name, n in zip(table["sae"], table["probing_n_fits_not_converged"]):
+        assert n == ran.loc[ran["sae"] == name, "n_fits_not_converged"].sum()
+        assert n == conv.loc[conv["sae"] == name, "fits_not_converged"].sum()
     again = fp.pipeline(cfg, str(tmp_path))
     assert again.cached["probing"] is True

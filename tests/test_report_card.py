@@ -299,3 +299,35 @@ def test_first_screen_in_headless_chromium(tmp_path):
     assert (rgb.max(axis=1) < 0.3).mean() > 0.001  # text
     green = (rgb[:, 1] > rgb[:, 0] + 0.1) & (rgb[:, 1] > rgb[:, 2] + 0.1)  # the card's best cells
     assert green.sum() > 500, green.sum()
+
+
+def test_optimisations_not_converged_are_a_warning_at_the_top(tmp_path):
+    """A ``converged`` column that is false in an evaluation's table puts (evaluation, SAE, what) in a
+    warning above the card, in both report files; none when everything converged."""
+    d = synthetic_run(tmp_path)
+    ms, pr = d / "meta_sae", d / "probing"
+    meta = pd.read_parquet(ms / "meta_sae.parquet")
+    write_table(meta.assign(converged=True, rel_change_last10=0.001), ms, "meta_sae")
+    rows = pd.read_parquet(pr / "probing_results.parquet").assign(converged=True)
+    baselines = pd.DataFrame({"dataset": "d1", "regime": "normal", "method": ["logreg", "knn", "quiver"], "sae": None,
+                              "converged": pd.array([True, None, None], dtype="boolean")})
+    write_table(pd.concat([rows, baselines], ignore_index=True), pr, "probing_results")
+    assert report_page(d, CONFIG, {}, vers={"python": "3"}).not_converged == []
+    html, md = build_report(d, CONFIG)
+    assert "Not converged" not in html.read_text() and "not converged" not in md.read_text()
+
+    write_table(meta.assign(converged=[True, False, True, True], rel_change_last10=[0.001, 0.05, 0.002, 0.003]), ms,
+                "meta_sae")
+    baselines["converged"] = pd.array([False, None, None], dtype="boolean")
+    write_table(pd.concat([rows.assign(converged=[True, False, True, True]), baselines], ignore_index=True), pr,
+                "probing_results")
+    expected = [("meta_sae", NAMES[1], "1 of 1 results in meta_sae not converged; relative loss change over the last "
+                                       "10% of steps 0.05"),
+                ("probing", NAMES[1], "1 of 1 results in probing_results not converged (sae)"),
+                ("probing", "baselines", "1 of 1 results in probing_results not converged (logreg)")]
+    assert report_page(d, CONFIG, {}, vers={"python": "3"}).not_converged == expected
+    html, md = build_report(d, CONFIG)
+    text, md_text = html.read_text(), md.read_text()
+    assert "Not converged" in text and text.index("not-converged") < text.index("id='card'")
+    assert all(f"<li>{e}, {s}: {w}</li>" in text for e, s, w in expected)
+    assert "**Warning: not converged.**" in md_text and "> - probing, baselines: 1 of 1 results in probing_results" in md_text

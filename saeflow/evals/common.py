@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pkgutil
 from dataclasses import dataclass
 from importlib import import_module
@@ -111,6 +112,27 @@ def read_row_blocks(store: ActivationStore, blocks: list[tuple[int, int]]) -> tu
     xs = [store.read(a, b) for a, b in blocks]
     meta = {name: np.concatenate([store.read_rows(name, a, b) for a, b in blocks]) for name in ROW_META}
     return np.concatenate(xs), meta
+
+
+# ------------------------------------------------------------------------ convergence records
+def step_at_90pct(total_steps: int) -> int:
+    """The step after which 90% of ``total_steps`` optimiser steps are done: ``floor(0.9 * total)``
+    (0 for a single step: the convergence check then compares the initial and the final loss)."""
+    return (9 * int(total_steps)) // 10
+
+
+def convergence_record(loss_at_90pct: float, final_loss: float, tol: float, eps: float = 1e-12) -> dict[str, Any]:
+    """The convergence check of an optimisation inside an evaluation (issue #25).
+
+    ``rel_change_last10 = |L(90%) - L(end)| / max(|L(end)|, eps)``: the relative change of the loss
+    over the last 10% of the steps; ``converged`` when it is below ``tol`` (``False`` when either
+    loss is not finite). Returns ``final_loss``, ``loss_at_90pct``, ``rel_change_last10``,
+    ``converged`` and ``convergence_tol``, the fields an evaluation stores in its artifact.
+    """
+    a, b = float(loss_at_90pct), float(final_loss)
+    rel = abs(a - b) / max(abs(b), eps) if math.isfinite(a) and math.isfinite(b) else float("nan")
+    return {"final_loss": b, "loss_at_90pct": a, "rel_change_last10": rel,
+            "converged": bool(math.isfinite(rel) and rel < tol), "convergence_tol": float(tol)}
 
 
 # ------------------------------------------------------------------------ absorption and probing

@@ -12,7 +12,8 @@ What this package computes (pure torch / numpy, no Prefect):
 - :class:`RowSampler`: a resumable :class:`~saeflow.training.BatchLoader` over an in-memory matrix
   (uniform draws with replacement, ``torch.randint`` from a seeded generator). Generic: any
   evaluation can train an SAE on a matrix it holds in memory with it.
-- :func:`unit_rows` (input checks), :func:`meta_width`, :func:`train_meta_sae`.
+- :func:`unit_rows` (input checks), :func:`meta_width`, :func:`train_meta_sae` (with its
+  convergence check: the full-decoder reconstruction MSE at 90% of the steps against the end).
 - :func:`decoder_variance_explained`: ``1 - sum ||d - d_hat||^2 / sum ||d - mean(d)||^2`` with the
   batch-level top-k forward in consecutive batches of ``eval_batch_size`` rows (SAEBench's metric,
   which depends on the batching), or with the saved JumpReLU threshold (per row).
@@ -28,7 +29,8 @@ What this package computes (pure torch / numpy, no Prefect):
   sampled by :func:`saeflow.evals.common.sample_store_rows`; rendered from a Jinja2 template.
 - ``plots``: cluster sizes, cross-size cosines, max cosines.
 
-Modules: ``config`` (:class:`MetaSAEConfig`), ``training``, ``analysis``, ``examples``, ``plots``.
+Modules: ``config`` (:class:`MetaSAEConfig`), ``training`` (with :func:`decoder_variance_explained`,
+the loss the training's convergence check reads), ``analysis``, ``examples``, ``plots``.
 The public names below are importable from this package; they are imported on first use, so
 :mod:`saeflow.config` can import the config module without the torch-side code.
 """
@@ -40,9 +42,10 @@ from saeflow.evals import lazy_exports
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "config": ("MetaSAEConfig",),
     "training": ("MetaSAEInputError", "RowSampler", "unit_rows", "meta_width", "meta_sae_config",
-                 "meta_train_config", "train_meta_sae"),
-    "analysis": ("decoder_variance_explained", "decompose", "cluster_sizes", "max_cosines", "sparse_code",
-                 "evaluate_meta_sae", "cross_size"),
+                 "meta_train_config", "decoder_variance_explained", "TRAJECTORY_FILE", "trajectory_steps",
+                 "train_meta_sae"),
+    "analysis": ("decompose", "cluster_sizes", "max_cosines", "sparse_code",
+                 "evaluate_meta_sae", "cross_size", "CONVERGENCE_FIELDS"),
     "examples": ("EXAMPLES_TEMPLATE", "Snippet", "Member", "MetaExample", "LatentExample", "ExamplesPage",
                  "top_rows", "snippet", "choose_latents", "example_page", "render_examples_page",
                  "examples_json"),

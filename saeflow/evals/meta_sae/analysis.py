@@ -1,5 +1,7 @@
-"""What a trained meta-SAE says about its base SAE: decoder variance explained, decompositions,
-cluster sizes, max cosines, and the cross-size sparse coding (:mod:`saeflow.evals.meta_sae`)."""
+"""What a trained meta-SAE says about its base SAE: decoder variance explained (measured by
+:func:`~saeflow.evals.meta_sae.training.decoder_variance_explained`, which the training's
+convergence check also uses), decompositions, cluster sizes, max cosines, and the cross-size sparse
+coding (:mod:`saeflow.evals.meta_sae`)."""
 
 from __future__ import annotations
 
@@ -11,41 +13,14 @@ import torch
 
 from saeflow.cosine import max_cosine, unit_rows
 from saeflow.evals.meta_sae.config import MetaSAEConfig
-from saeflow.evals.meta_sae.training import MetaSAEInputError
+from saeflow.evals.meta_sae.training import MetaSAEInputError, decoder_variance_explained
 from saeflow.saes import BatchTopKSAE
 
-__all__ = ["decoder_variance_explained", "decompose", "cluster_sizes", "max_cosines", "sparse_code",
-           "evaluate_meta_sae", "cross_size"]
+__all__ = ["decompose", "cluster_sizes", "max_cosines", "sparse_code",
+           "evaluate_meta_sae", "cross_size", "CONVERGENCE_FIELDS"]
 
-
-@torch.no_grad()
-def decoder_variance_explained(meta: BatchTopKSAE, decoder: torch.Tensor, eval_batch_size: int = 4096,
-                               mode: str = "batch_topk") -> dict[str, float]:
-    """Fraction of decoder variance explained and MSE (SAEBench ``meta_structure`` metrics).
-
-    ``fve = 1 - sum ||d - d_hat||^2 / sum ||d - mean(d)||^2`` over all rows (``mean`` over all
-    rows), ``mse = sum ||d - d_hat||^2 / numel``. ``mode="batch_topk"``: ``d_hat`` from the
-    training activation (keep the ``k * rows`` largest activations of each consecutive batch of
-    ``eval_batch_size`` rows, as SAEBench); ``"threshold"``: the saved JumpReLU form (per row).
-    Also returns ``l0`` (mean active meta-latents per row).
-    """
-    if mode not in ("batch_topk", "threshold"):
-        raise ValueError(f"mode must be 'batch_topk' or 'threshold', got {mode!r}")
-    dev = meta.device
-    D = decoder.to(dev, torch.float32)
-    mean = D.mean(dim=0, keepdim=True)
-    resid = total = 0.0
-    active = 0
-    for s in range(0, D.shape[0], eval_batch_size):
-        b = D[s:s + eval_batch_size]
-        f = meta.encode_batch_topk(b) if mode == "batch_topk" else meta.encode(b)
-        rec = meta.decode(f)
-        resid += float((b - rec).double().pow(2).sum())
-        total += float((b - mean).double().pow(2).sum())
-        active += int((f > 0).sum())
-    mse = resid / D.numel()
-    fve = 0.0 if total == 0 else 1.0 - resid / total
-    return {"fve": fve, "mse": mse, "l0": active / D.shape[0]}
+#: The convergence check's fields in ``metrics.json`` (from :func:`~saeflow.evals.meta_sae.train_meta_sae`).
+CONVERGENCE_FIELDS = ("final_loss", "loss_at_90pct", "rel_change_last10", "converged")
 
 
 @torch.no_grad()
@@ -150,7 +125,8 @@ def evaluate_meta_sae(meta: BatchTopKSAE, decoder: torch.Tensor, cfg: MetaSAECon
 
     Returns ``(metrics, decomposition, cluster_sizes, max_cosines)``: the ``metrics.json`` numbers
     (FVE / MSE / L0 with the batch-level top-k forward and with threshold inference, widths,
-    cluster-size statistics, mean reconstruction cosine, training time and dead meta-latents from
+    cluster-size statistics, mean reconstruction cosine, training time, dead meta-latents and the
+    convergence check (``final_loss``, ``loss_at_90pct``, ``rel_change_last10``, ``converged``) from
     ``train_summary``, mean max cosines), the decomposition table (one row per latent: ``n_meta``,
     ``recon_cos``, ``meta_j`` / ``weight_j`` for the ``decomposition_top`` largest weights), the
     cluster sizes per meta-latent and the 2x2 max-cosine distributions.
@@ -176,6 +152,7 @@ def evaluate_meta_sae(meta: BatchTopKSAE, decoder: torch.Tensor, cfg: MetaSAECon
         "mean_recon_cos": float(np.mean(dec["recon_cos"])),
         "train_time_s": float(train_summary["train_time_seconds"]),
         "n_dead_meta": int(train_summary.get("n_dead", 0)),
+        **{k: train_summary["convergence"][k] for k in CONVERGENCE_FIELDS},
         "mean_max_cos_base_to_base": float(mc["base->base"].mean()),
         "mean_max_cos_base_to_meta": float(mc["base->meta"].mean()),
     }

@@ -35,6 +35,12 @@ class MetaSAEConfig(Frozen):
     dead_feature_window: int = Field(2000, ge=1)
     """A meta-latent is dead (feeds the TopK aux loss) after this many steps without firing."""
 
+    convergence_tol: float = Field(0.01, gt=0.0)
+    """Convergence check of the meta-SAE training: converged when the full-decoder reconstruction
+    MSE (the ``mse`` metric, deterministic) changes by less than this fraction between 90% of
+    ``train_steps`` and the end (``rel_change_last10``; a run that is not converged is reported,
+    not retrained)."""
+
     eval_batch_size: int = Field(4096, ge=1)
     """Rows per batch when measuring decoder variance explained with the batch-level top-k forward
     (SAEBench ``eval_batch_size``; the metric depends on it)."""

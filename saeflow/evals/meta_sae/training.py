@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -11,14 +12,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from saeflow.artifacts import write_json_atomic
 from saeflow.config import TrainConfig
-from saeflow.evals.common import EvalInputError
+from saeflow.evals.common import EvalInputError, convergence_record, step_at_90pct
 from saeflow.evals.meta_sae.config import MetaSAEConfig
 from saeflow.saes import BatchTopKSAE, SAEConfig, load_sae
 from saeflow.training import train_sae
 
 __all__ = ["MetaSAEInputError", "RowSampler", "unit_rows", "meta_width", "meta_sae_config", "meta_train_config",
-           "train_meta_sae"]
+           "decoder_variance_explained", "TRAJECTORY_FILE", "trajectory_steps", "train_meta_sae"]
+
+#: The loss trajectory of a meta-SAE training run, in its folder (:func:`train_meta_sae`).
+TRAJECTORY_FILE = "loss_trajectory.json"
 
 
 class MetaSAEInputError(EvalInputError):
@@ -128,6 +133,42 @@ def meta_train_config(cfg: MetaSAEConfig) -> TrainConfig:
                        checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every)
 
 
+@torch.no_grad()
+def decoder_variance_explained(meta: BatchTopKSAE, decoder: torch.Tensor, eval_batch_size: int = 4096,
+                               mode: str = "batch_topk") -> dict[str, float]:
+    """Fraction of decoder variance explained and MSE (SAEBench ``meta_structure`` metrics).
+
+    ``fve = 1 - sum ||d - d_hat||^2 / sum ||d - mean(d)||^2`` over all rows (``mean`` over all
+    rows), ``mse = sum ||d - d_hat||^2 / numel``. ``mode="batch_topk"``: ``d_hat`` from the
+    training activation (keep the ``k * rows`` largest activations of each consecutive batch of
+    ``eval_batch_size`` rows, as SAEBench); ``"threshold"``: the saved JumpReLU form (per row).
+    Also returns ``l0`` (mean active meta-latents per row).
+    """
+    if mode not in ("batch_topk", "threshold"):
+        raise ValueError(f"mode must be 'batch_topk' or 'threshold', got {mode!r}")
+    dev = meta.device
+    D = decoder.to(dev, torch.float32)
+    mean = D.mean(dim=0, keepdim=True)
+    resid = total = 0.0
+    active = 0
+    for s in range(0, D.shape[0], eval_batch_size):
+        b = D[s:s + eval_batch_size]
+        f = meta.encode_batch_topk(b) if mode == "batch_topk" else meta.encode(b)
+        rec = meta.decode(f)
+        resid += float((b - rec).double().pow(2).sum())
+        total += float((b - mean).double().pow(2).sum())
+        active += int((f > 0).sum())
+    mse = resid / D.numel()
+    fve = 0.0 if total == 0 else 1.0 - resid / total
+    return {"fve": fve, "mse": mse, "l0": active / D.shape[0]}
+
+
+def trajectory_steps(total_steps: int) -> list[int]:
+    """Steps at which the loss trajectory is measured: every 10% of ``total_steps`` (0 and the end
+    included) and :func:`~saeflow.evals.common.step_at_90pct`."""
+    return sorted({(j * total_steps) // 10 for j in range(11)} | {step_at_90pct(total_steps)})
+
+
 def train_meta_sae(decoder: torch.Tensor | np.ndarray, cfg: MetaSAEConfig, out_dir: str | Path,
                    device: str | torch.device = "cpu",
                    on_log: Callable[[dict[str, Any]], None] | None = None) -> tuple[BatchTopKSAE, dict[str, Any]]:
@@ -136,16 +177,43 @@ def train_meta_sae(decoder: torch.Tensor | np.ndarray, cfg: MetaSAEConfig, out_d
     Resumable (``out_dir/checkpoint``) and idempotent (a finished ``out_dir`` is loaded, not
     retrained). Returns the trained SAE (loaded back from ``out_dir``, decoder rows of unit norm,
     JumpReLU threshold = the moving BatchTopK threshold) and the trainer's summary with
-    ``train_time_seconds`` (the wall time of this call's training, 0 when it was already done).
+    ``train_time_seconds`` (the wall time of this call's training, 0 when it was already done) and
+    ``convergence`` (:func:`~saeflow.evals.common.convergence_record` with ``cfg.convergence_tol``,
+    plus ``step_90pct``, ``steps`` and the ``trajectory``).
+
+    The convergence check uses the loss the stage reports, not the per-step batch loss (noisy: each
+    batch is a random draw): the reconstruction MSE of ALL decoder rows with the batch-level top-k
+    forward in batches of ``cfg.eval_batch_size`` rows (:func:`decoder_variance_explained`),
+    which is deterministic. It is measured on the training model at :func:`trajectory_steps`
+    (every 10% of the steps) and kept in ``out_dir/loss_trajectory.json``, written before the next
+    checkpoint, so a resumed run keeps the points measured before the kill.
     """
     D = unit_rows(decoder)
     sae_cfg = meta_sae_config(D.shape[0], cfg)
     loader = RowSampler(D, cfg.batch_size, cfg.seed)
+    out_dir = Path(out_dir)
+    path = out_dir / TRAJECTORY_FILE
+    at = set(trajectory_steps(cfg.train_steps))
+    points = {int(p["step"]): float(p["mse"]) for p in json.loads(path.read_text())} if path.is_file() else {}
+    D_dev = D.to(device)
+
+    def on_step(step: int, sae: Any) -> None:
+        if step == 0:  # a run from scratch: points of an earlier (stale) run do not count
+            points.clear()
+        if step in at:
+            points[step] = decoder_variance_explained(sae, D_dev, cfg.eval_batch_size)["mse"]
+            write_json_atomic(path, [{"step": s, "mse": points[s]} for s in sorted(points)])
+
     t0 = time.perf_counter()
-    summary = train_sae(sae_cfg, meta_train_config(cfg), loader, D.shape[1], Path(out_dir), torch.device(device),
+    summary = train_sae(sae_cfg, meta_train_config(cfg), loader, D.shape[1], out_dir, torch.device(device),
                         scaling_factor=None, on_log=on_log,
-                        cfg_extra={"meta_sae_of_n_latents": int(D.shape[0])})
-    summary = {**summary, "train_time_seconds": 0.0 if summary.get("already_complete") else time.perf_counter() - t0}
+                        cfg_extra={"meta_sae_of_n_latents": int(D.shape[0])}, on_step=on_step)
+    s90, end = step_at_90pct(cfg.train_steps), cfg.train_steps
+    nan = float("nan")
+    convergence = {**convergence_record(points.get(s90, nan), points.get(end, nan), cfg.convergence_tol),
+                   "step_90pct": s90, "steps": end, "trajectory": [{"step": s, "mse": points[s]} for s in sorted(points)]}
+    summary = {**summary, "train_time_seconds": 0.0 if summary.get("already_complete") else time.perf_counter() - t0,
+               "convergence": convergence}
     meta = load_sae(out_dir, device=device)
     assert isinstance(meta, BatchTopKSAE)
     meta.eval()

@@ -18,13 +18,15 @@ run uses them:
 - **Probes** (SPEC 5.4, :mod:`.probes`): :func:`fit_logreg` (C grid, :func:`cv_splits`),
   :func:`fit_pca`, :func:`fit_knn`, :func:`fit_xgboost`, :func:`fit_mlp`; :func:`sae_probe` ranks
   latents by the (normalised) class-mean difference and runs :func:`fit_logreg` on the top-k.
+  :class:`FitLog` records whether their solver fits converged (``n_iter_`` below ``max_iter``, no
+  ``ConvergenceWarning``): the ``converged`` / ``n_iter`` / ``n_fits`` / ``n_fits_not_converged`` columns.
 - **Runners** (:mod:`.runners`): :func:`baseline_rows` / :func:`sae_rows` evaluate one dataset (all
   regimes and settings) from its activation folder; :func:`run_parallel` spreads datasets over
   processes.
 - **Quiver of arrows and summaries** (:mod:`.results`): :func:`quiver_pick` picks, per (dataset,
   regime, setting), the candidate with the highest validation AUC (ties go to SAE probes) and
   reports its test metrics; :func:`results_table`, :func:`regime_summary`, :func:`sae_summary`,
-  :func:`picks_table`, :func:`plot_regimes`.
+  :func:`picks_table`, :func:`convergence_table`, :func:`plot_regimes`.
 
 Every result is one row of the long table (:data:`ROW_COLUMNS`); a setting that cannot run is a row
 whose ``skipped`` column says why and whose metrics are NaN (never averaged, see
@@ -41,11 +43,13 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "splits": ("REGIMES", "SkipSetting", "Split", "corrupt_labels", "imbalance_fracs", "imbalance_sizes", "iter_splits",
                "make_split", "noise_fracs", "normal_num_train", "regime_settings", "scarcity_sizes", "skip_reason",
                "specify_split", "train_test_indices"),
-    "probes": ("BASELINE_METHODS", "C_GRID", "MLP_HIDDEN", "XGB_SPACE", "cv_splits", "fit_baseline", "fit_knn",
+    "probes": ("BASELINE_METHODS", "C_GRID", "CONVERGENCE_COLUMNS", "FitLog", "MAX_ITER", "MLP_HIDDEN", "XGB_SPACE",
+               "cv_splits", "fit_baseline", "fit_knn",
                "fit_logreg", "fit_mlp", "fit_pca", "fit_xgboost", "logreg", "mean_act_normalize", "rank_latents",
                "sae_probe"),
     "runners": ("ENCODE_BATCH", "QUIVER", "QUIVER_SAE", "ROW_COLUMNS", "SAE_METHOD", "RunSpec", "baseline_rows",
                 "run_parallel", "sae_rows"),
-    "results": ("PLOTS", "add_quivers", "clean_mean", "picks_table", "plot_regime", "plot_regimes", "quiver_pick",
-                "regime_summary", "results_table", "sae_label", "sae_summary"),
+    "results": ("PLOTS", "add_quivers", "clean_mean", "convergence_table", "not_converged_note", "picks_table",
+                "plot_regime", "plot_regimes", "quiver_pick", "regime_summary", "results_table", "sae_label",
+                "sae_summary"),
 })

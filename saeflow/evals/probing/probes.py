@@ -3,7 +3,10 @@
 :func:`fit_logreg` (C grid, :func:`cv_splits`), :func:`fit_pca`, :func:`fit_knn`,
 :func:`fit_xgboost`, :func:`fit_mlp`; :func:`sae_probe` ranks latents by the (normalised)
 class-mean difference and runs :func:`fit_logreg` on the top-k. Each returns validation AUC and
-test AUC / accuracy / weighted F1 (scikit-learn's metrics).
+test AUC / accuracy / weighted F1 (scikit-learn's metrics), and the convergence of its iterative
+solver fits (:class:`FitLog`: logistic regression's lbfgs / saga and the MLP's Adam, each capped at
+:data:`MAX_ITER` iterations). KNN has no optimisation and XGBoost runs a fixed number of boosting
+rounds (a searched hyperparameter, not a solver run to convergence): their ``converged`` is ``None``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,50 @@ from saeflow.evals.probing.splits import SkipSetting, skip_reason
 BASELINE_METHODS: tuple[str, ...] = ("logreg", "pca", "knn", "xgboost", "mlp")
 #: The reference's C grid (``np.logspace(5, -5, 10)``).
 C_GRID = np.logspace(5, -5, 10)
+#: ``max_iter`` of every logistic regression and MLP (the reference's); a fit that reaches it, or
+#: that scikit-learn warns about (``ConvergenceWarning``), has not converged.
+MAX_ITER = 1000
+#: The convergence columns a probe's metrics carry (:meth:`FitLog.columns`).
+CONVERGENCE_COLUMNS: tuple[str, ...] = ("converged", "n_iter", "n_fits", "n_fits_not_converged")
+
+
+class FitLog:
+    """The convergence of the iterative solver fits behind one probe result (issue #25).
+
+    :meth:`fit` fits an estimator with ``max_iter`` / ``n_iter_`` (logistic regression, MLP),
+    catching scikit-learn's ``ConvergenceWarning`` (recorded, not shown; other warnings are shown as
+    usual); a fit is not converged when it warned or reached ``max_iter``. Every fit counts (the
+    validation search's and the final one).
+    """
+
+    def __init__(self) -> None:
+        self.n_fits = self.n_not_converged = 0
+        self.n_iter: int | None = None
+
+    def fit(self, estimator, X: np.ndarray, y: np.ndarray):
+        from sklearn.exceptions import ConvergenceWarning
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            estimator.fit(X, y)
+        warned = False
+        for w in caught:
+            if issubclass(w.category, ConvergenceWarning):
+                warned = True
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        self.n_iter = int(np.max(estimator.n_iter_))
+        self.n_fits += 1
+        self.n_not_converged += int(warned or self.n_iter >= estimator.max_iter)
+        return estimator
+
+    def columns(self) -> dict[str, bool | int | None]:
+        """``converged`` (every fit converged), ``n_iter`` (iterations of the last fit: the final
+        model's), ``n_fits``, ``n_fits_not_converged``; ``None`` values when nothing was fitted."""
+        if not self.n_fits:
+            return dict.fromkeys(CONVERGENCE_COLUMNS)
+        return {"converged": self.n_not_converged == 0, "n_iter": self.n_iter, "n_fits": self.n_fits,
+                "n_fits_not_converged": self.n_not_converged}
 
 
 def cv_splits(y: np.ndarray, seed: int = 42) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -57,13 +104,13 @@ def _auc(y: np.ndarray, score: np.ndarray) -> float:
 
 
 def logreg(C: float = 1.0, penalty: str = "l2", seed: int = 42):
-    """The reference's estimator: L2 with lbfgs, or L1 with saga; ``max_iter=1000``."""
+    """The reference's estimator: L2 with lbfgs, or L1 with saga; ``max_iter`` = :data:`MAX_ITER`."""
     from sklearn.linear_model import LogisticRegression
 
     if penalty == "l1":
-        return LogisticRegression(C=C, l1_ratio=1.0, solver="saga", random_state=seed, max_iter=1000)
+        return LogisticRegression(C=C, l1_ratio=1.0, solver="saga", random_state=seed, max_iter=MAX_ITER)
     if penalty == "l2":
-        return LogisticRegression(C=C, random_state=seed, max_iter=1000)
+        return LogisticRegression(C=C, random_state=seed, max_iter=MAX_ITER)
     raise ProbingError(f"unknown penalty {penalty!r}: use l1 or l2")
 
 
@@ -75,6 +122,7 @@ def fit_logreg(X: np.ndarray, y: np.ndarray, X_test: np.ndarray, y_test: np.ndar
     shuffled by ``RandomState(seed)``.
     """
     best_C, val_auc = None, None
+    log = FitLog()
     if len(X) > 3:
         splits = cv_splits(y, seed)
         scores = []
@@ -84,16 +132,16 @@ def fit_logreg(X: np.ndarray, y: np.ndarray, X_test: np.ndarray, y_test: np.ndar
                 if len(np.unique(y[a])) < 2:
                     fold.append(0.5)
                     continue
-                m = logreg(C, penalty, seed).fit(X[a], y[a])
+                m = log.fit(logreg(C, penalty, seed), X[a], y[a])
                 fold.append(_auc(y[b], m.predict_proba(X[b])[:, 1]))
             scores.append(np.mean(fold))
         best = int(np.argmax(scores))
         best_C, val_auc = C_GRID[best], float(scores[best])
     perm = np.random.RandomState(seed).permutation(len(X))
-    model = logreg(1.0 if best_C is None else best_C, penalty, seed).fit(X[perm], y[perm])
+    model = log.fit(logreg(1.0 if best_C is None else best_C, penalty, seed), X[perm], y[perm])
     if val_auc is None:
         val_auc = _auc(y[perm], model.predict_proba(X[perm])[:, 1])
-    return _metrics(model, X_test, y_test, val_auc)
+    return {**_metrics(model, X_test, y_test, val_auc), **log.columns()}
 
 
 def fit_pca(X: np.ndarray, y: np.ndarray, X_test: np.ndarray, y_test: np.ndarray, seed: int = 42,
@@ -109,21 +157,22 @@ def fit_pca(X: np.ndarray, y: np.ndarray, X_test: np.ndarray, y_test: np.ndarray
     dims = np.unique(np.logspace(0, np.log2(max_c), num=10, base=2, dtype=int))
     pca = PCA(n_components=max_c, random_state=seed)
     Z = pca.fit_transform(Xs)
+    log = FitLog()
     if len(Z) > 3:
         splits = cv_splits(y, seed)
         best, best_n, model = -math.inf, None, None
         for d in dims:
-            fold = [_auc(y[b], logreg(seed=seed).fit(Z[a, :d], y[a]).predict_proba(Z[b, :d])[:, 1]) for a, b in splits]
+            fold = [_auc(y[b], log.fit(logreg(seed=seed), Z[a, :d], y[a]).predict_proba(Z[b, :d])[:, 1]) for a, b in splits]
             s = float(np.mean(fold))
             if s > best:
                 best, best_n = s, int(d)
-        model = logreg(seed=seed).fit(Z[:, :best_n], y)
+        model = log.fit(logreg(seed=seed), Z[:, :best_n], y)
         val_auc = best
     else:
         best_n = Z.shape[1]
-        model = logreg(seed=seed).fit(Z, y)
+        model = log.fit(logreg(seed=seed), Z, y)
         val_auc = _auc(y, model.predict_proba(Z)[:, 1])
-    return _metrics(model, pca.transform(Xt)[:, :best_n], y_test, val_auc)
+    return {**_metrics(model, pca.transform(Xt)[:, :best_n], y_test, val_auc), **log.columns()}
 
 
 def fit_knn(X: np.ndarray, y: np.ndarray, X_test: np.ndarray, y_test: np.ndarray, seed: int = 42) -> dict[str, float]:
@@ -198,7 +247,7 @@ MLP_HIDDEN: tuple[tuple[int, ...], ...] = ((16,), (32,), (64,), (16, 16), (32, 3
 
 def fit_mlp(X: np.ndarray, y: np.ndarray, X_test: np.ndarray, y_test: np.ndarray, seed: int = 42,
             n_iter: int = 1) -> dict[str, float]:
-    """StandardScaler -> MLP (ReLU, Adam, ``max_iter=1000``); ``n_iter`` random configurations
+    """StandardScaler -> MLP (ReLU, Adam, ``max_iter`` = :data:`MAX_ITER`); ``n_iter`` random configurations
     drawn with ``RandomState(seed)`` (hidden sizes, initial learning rate, alpha), scored by
     validation AUC, the best refitted on all train rows. n <= 3: one hidden layer of 32."""
     from sklearn.neural_network import MLPClassifier
@@ -206,11 +255,12 @@ def fit_mlp(X: np.ndarray, y: np.ndarray, X_test: np.ndarray, y_test: np.ndarray
 
     scaler = StandardScaler().fit(X)
     Xs, Xt = scaler.transform(X), scaler.transform(X_test)
+    log = FitLog()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if len(X) <= 3:
-            model = MLPClassifier(hidden_layer_sizes=(32,), max_iter=1000, random_state=seed).fit(Xs, y)
-            return _metrics(model, Xt, y_test, _auc(y, model.predict_proba(Xs)[:, 1]))
+            model = log.fit(MLPClassifier(hidden_layer_sizes=(32,), max_iter=MAX_ITER, random_state=seed), Xs, y)
+            return {**_metrics(model, Xt, y_test, _auc(y, model.predict_proba(Xs)[:, 1])), **log.columns()}
         lrs, alphas = np.logspace(-4, -2, num=5), np.logspace(-5, -2, num=5)
         splits = cv_splits(y, seed)
         rng = np.random.RandomState(seed)
@@ -219,12 +269,12 @@ def fit_mlp(X: np.ndarray, y: np.ndarray, X_test: np.ndarray, y_test: np.ndarray
             params = {"hidden_layer_sizes": MLP_HIDDEN[rng.randint(len(MLP_HIDDEN))],
                       "learning_rate_init": lrs[rng.randint(len(lrs))], "alpha": rng.choice(alphas),
                       "activation": "relu", "solver": "adam"}
-            s = float(np.mean([_auc(y[b], MLPClassifier(max_iter=1000, random_state=seed, **params)
-                                    .fit(Xs[a], y[a]).predict_proba(Xs[b])[:, 1]) for a, b in splits]))
+            s = float(np.mean([_auc(y[b], log.fit(MLPClassifier(max_iter=MAX_ITER, random_state=seed, **params),
+                                                  Xs[a], y[a]).predict_proba(Xs[b])[:, 1]) for a, b in splits]))
             if s > best:
                 best, best_params = s, params
-        model = MLPClassifier(max_iter=1000, random_state=seed, **best_params).fit(Xs, y)  # type: ignore[arg-type]
-    return _metrics(model, Xt, y_test, best)
+        model = log.fit(MLPClassifier(max_iter=MAX_ITER, random_state=seed, **best_params), Xs, y)  # type: ignore[arg-type]
+    return {**_metrics(model, Xt, y_test, best), **log.columns()}
 
 
 def fit_baseline(method: str, X: np.ndarray, y: np.ndarray, X_test: np.ndarray, y_test: np.ndarray, seed: int = 42,

@@ -3,8 +3,8 @@
 :func:`quiver_pick` picks, per (dataset, regime, setting), the candidate with the highest
 validation AUC (ties go to SAE probes) and :func:`add_quivers` reports its test metrics;
 :func:`results_table` assembles the evaluation's table, :func:`regime_summary` (the paper's Fig. 1),
-:func:`sae_summary`, :func:`picks_table` and :func:`plot_regime` summarise it. Skipped rows never
-enter an average.
+:func:`sae_summary`, :func:`picks_table`, :func:`convergence_table` and :func:`plot_regime`
+summarise it. Skipped rows never enter an average.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from saeflow.evals.probing.probes import BASELINE_METHODS
+from saeflow.evals.probing.probes import BASELINE_METHODS, CONVERGENCE_COLUMNS
 from saeflow.evals.probing.runners import QUIVER, QUIVER_SAE, ROW_COLUMNS, SAE_METHOD
 from saeflow.evals.probing.splits import REGIMES
 
@@ -52,7 +52,10 @@ def add_quivers(df: pd.DataFrame, quiver_ks: Sequence[int], baselines: Sequence[
                     label = f"sae:{pick['sae']}:k{int(pick['k'])}"
                 row["picked"] = label
             rows.append(row)
-    return pd.concat([df, pd.DataFrame(rows, columns=list(ROW_COLUMNS))], ignore_index=True) if rows else df
+    # a quiver row is no fit: its convergence columns stay empty (left out here, so concat does not
+    # meet all-NA columns)
+    cols = [c for c in ROW_COLUMNS if c not in CONVERGENCE_COLUMNS]
+    return pd.concat([df, pd.DataFrame(rows, columns=cols)], ignore_index=True) if rows else df
 
 
 def clean_mean(values: pd.Series) -> float:
@@ -95,10 +98,13 @@ def regime_summary(df: pd.DataFrame, sae_names: Sequence[str], quiver_ks: Sequen
 
 def sae_summary(df: pd.DataFrame, prefix: str = "probing") -> dict[str, float]:
     """Flat per-SAE numbers from its rows: ``<prefix>_<regime>_k<k>_auc`` (mean test AUC over the
-    runs that did not skip) and ``<prefix>_<regime>_auc`` (per run, the k with the best validation
-    AUC). NaN values are left out of the dict."""
+    runs that did not skip), ``<prefix>_<regime>_auc`` (per run, the k with the best validation
+    AUC), and ``<prefix>_n_fits`` / ``<prefix>_n_fits_not_converged`` (solver fits of all its probes,
+    :class:`~saeflow.evals.probing.probes.FitLog`). NaN values are left out of the dict."""
     out: dict[str, float] = {}
     ok = df[df["skipped"].isna() & (df["method"] == SAE_METHOD)]
+    for col in ("n_fits", "n_fits_not_converged"):
+        out[f"{prefix}_{col}"] = float(pd.to_numeric(ok[col], errors="coerce").sum())
     for regime, g in ok.groupby("regime"):
         for k, gk in g.groupby("k"):
             out[f"{prefix}_{regime}_k{int(k)}_auc"] = clean_mean(gk["test_auc"])
@@ -116,11 +122,39 @@ def results_table(frames: Sequence[pd.DataFrame], unknown: dict[str, str], quive
     df = pd.concat([f for f in frames if len(f)], ignore_index=True)
     df = add_quivers(df, quiver_ks, baselines)
     df["k"] = df["k"].astype("Int64")
-    for c in ("n_train", "n_test"):
-        df[c] = df[c].astype("Int64")
+    for c in ("n_train", "n_test", "n_iter", "n_fits", "n_fits_not_converged"):
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype("Int64")
+    df["converged"] = df["converged"].astype("boolean")
     for c in ("setting", "val_auc", "test_auc", "test_acc", "test_f1"):
         df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
     return df
+
+
+def convergence_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (method, SAE) with solver fits (logistic regression, PCA's, MLP, SAE probes): results,
+    results not converged, fits, fits not converged (every fit of the validation searches counts)
+    and the most iterations a final fit took."""
+    fitted = df[pd.to_numeric(df["n_fits"], errors="coerce").notna()]
+    rows = []
+    for (method, sae), g in fitted.groupby([fitted["method"], fitted["sae"].fillna("")], sort=False):
+        bad = pd.to_numeric(g["n_fits_not_converged"], errors="coerce")
+        rows.append({"method": method, "sae": sae or None, "results": len(g), "results_not_converged": int((bad > 0).sum()),
+                     "fits": int(pd.to_numeric(g["n_fits"], errors="coerce").sum()), "fits_not_converged": int(bad.sum()),
+                     "max_n_iter": int(pd.to_numeric(g["n_iter"], errors="coerce").max())})
+    return pd.DataFrame(rows, columns=["method", "sae", "results", "results_not_converged", "fits", "fits_not_converged",
+                                       "max_n_iter"])
+
+
+def not_converged_note(df: pd.DataFrame) -> str | None:
+    """One line naming how many solver fits of ``df``'s rows did not converge, per method (``None``
+    when all did)."""
+    t = convergence_table(df)
+    t = t.groupby("method", sort=False)[["fits", "fits_not_converged"]].sum()
+    if not int(t["fits_not_converged"].sum()):
+        return None
+    per = ", ".join(f"{m} {int(r.fits_not_converged)} of {int(r.fits)}" for m, r in t.iterrows() if r.fits_not_converged)
+    return (f"{int(t['fits_not_converged'].sum())} of {int(t['fits'].sum())} solver fits did not converge "
+            f"(reached max_iter or ConvergenceWarning): {per}")
 
 
 def picks_table(df: pd.DataFrame) -> pd.DataFrame:

@@ -19,15 +19,16 @@ import torch
 
 from saeflow.evals.common import encode_rows
 from saeflow.evals.probing.datasets import ProbingError, load_acts
-from saeflow.evals.probing.probes import fit_baseline, sae_probe
+from saeflow.evals.probing.probes import CONVERGENCE_COLUMNS, fit_baseline, sae_probe
 from saeflow.evals.probing.splits import SkipSetting, iter_splits, skip_reason
 
 #: Value of ``method`` on SAE-probe rows and on the two quiver rows.
 SAE_METHOD, QUIVER, QUIVER_SAE = "sae", "quiver", "quiver_sae"
-#: Columns of the long results table, in order.
+#: Columns of the long results table, in order; the last ones are the convergence of the result's
+#: solver fits (:class:`~saeflow.evals.probing.probes.FitLog`; empty for KNN, XGBoost, quiver rows).
 ROW_COLUMNS: tuple[str, ...] = (
     "dataset", "regime", "setting", "method", "k", "sae", "n_train", "n_test",
-    "val_auc", "test_auc", "test_acc", "test_f1", "picked", "latents", "skipped",
+    "val_auc", "test_auc", "test_acc", "test_f1", "picked", "latents", "skipped", *CONVERGENCE_COLUMNS,
 )
 #: Rows per SAE encoding batch.
 ENCODE_BATCH = 1024
