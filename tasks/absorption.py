@@ -169,10 +169,10 @@ def warn_unconverged(what: str, conv: "ab.Convergence") -> None:
     if conv.solver == "adam":
         msg += f", continuation drop {conv.continuation_drop:.2e}"
     if conv.converged:
-        logger.info("%s: converged (tol %.0e)", msg, conv.tol)
+        logger.info("%s: converged (tol %.0e)", msg, conv.convergence_tol)
     else:
         logger.warning("%s: NOT converged (tol %.0e): its results measure an unfinished optimisation; raise its "
-                       "steps (absorption.probe_steps / sparse_probe_steps)", msg, conv.tol)
+                       "steps (absorption.probe_steps / sparse_probe_steps)", msg, conv.convergence_tol)
 
 
 # --------------------------------------------------------------------------------------- per SAE
@@ -226,8 +226,10 @@ def sae_task(out: ArtifactRef, model: ArtifactRef, model_cfg: ModelConfig, data:
                        "converge", sae_dir.name, n_bad, len(res.k_sparse), ab.REFIT_MAX_ITER)
     l0 = ab.word_l0(sae_model, x_te)
     begin(out, cfg, [model, data, probe, sae])
+    gt = json.loads((probe.dir / "probe_convergence.json").read_text())
     (out.dir / "convergence.json").write_text(json.dumps(
-        {"l1_probe": res.l1_probe.as_dict(), "refits": len(res.k_sparse), "refits_not_converged": n_bad}, indent=2))
+        {"ground_truth_probe": gt, "l1_probe": res.l1_probe.as_dict(), "refits": len(res.k_sparse),
+         "refits_not_converged": n_bad}, indent=2))
     res.letters.to_parquet(out.dir / "letters.parquet", index=False)
     res.k_sparse.to_parquet(out.dir / "k_sparse.parquet", index=False)
     res.prompts.to_parquet(out.dir / "prompts.parquet", index=False)
@@ -240,13 +242,33 @@ def sae_task(out: ArtifactRef, model: ArtifactRef, model_cfg: ModelConfig, data:
 
 
 # ---------------------------------------------------------------------------------------- results
+def convergence_table(records: list[dict], saes: list[ArtifactRef]) -> pd.DataFrame:
+    """One row per optimisation of the evaluation (the shared ground-truth probe once, then per SAE
+    its L1 probe and its k-sparse refits) with ``converged``: the report warns on a false one."""
+    rows = []
+    if records:
+        gt = records[0]["ground_truth_probe"]
+        rows.append({"sae_fingerprint": None, "method": "ground-truth probe", "steps": gt["steps"],
+                     "final_loss": gt["final_loss"], "rel_change_last10": gt["rel_change_last10"],
+                     "converged": bool(gt["converged"])})
+    for rec, s in zip(records, saes):
+        l1 = rec["l1_probe"]
+        rows.append({"sae_fingerprint": s.fingerprint, "method": "L1 probe", "steps": l1["steps"],
+                     "final_loss": l1["final_loss"], "rel_change_last10": l1["rel_change_last10"],
+                     "converged": bool(l1["converged"])})
+        rows.append({"sae_fingerprint": s.fingerprint, "method": f"k-sparse refits ({rec['refits_not_converged']} of "
+                     f"{rec['refits']} at max_iter)", "steps": None, "final_loss": None, "rel_change_last10": None,
+                     "converged": rec["refits_not_converged"] == 0})
+    return pd.DataFrame(rows)
+
+
 def results_ref(per_sae: list[ArtifactRef], saes: list[ArtifactRef], root: str, **_) -> ArtifactRef:
     return artifact_ref(root, RESULTS, fingerprint(RESULTS, None, *per_sae, *saes, _code()))
 
 
 @stage_task(results_ref, name="absorption-results")
 def results_task(out: ArtifactRef, per_sae: list[ArtifactRef], saes: list[ArtifactRef], root: str) -> None:
-    summ, letters, examples = [], [], []
+    summ, letters, examples, conv = [], [], [], []
     for i, (r, s) in enumerate(zip(per_sae, saes)):
         d = require_complete(r)
         ident = {"sae_index": i, "sae_fingerprint": s.fingerprint, **sae_identity(require_complete(s)),
@@ -254,8 +276,10 @@ def results_task(out: ArtifactRef, per_sae: list[ArtifactRef], saes: list[Artifa
         summ.append({**ident, **json.loads((d / "summary.json").read_text())})
         letters.append(pd.read_parquet(d / "letters.parquet"))
         examples.append(pd.read_parquet(d / "examples.parquet"))
+        conv.append(json.loads((d / "convergence.json").read_text()))
     sdf, ldf, edf = ab.family_tables(summ, letters, examples)
     begin(out, None, [*per_sae, *saes])
+    write_table(convergence_table(conv, saes), out.dir, "absorption_convergence")
     write_table(sdf, out.dir, "absorption_summary")
     write_table(ldf, out.dir, "absorption_letters")
     write_table(edf, out.dir, "absorption_examples")

@@ -385,8 +385,16 @@ def test_pipeline_tiny_runs_absorption_and_caches(tmp_path):
     core = pd.read_parquet(results / "core_metrics.parquet")
     assert "absorption_mean_fraction" in core.columns
     for f in ("absorption_summary.parquet", "absorption_letters.md", "absorption_examples.md",
-              "absorption_vs_l0.png", "absorption_by_letter.png"):
+              "absorption_vs_l0.png", "absorption_by_letter.png", "absorption_convergence.parquet"):
         assert (results / "absorption" / f).is_file(), f
+    conv = json.loads((tmp_path / "absorption" / refs.per_sae[0].fingerprint / "convergence.json").read_text())
+    assert {"ground_truth_probe", "l1_probe", "refits", "refits_not_converged"} <= set(conv)
+    for rec in (conv["ground_truth_probe"], conv["l1_probe"]):
+        assert {"final_loss", "loss_at_90pct", "rel_change_last10", "converged", "steps"} <= set(rec)
+    assert conv["ground_truth_probe"]["steps"] == 50 and conv["ground_truth_probe"]["solver"] == "adam"
+    table = pd.read_parquet(results / "absorption" / "absorption_convergence.parquet")
+    assert table["converged"].notna().all() and len(table) == 1 + 2 * len(refs.per_sae)
+    assert summary["absorption_l1_probe_converged"] in (0.0, 1.0)
     data = pd.read_parquet(tmp_path / "absorption_data" / refs.refs[0].fingerprint / "prompts.parquet")
     kept = data[data["skip"] == ""]
     assert len(kept) and (kept["position"] > 0).all()
@@ -458,7 +466,7 @@ def test_probe_stopped_early_is_reported_not_converged():
     # SAEBench's sizing at 3,200 words: 50 epochs of batch 4096 = 50 Adam steps, lr decayed to 1e-5
     sb = ab.train_linear_probe(f, y, steps=50, solver="adam", batch_size=4096, lr=1e-2, weight_decay=1e-6, l1=0.01)
     assert not sb.convergence.converged
-    assert sb.convergence.continuation_drop > sb.convergence.tol  # the schedule froze it, not the optimum
+    assert sb.convergence.continuation_drop > sb.convergence.convergence_tol  # the schedule froze it, not the optimum
     early = ab.train_linear_probe(f, y, steps=10, solver="fista", weight_decay=1e-6, l1=0.01)
     assert early.convergence.steps == 10 and not early.convergence.converged
     full = ab.train_linear_probe(f, y, steps=3000, solver="fista", weight_decay=1e-6, l1=0.01)

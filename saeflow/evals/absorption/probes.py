@@ -15,7 +15,8 @@ words, after which the L1 probe's top latents are noise (issue #25). Two solvers
   ``steps`` iterations have run.
 
 Each fit returns a :class:`ProbeFit` with its :class:`Convergence` record: the full-data objective at
-90% of the steps and at the end, their relative change, and ``converged``. Under Adam's decaying
+90% of the steps and at the end, their relative change, and ``converged``
+(:func:`saeflow.evals.common.convergence_record`). Under Adam's decaying
 lr the objective stops moving at the end of the schedule whether or not it reached its minimum, so
 an Adam fit also runs a short *continuation check* (``steps // 10`` more full-batch Adam steps at
 ``lr / 10`` from the final weights, which are then discarded): if the objective still falls by more
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from saeflow.evals.absorption.prompts import LETTERS, AbsorptionError
+from saeflow.evals.common import convergence_record, step_at_90pct
 
 #: Default relative tolerance of the convergence check (objective change over the last 10% of steps).
 CONVERGENCE_TOL = 1e-4
@@ -46,23 +48,24 @@ REFIT_MAX_ITER = 500
 
 @dataclass(frozen=True)
 class Convergence:
-    """How an optimisation ended: ``final_loss`` (the full objective on all its data),
-    ``loss_at_90`` (the same at 90% of its steps), ``rel_change_last10 = (loss_at_90 - final_loss) /
-    max(|final_loss|, 1e-12)``, ``continuation_drop`` (Adam only: the relative objective decrease of
-    the continuation check, NaN for other solvers) and ``converged``: ``rel_change_last10 < tol``
-    (and for Adam ``continuation_drop < tol``)."""
+    """How an optimisation ended (:func:`saeflow.evals.common.convergence_record`): ``final_loss``
+    (the full objective on all its data), ``loss_at_90pct`` (the same after 90% of its steps),
+    ``rel_change_last10 = |loss_at_90pct - final_loss| / |final_loss|``, ``continuation_drop``
+    (Adam only: the relative objective decrease of the continuation check, NaN for other solvers)
+    and ``converged``: ``rel_change_last10 < convergence_tol`` (and for Adam ``continuation_drop <
+    convergence_tol``)."""
 
     solver: str
     steps: int
     final_loss: float
-    loss_at_90: float
+    loss_at_90pct: float
     rel_change_last10: float
     continuation_drop: float
-    tol: float
+    convergence_tol: float
     converged: bool
 
-    def as_dict(self, prefix: str = "") -> dict:
-        return {f"{prefix}{k}": v for k, v in asdict(self).items()}
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -95,21 +98,22 @@ class _Objective:
             return float(self.smooth(u, b) + self.penalty(u))
 
 
-def _convergence(solver: str, steps: int, loss_at_90: float, final: float, tol: float,
+def _convergence(solver: str, steps: int, loss_at_90pct: float, final: float, tol: float,
                  continuation_drop: float = float("nan")) -> Convergence:
-    """The record of a run of ``steps`` steps whose objective was ``loss_at_90`` after
-    ``floor(0.9 * steps)`` of them and ``final`` at the end."""
-    rel = (loss_at_90 - final) / max(abs(final), 1e-12)
-    ok = abs(rel) < tol and (solver != "adam" or continuation_drop < tol)
-    return Convergence(solver=solver, steps=int(steps), final_loss=float(final), loss_at_90=float(loss_at_90),
-                       rel_change_last10=float(rel), continuation_drop=float(continuation_drop), tol=float(tol),
+    """The record of a run of ``steps`` steps whose objective was ``loss_at_90pct`` after
+    :func:`~saeflow.evals.common.step_at_90pct` of them and ``final`` at the end."""
+    rec = convergence_record(loss_at_90pct, final, tol)
+    ok = rec["converged"] and (solver != "adam" or continuation_drop < tol)
+    return Convergence(solver=solver, steps=int(steps), final_loss=rec["final_loss"],
+                       loss_at_90pct=rec["loss_at_90pct"], rel_change_last10=rec["rel_change_last10"],
+                       continuation_drop=float(continuation_drop), convergence_tol=rec["convergence_tol"],
                        converged=bool(ok))
 
 
 def _list_convergence(solver: str, losses: list[float], tol: float) -> Convergence:
     """:func:`_convergence` of a run whose objective after iteration ``t`` is ``losses[t]``."""
     steps = len(losses) - 1
-    return _convergence(solver, steps, losses[int(math.floor(0.9 * steps))], losses[-1], tol)
+    return _convergence(solver, steps, losses[step_at_90pct(steps)], losses[-1], tol)
 
 
 def _targets(x: Tensor, y: Tensor) -> Tensor:
@@ -186,7 +190,7 @@ def _adam(obj: _Objective, w: Tensor, b: Tensor, *, steps: int, batch_size: int,
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=math.exp(math.log(end_lr / lr) / steps))
     loss_fn = obj.loss_fn
     at = {0: obj(w, b)}  # step 0: the objective at the start
-    mark = int(math.floor(0.9 * steps))
+    mark = step_at_90pct(steps)
     perm, cursor = torch.randperm(n, generator=gen), 0
     for step in range(1, steps + 1):
         if cursor + batch_size > n:  # a new pass over the rows (no partial last batch)
