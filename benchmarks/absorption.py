@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -29,10 +30,11 @@ from pathlib import Path
 SBPY = "/work/sbvenv/bin/python"
 
 
-def patch_sb_model_and_words(model_dir: str, words: list[str]) -> None:
+def patch_sb_model_and_words(model_dir: str, words: list[str], stop_at_hook: bool = False) -> None:
     """(SAEBench venv) make SAEBench's absorption eval use ``words`` as its vocabulary and load the
     model from the profile's fp32 copy ``model_dir`` (no hub) as ``HookedTransformer`` without weight
-    processing, float32 on the CPU."""
+    processing, float32 on the CPU. ``stop_at_hook``: its ``run_with_cache`` calls stop after the one
+    residual hook they read (same values; for agreement runs, not for timing SAEBench as it is)."""
     import torch
     import sae_bench.evals.absorption.common as common
     import sae_bench.evals.absorption.feature_absorption as fa
@@ -46,7 +48,23 @@ def patch_sb_model_and_words(model_dir: str, words: list[str]) -> None:
     def load(name, **kw):
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(model_dir)
-        return orig("google/gemma-3-270m", hf_model=hf, tokenizer=tok, device="cpu", dtype=torch.float32)
+        model = orig("google/gemma-3-270m", hf_model=hf, tokenizer=tok, device="cpu", dtype=torch.float32)
+        if not stop_at_hook:
+            return model
+        full = model.run_with_cache
+
+        def run_with_cache(*args, **kwargs):
+            # SAEBench reads one hook's cache and never the logits: stop right after that layer (the
+            # values at the hook are the same; the 262k-way unembedding is most of a full forward)
+            hooks = kwargs.get("names_filter")
+            if isinstance(hooks, (list, tuple)) and len(hooks) == 1 and "stop_at_layer" not in kwargs:
+                m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", hooks[0])
+                if m:
+                    kwargs["stop_at_layer"] = int(m.group(1)) + 1
+            return full(*args, **kwargs)
+
+        model.run_with_cache = run_with_cache
+        return model
 
     HookedTransformer.from_pretrained_no_processing = staticmethod(load)
 

@@ -8,7 +8,8 @@ Both sides start from the same trained SAE (a member of the profile's family, ``
   stages are reused), with the paper's ablation rate off (SAEBench does not compute it).
 - **SAEBench**, in its own venv (``/work/sbvenv``, see docs/absorption.md): its
   ``absorption.main.run_eval`` on the SAE loaded with ``sae_lens.SAE.load_from_disk`` and the
-  model from the profile's fp32 copy; ``get_alpha_tokens`` returns our sampled word list, so it
+  model from the profile's fp32 copy (its ``run_with_cache`` stops after the hook it reads: same
+  values, no 262k-way unembedding); ``get_alpha_tokens`` returns our sampled word list, so it
   builds its own prompts, activations, 80/20 split, ground-truth probe, L1 probe, k-sparse
   probes, split latents and absorption from those words. Its L1 probe is trained to convergence:
   ``k_sparse_probe_num_epochs`` (``--sb-epochs``; at <= 4096 training words one epoch is one Adam
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -44,7 +46,6 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 def _sb_run(spec_path: Path) -> None:
     """(SAEBench venv) ``run_eval`` on one SAE and our word list; writes ``sb_letters.json`` and
     ``sb_l1_probe.npz`` (its L1 probe and the latents it was trained on) into the work folder."""
-    import os
     import random
 
     import numpy as np
@@ -67,7 +68,7 @@ def _sb_run(spec_path: Path) -> None:
 
     from benchmarks.absorption import patch_sb_model_and_words
 
-    patch_sb_model_and_words(spec["model_dir"], spec["words"])
+    patch_sb_model_and_words(spec["model_dir"], spec["words"], stop_at_hook=True)
     from sae_lens import SAE
 
     captured = {}
@@ -148,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--factor", type=int, default=4, help="stability: this many times the profile's words")
     ap.add_argument("--out", type=Path, default=Path("/tmp/absorption_e2e"))
     ap.add_argument("--skip-sb", action="store_true", help="reuse the SAEBench results already in --out")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override an absorption config field on our side (e.g. probe_solver=fista)")
     ap.add_argument("--sb-spec", type=Path, help="(internal) run the SAEBench half")
     args = ap.parse_args(argv)
     if args.sb_spec:
@@ -170,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.config)
     root = str(Path(args.artifacts).resolve())
-    acfg = cfg.absorption.model_copy(update={"ablation": False})
+    import yaml
+
+    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    acfg = type(cfg.absorption).model_validate({**cfg.absorption.model_dump(), "ablation": False, **overrides})
     m = tmodel.ref(cfg=cfg.model, root=root)
     c = tcorpus.ref(model=m, cfg=cfg.corpus, root=root, prepend_bos=cfg.model.prepend_bos)
     a = tacts.ref(model=m, model_cfg=cfg.model, corpus=c, cfg=cfg.activations, root=root)
@@ -189,31 +195,37 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     with disable_run_logger():
         _m, data, probe, per = _ours(cfg, acfg, sae, root)
-        big = acfg.model_copy(update={"max_words": acfg.max_words * args.factor})
-        _m, data4, probe4, per4 = _ours(cfg, big, sae, root)
     ours_s = time.perf_counter() - t0
-    ours = _letters(Path(per.path), Path(probe.path))
-    ours4 = _letters(Path(per4.path), Path(probe4.path))
-    conv = json.loads((Path(per.path) / "convergence.json").read_text())["l1_probe"]
-    conv_gt = json.loads((Path(probe.path) / "probe_convergence.json").read_text())
-
-    # SAEBench, end to end on the same SAE and word list
     prompts = pd.read_parquet(Path(data.path) / "prompts.parquet")
     words = prompts.loc[prompts["kind"] == "probe", "word"].tolist()
     work = args.out / "sb"
-    if not args.skip_sb:
+    proc = None
+    if not args.skip_sb:  # SAEBench end to end on the same SAE and word list, beside our 4x run (one thread each)
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         spec = {"workdir": str(work), "model_dir": m.path, "sae": sae.path, "words": words, "sb_epochs": args.sb_epochs}
         (work / "spec.json").write_text(json.dumps(spec))
-        env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-        proc = subprocess.run([SBPY, "-m", "benchmarks.absorption_e2e", "--sb-spec", str(work / "spec.json")],
-                              cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(proc.stderr[-4000:], file=sys.stderr)
-            return 1
+        repo = Path(__file__).resolve().parent.parent
+        env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+        log = open(work / "sb.log", "w")
+        proc = subprocess.Popen([SBPY, "-m", "benchmarks.absorption_e2e", "--sb-spec", str(work / "spec.json")],
+                                cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        torch.set_num_threads(1)
+    t1 = time.perf_counter()
+    with disable_run_logger():
+        big = acfg.model_copy(update={"max_words": acfg.max_words * args.factor})
+        _m, data4, probe4, per4 = _ours(cfg, big, sae, root)
+    ours4_s = time.perf_counter() - t1
+    ours = _letters(Path(per.path), Path(probe.path))
+    ours4 = _letters(Path(per4.path), Path(probe4.path))
+    conv = json.loads((Path(per.path) / "convergence.json").read_text())["l1_probe"]
+    conv_gt = json.loads((Path(probe.path) / "probe_convergence.json").read_text())
+    if proc is not None and proc.wait() != 0:
+        print((work / "sb.log").read_text()[-4000:], file=sys.stderr)
+        return 1
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
     sb = json.loads((work / "sb_letters.json").read_text())
     sbl = sb["letters"]
 
@@ -265,11 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     words4 = int((pd.read_parquet(Path(data4.path) / "prompts.parquet")["kind"] == "probe").sum())
     md = f"""## Absorption end to end vs SAEBench on a live SAE (`benchmarks/absorption_e2e.py`)
 
-Command: `.venv/bin/python -m benchmarks.absorption_e2e --config {args.config} --sae {args.sae} --sb-epochs {args.sb_epochs}`
+Command: `.venv/bin/python -m benchmarks.absorption_e2e --config {args.config} --sae {args.sae} --sb-epochs {args.sb_epochs}{''.join(' --set ' + x for x in args.set)}`
 (SAE `{sae.path}`; {len(words)} words; ablation rate off). Machine: {machine()}.
-saeflow from the profile alone (stages as the pipeline runs them, {ours_s:.0f} s incl. the {args.factor}x run); SAEBench 0.6.0
-`run_eval` in its own venv on the same SAE and word list ({sb['seconds']:.0f} s), its L1 probe trained for {args.sb_epochs}
-Adam steps.
+saeflow from the profile alone (stages as the pipeline runs them, cached ones reused: {ours_s:.0f} s; the {args.factor}x run
+{ours4_s:.0f} s, on one thread beside SAEBench); SAEBench 0.6.0 `run_eval` in its own venv on the same SAE and word list
+({sb['seconds']:.0f} s, one thread), its L1 probe trained for {args.sb_epochs} Adam steps.
 
 Probes: saeflow's L1 probe `{conv['solver']}`, {conv['steps']} iterations, objective {conv['final_loss']:.6g}, change over the
 last 10% {conv['rel_change_last10']:.1e}, converged {conv['converged']}; ground-truth probe `{conv_gt['solver']}`,
@@ -291,7 +303,7 @@ mean full {s4['full_quick'].mean():.4f} vs {s4['full_4x'].mean():.4f}.
 {s4.to_markdown(index=False, floatfmt=".3f")}
 """
     (args.out / "absorption_e2e.md").write_text(md)
-    write_section("absorption_e2e", md)
+    write_section("absorption_e2e" + "".join("-" + x.replace("=", "-") for x in args.set), md)
     print(md)
     print(f"stability: same main latent {n4_agree}/{n4}")
     print(f"split latents agree: {n_agree}/{n}; mean full absorption diff: {d_full:+.4f}")
