@@ -71,9 +71,22 @@ class StitchingConfig(Frozen):
     (most helpful single insertion first) or ``cosine`` (lowest max cosine to S first)."""
 
     swap_order: Literal["cosine", "delta_mse"] = "cosine"
-    """INFERRED. Order of the swaps (an S latent replaced by the reconstruction latents of L that
-    match it, ``argmax_i C_ji``): ``cosine`` (group with the highest max cosine first) or
+    """INFERRED. Order of the swaps (a group of S latents replaced by the non-novel L latents that
+    match them, ``swap_rule``): ``cosine`` (group with the highest max cosine first) or
     ``delta_mse`` (lowest summed single-insertion ΔMSE of the group first)."""
+
+    swap_rule: Literal["argmax", "threshold"] = "argmax"
+    """INFERRED (SPEC 2.3 step 3 names both). Which S latents a non-novel L latent j removes when it
+    swaps in: ``argmax``: only its best match ``match_j = argmax_i C_ji`` (a swap = one S latent and
+    the L latents whose argmax it is); ``threshold``: also every S latent i with ``C_ji >= swap_tau``
+    (a swap = a connected component of that bipartite graph: all its L latents in, all its S
+    latents out, each S latent removed once). S latents that no swap removes leave at ``finish``."""
+
+    swap_tau: float = Field(0.5, ge=-1.0, le=1.0)
+    """INFERRED. The cosine τ of ``swap_rule: threshold``. 0.5, the lowest τ of the proxy sweep
+    (``taus``): on the quick family the reconstruction latents' max cosines are mostly above it and the
+    novel latents' mostly below (docs/stitching.md), and decoder cosines of 0.5 between unrelated
+    directions in d_in = 640 are vanishingly rare (random unit vectors: ~0.04 standard deviation)."""
 
     taus: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
     """INFERRED. Max-cosine thresholds τ of the proxy (``novel if s_j < τ``) swept in the report."""
