@@ -400,7 +400,7 @@ def test_swap_rule_and_tau_are_in_the_pair_cache_key():
 
     base = _pair_cfg(StitchingConfig())
     assert base["swap_rule"] == StitchingConfig().swap_rule
-    assert _pair_cfg(StitchingConfig(swap_rule="threshold")) != base
+    assert _pair_cfg(StitchingConfig(swap_rule="argmax")) != _pair_cfg(StitchingConfig(swap_rule="threshold"))
     assert _pair_cfg(StitchingConfig(swap_tau=0.7)) != base
 
 
