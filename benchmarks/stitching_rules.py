@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     for s, l in pairs:
         S, L, x, _ = stages.pair_inputs(saes[s], saes[l], acts, cfg, dev)
         title = f"{infos[s].label} -> {infos[l].label}"
-        b_gap = float((S.b_dec - L.b_dec).double().pow(2).sum())
+        b_gap = float((S.b_dec - L.b_dec).detach().double().pow(2).sum())
         for label, rcfg in rules:
             t0 = time.perf_counter()
             r = measure(stitch_pair(S, L, x, rcfg, infos[s], infos[l], dev))
@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
     summary = "; ".join(f"{label}: max worst/S {max(r['worst_s'] for r in rs):.4f}, within {CLOSE - 1:.0%} of S on "
                         f"{sum(r['worst_s'] <= CLOSE for r in rs)}/{len(rs)} pairs, rising events "
                         f"{sum(r['rises'] for r in rs)}" for label, rs in per_rule.items())
-    md = [f"Measured {machine()}; `python -m benchmarks.stitching_rules` on the family of `{args.profile}` "
+    profile = Path(args.profile).resolve()
+    shown = profile.relative_to(REPO) if profile.is_relative_to(REPO) else profile
+    md = [f"Measured {machine()}; `python -m benchmarks.stitching_rules` on the family of `{shown}` "
           f"({len(pairs)} pairs, {x.shape[0]} held-out rows, `form: {cfg.form}`, `novel_order: {cfg.novel_order}`, "
           f"`swap_order: {cfg.swap_order}`). MSE = the exact per-event curve of `stitch_pair` (mean over rows of "
           "the summed squared error); worst = its maximum over all events; rising = events after which it rises.", "",
