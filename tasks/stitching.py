@@ -36,7 +36,7 @@ from saeflow.evals.stitching import (
     stitch_pair,
 )
 from saeflow.models import load_model
-from saeflow.saes import load_sae, save_sae
+from saeflow.saes import BaseSAE, load_sae, save_sae
 from saeflow.store import ActivationStore
 from saeflow.tables import write_table
 from tasks.common import Progress, code_version, publish_markdown, stage_logger, stage_task, timed
@@ -123,6 +123,16 @@ def pair_ref(small: ArtifactRef, large: ArtifactRef, small_form: ArtifactRef, la
                                                       model, corpus, acts, f"dtype={model_cfg.dtype}", _code()))
 
 
+def pair_inputs(small: ArtifactRef, large: ArtifactRef, acts: ArtifactRef, cfg: StitchingConfig,
+                dev: torch.device) -> tuple[BaseSAE, BaseSAE, torch.Tensor, ActivationStore]:
+    """``(S, L, x, store)`` of a pair: the two SAEs (as stored: pass the forms for ``form: jumprelu``)
+    on ``dev`` and the held-out rows ``x`` of the activation store (``cfg.n_tokens``)."""
+    S, L = (load_sae(require_complete(r), device=dev) for r in (small, large))
+    store = ActivationStore.open(require_complete(acts))
+    start, end = heldout_rows(store, cfg.n_tokens)
+    return S, L, torch.from_numpy(store.read(start, end)).to(dev), store
+
+
 @stage_task(pair_ref, name="stitching-pair")
 def pair_task(out: ArtifactRef, small: ArtifactRef, large: ArtifactRef, small_form: ArtifactRef, large_form: ArtifactRef,
               model: ArtifactRef, model_cfg: ModelConfig, corpus: ArtifactRef, acts: ArtifactRef, cfg: StitchingConfig,
@@ -136,10 +146,7 @@ def pair_task(out: ArtifactRef, small: ArtifactRef, large: ArtifactRef, small_fo
     check_pair(s_info, l_info)
     title = f"{s_info.label} -> {l_info.label}"
     use = (small, large) if cfg.form == "native" else (small_form, large_form)
-    S, L = (load_sae(require_complete(r), device=dev) for r in use)
-    store = ActivationStore.open(require_complete(acts))
-    start, end = heldout_rows(store, cfg.n_tokens)
-    x = torch.from_numpy(store.read(start, end)).to(dev)
+    S, L, x, store = pair_inputs(*use, acts, cfg, dev)
 
     ce = None
     if cfg.ce_batches > 0:

@@ -21,6 +21,7 @@ from saeflow.evals.stitching import (
     check_pair,
     changing_events,
     classify,
+    cosine_edges,
     count_violations,
     curve_points,
     decoder_cosines,
@@ -200,13 +201,24 @@ def test_code_version_names_every_module_of_the_evaluation():
     assert modules <= set(stages.CODE_MODULES)
 
 
-@pytest.mark.parametrize("adjust", [True, False])
-def test_interpolation_endpoints_and_event_curve(adjust):
+def _assert_each_small_latent_removed_once(events, n_small: int) -> None:
+    removed = [i for e in events for i in e.remove]
+    assert sorted(removed) == list(range(n_small))
+    assert events[-1].kind == "finish" and all(e.kind != "finish" for e in events[:-1])
+
+
+@pytest.mark.parametrize("adjust, rule", [(True, "argmax"), (False, "argmax"), (True, "threshold"),
+                                          (False, "threshold")])
+def test_interpolation_endpoints_and_event_curve(adjust, rule):
     x, S, L = _random_pair(seed=3)
     ins = insertion_delta_mse(S, L, [x], adjust_encoder_bias=adjust)
     classes = classify(ins["delta_mse"], ins["fires"])
     s, m = (a.numpy() for a in decoder_cosines(S, L))
-    events = interpolation_events(classes, ins["delta_mse"], s, m, S.d_sae, "cosine", "delta_mse")
+    events = interpolation_events(classes, ins["delta_mse"], s, m, S.d_sae, "cosine", "delta_mse", rule,
+                                  cosine_edges(S, L, 0.5))
+    _assert_each_small_latent_removed_once(events, S.d_sae)
+    largest = max(len(e.remove) for e in events if e.kind == "swap")
+    assert largest > 1 if rule == "threshold" else largest == 1
     states = list(event_states(events, S.d_sae, L.d_sae))
     assert states[-1][1].all() and states[-1][2]  # every L latent in, finished
     fine = event_mse_curve(S, L, x, events, adjust)
@@ -265,12 +277,15 @@ def test_native_topk_delta_mse_equals_brute_force(adjust):
     assert (ins["delta_mse"] < 0).any() and (ins["delta_mse"] > 0).any()
 
 
-def test_native_topk_interpolation_endpoints_are_the_topk_saes():
+@pytest.mark.parametrize("rule", ["argmax", "threshold"])
+def test_native_topk_interpolation_endpoints_are_the_topk_saes(rule):
     x, S, L = _topk_pair(seed=4)
     ins = insertion_delta_mse(S, L, [x])
     classes = classify(ins["delta_mse"], ins["fires"])
     s, m = (a.numpy() for a in decoder_cosines(S, L))
-    events = interpolation_events(classes, ins["delta_mse"], s, m, S.d_sae)
+    events = interpolation_events(classes, ins["delta_mse"], s, m, S.d_sae, swap_rule=rule,
+                                  edges=cosine_edges(S, L, 0.3))
+    _assert_each_small_latent_removed_once(events, S.d_sae)
     fine = event_mse_curve(S, L, x, events)
     points = curve_points(len(events), 4)
     curve = evaluate_curve(S, L, events, points, lambda sae: reconstruction_metrics(sae, [x], "cpu"))
@@ -287,6 +302,106 @@ def test_native_topk_interpolation_endpoints_are_the_topk_saes():
     st = stitched_sae(S, L, keep, incl)
     f = st.encode(x)
     torch.testing.assert_close(f[:, :S.d_sae - 5], S.encode(x)[:, 5:] * S.W_dec.norm(dim=1)[5:] / S.W_dec.norm(dim=1)[5:])
+
+
+# ----------------------------------------------------------------------------- swap rules
+def _shared_parent_pair():
+    """S = e_0..e_3 (d = 8); L: j0 = normalise(e_0 + 0.8 e_1) (cos 0.78 / 0.62 with S's 0 / 1),
+    j1 = e_2, j2 = normalise(e_1 + 0.9 e_3) (cos 0.74 / 0.67 with S's 1 / 3), j3 = e_5 (novel).
+    ReLU-style (θ = 0), encoder = decoder transposed; L's decoder is not orthogonal, so L's encoder
+    is its pseudo-inverse (θ = 1e-6: round-off of the pseudo-inverse does not fire)."""
+    e = torch.eye(8)
+    S = make_jumprelu(e[:4].T.clone(), torch.zeros(4), e[:4].clone(), torch.zeros(8), torch.zeros(4))
+    G = torch.stack([e[0] + 0.8 * e[1], e[2], e[1] + 0.9 * e[3], e[5]])
+    G = G / G.norm(dim=1, keepdim=True)
+    L = make_jumprelu(torch.linalg.pinv(G), torch.zeros(4), G, torch.zeros(8), torch.full((4,), 1e-6))
+    return S, L, G
+
+
+def test_threshold_swap_removes_every_small_latent_above_tau():
+    S, L, _ = _shared_parent_pair()
+    s, m = (a.numpy() for a in decoder_cosines(S, L))
+    assert list(m)[:3] == [0, 2, 1]
+    edges = cosine_edges(S, L, 0.5)
+    assert sorted(zip(*edges)) == [(0, 0), (0, 1), (1, 2), (2, 1), (2, 3)]
+    classes = np.array([RECONSTRUCTION, RECONSTRUCTION, RECONSTRUCTION, NOVEL], dtype=object)
+    d = np.array([0.1, 0.2, 0.3, -1.0])
+    argmax = interpolation_events(classes, d, s, m, 4)
+    assert [(e.kind, e.add, e.remove) for e in argmax] == [
+        ("insert", [3], []), ("swap", [1], [2]), ("swap", [0], [0]), ("swap", [2], [1]), ("finish", [], [3])]
+    # j0 and j2 share S latent 1 (both cos >= 0.5): one component, swapped together, 1 and 3 leave with them
+    thr = interpolation_events(classes, d, s, m, 4, swap_rule="threshold", edges=edges)
+    assert [(e.kind, e.add, e.remove) for e in thr] == [
+        ("insert", [3], []), ("swap", [1], [2]), ("swap", [0, 2], [0, 1, 3]), ("finish", [], [])]
+    # a novel latent's edges are ignored (it is inserted, it removes nothing)
+    only0 = interpolation_events(np.array([RECONSTRUCTION, NOVEL, NOVEL, NOVEL], dtype=object), d, s, m, 4,
+                                 swap_rule="threshold", edges=edges)
+    assert [(e.kind, e.add, e.remove) for e in only0 if e.kind == "swap"] == [("swap", [0], [0, 1])]
+    for events in (argmax, thr, only0):
+        _assert_each_small_latent_removed_once(events, 4)
+    # tau above every cosine: the threshold rule is the argmax rule
+    assert [(e.kind, e.add, e.remove) for e in interpolation_events(
+        classes, d, s, m, 4, swap_rule="threshold", edges=cosine_edges(S, L, 1.01))] == \
+        [(e.kind, e.add, e.remove) for e in argmax]
+
+
+def test_threshold_swap_keeps_the_curve_flat_where_argmax_double_counts():
+    """Data on L's atoms j0 and j1 only: S and L both reconstruct it exactly. Swapping j0 in for
+    S's latent 0 alone (argmax) leaves S's latent 1 counting e_1 twice; the threshold rule takes it
+    out in the same swap."""
+    S, L, G = _shared_parent_pair()
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(500, 2, generator=g) + 0.5) @ G[:2]
+    s, m = (a.numpy() for a in decoder_cosines(S, L))
+    ins = insertion_delta_mse(S, L, [x])
+    classes = classify(ins["delta_mse"], ins["fires"])
+    assert list(classes) == [RECONSTRUCTION, RECONSTRUCTION, INACTIVE, INACTIVE]
+    fines = {}
+    for rule in ("argmax", "threshold"):
+        events = interpolation_events(classes, ins["delta_mse"], s, m, 4, swap_rule=rule, edges=cosine_edges(S, L, 0.5))
+        fines[rule] = event_mse_curve(S, L, x, events)
+        assert fines[rule][0] == pytest.approx(0.0, abs=1e-8) and fines[rule][-1] == pytest.approx(0.0, abs=1e-8)
+    assert count_violations(fines["argmax"]) >= 1 and fines["argmax"].max() > 0.1
+    assert fines["threshold"].max() < 1e-8  # exact at every event (round-off only)
+
+
+def test_stitch_pair_uses_the_configured_swap_rule():
+    from saeflow.evals.stitching import stitch_pair
+
+    x, S, L = _topk_pair(seed=4)
+    infos = [_info(0, S.d_sae, 6, d_in=S.d_in), _info(1, L.d_sae, 6, d_in=S.d_in)]
+    mse = {}
+    for rule in ("argmax", "threshold"):
+        res = stitch_pair(S, L, x, StitchingConfig(swap_rule=rule, swap_tau=0.3, n_steps=2, ce_batches=0), *infos, "cpu")
+        assert res.summary["swap_rule"] == rule
+        assert (res.summary["largest_swap_removed"] > 1) == (rule == "threshold")
+        _assert_each_small_latent_removed_once(res.events, S.d_sae)
+        mse[rule] = res.event_mse
+    assert mse["argmax"][[0, -1]] == pytest.approx(mse["threshold"][[0, -1]], rel=1e-9)  # same S and L
+
+
+def test_swap_rule_options_are_checked():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="swap_rule"):
+        StitchingConfig(swap_rule="all")
+    with pytest.raises(ValidationError, match="swap_tau"):
+        StitchingConfig(swap_tau=1.5)
+    c = np.array([RECONSTRUCTION], dtype=object)
+    one = (c, np.zeros(1), np.ones(1), np.zeros(1, np.int64), 1)
+    with pytest.raises(StitchingError, match="unknown swap_rule 'all'"):
+        interpolation_events(*one, swap_rule="all")
+    with pytest.raises(StitchingError, match="needs the cosine edges"):
+        interpolation_events(*one, swap_rule="threshold")
+
+
+def test_swap_rule_and_tau_are_in_the_pair_cache_key():
+    from tasks.stitching import _pair_cfg
+
+    base = _pair_cfg(StitchingConfig())
+    assert base["swap_rule"] == StitchingConfig().swap_rule
+    assert _pair_cfg(StitchingConfig(swap_rule="argmax")) != _pair_cfg(StitchingConfig(swap_rule="threshold"))
+    assert _pair_cfg(StitchingConfig(swap_tau=0.7)) != base
 
 
 # ----------------------------------------------------------------------------- JumpReLU forms

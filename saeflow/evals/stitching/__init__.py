@@ -24,7 +24,9 @@ so latents of different SAEs can be mixed without rescaling.
    the rows is **inactive** (ΔMSE exactly 0; reported apart, left out of fractions and AUC).
 4. **Interpolation** (:func:`interpolation_events`, :func:`event_mse_curve`, :func:`stitched_sae`):
    insert the novel latents one by one, then swap each S latent for the reconstruction (and
-   inactive) latents of L that match it, then a last event removes the S latents nothing matched
+   inactive) latents of L that match it (``swap_rule``: ``argmax`` = the L latents whose best match
+   it is; ``threshold`` = groups of S and L latents connected by cosines ``>= swap_tau``, each
+   swapped as one), then a last event removes the S latents no swap removed
    and switches ``b_dec`` to L's, which gives exactly L. The MSE is tracked exactly after every
    event by sparse rank-1 updates of the residual; selected states are built as SAE modules so the
    core metrics code (and the CE splice) evaluates them unchanged.
@@ -47,8 +49,8 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "pairing": ("StitchingError", "check_pair", "find_pairs", "adjacent_pair_for",),
     "forms": ("NEVER", "make_jumprelu", "jumprelu_parts", "topk_thresholds", "to_jumprelu", "unit_decoder",
               "unit_acts", "inserted_acts", "StitchedSAE", "stitched_sae"),
-    "latents": ("NOVEL", "RECONSTRUCTION", "INACTIVE", "decoder_cosines", "insertion_delta_mse", "classify",
-                "proxy_auc", "tau_sweep"),
+    "latents": ("NOVEL", "RECONSTRUCTION", "INACTIVE", "decoder_cosines", "cosine_edges", "insertion_delta_mse",
+                "classify", "proxy_auc", "tau_sweep"),
     "interpolation": ("Event", "interpolation_events", "event_states", "event_mse_curve", "curve_points",
                       "changing_events", "count_violations", "evaluate_curve"),
     "pair": ("ROW_BATCH", "CESetup", "PairResult", "stitch_pair", "jumprelu_form", "pairs_table",

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from torch import Tensor
 
 from saeflow.evals.stitching.forms import inserted_acts, stitched_sae, unit_acts, unit_decoder
@@ -32,9 +34,20 @@ class Event:
 
 
 def interpolation_events(classes: np.ndarray, delta_mse: np.ndarray, max_cos: np.ndarray, match: np.ndarray,
-                         n_small: int, novel_order: str = "delta_mse", swap_order: str = "cosine") -> list[Event]:
-    """Novel inserts, then swaps (S latent ``i`` -> the non-novel L latents with ``match_j = i``),
-    then ``finish`` (the S latents nothing matched leave, ``b_dec`` becomes L's)."""
+                         n_small: int, novel_order: str = "delta_mse", swap_order: str = "cosine",
+                         swap_rule: str = "argmax",
+                         edges: tuple[np.ndarray, np.ndarray] | None = None) -> list[Event]:
+    """Novel inserts, then swaps, then ``finish`` (the S latents no swap removed leave, ``b_dec``
+    becomes L's).
+
+    A swap adds a group of non-novel L latents and removes the S latents they match: the connected
+    components of the bipartite graph with an edge ``(j, match_j)`` for every non-novel L latent j
+    (``swap_rule="argmax"``: each component is one S latent and the L latents whose argmax it is),
+    plus, with ``swap_rule="threshold"``, every edge ``(j, i)`` of ``edges`` (``(j, i)`` arrays of
+    the pairs with ``C_ji >= tau``, :func:`~saeflow.evals.stitching.latents.cosine_edges`; edges of
+    novel L latents are ignored). Each S latent is removed once, by the one swap of its component;
+    ``swap_order`` orders the components (highest max cosine of their L latents first, or lowest
+    summed ΔMSE), ties by their smallest S latent."""
     c, d, s, m = (np.asarray(a) for a in (classes, delta_mse, max_cos, match))
     novel = np.flatnonzero(c == NOVEL)
     if novel_order == "delta_mse":
@@ -43,20 +56,35 @@ def interpolation_events(classes: np.ndarray, delta_mse: np.ndarray, max_cos: np
         novel = novel[np.lexsort((novel, s[novel]))]
     else:
         raise StitchingError(f"unknown novel_order {novel_order!r}: use 'delta_mse' or 'cosine'")
-    events = [Event("insert", add=[int(j)]) for j in novel]
-    rest = np.flatnonzero(c != NOVEL)
-    groups: dict[int, list[int]] = {}
-    for j in rest:
-        groups.setdefault(int(m[j]), []).append(int(j))
-    if swap_order == "cosine":
-        key = {i: (-float(s[g].max()), i) for i, g in groups.items()}
-    elif swap_order == "delta_mse":
-        key = {i: (float(d[g].sum()), i) for i, g in groups.items()}
-    else:
+    if swap_order not in ("cosine", "delta_mse"):
         raise StitchingError(f"unknown swap_order {swap_order!r}: use 'cosine' or 'delta_mse'")
-    for i in sorted(groups, key=key.__getitem__):
-        events.append(Event("swap", add=groups[i], remove=[i]))
-    removed = set(groups)
+    events = [Event("insert", add=[int(j)]) for j in novel]
+    rest = c != NOVEL
+    ej, ei = np.flatnonzero(rest), m[rest].astype(np.int64)
+    if swap_rule == "threshold":
+        if edges is None:
+            raise StitchingError("swap_rule 'threshold' needs the cosine edges (j, i) with C_ji >= tau")
+        tj, ti = (np.asarray(a, dtype=np.int64) for a in edges)
+        keep = rest[tj]
+        ej, ei = np.concatenate([ej, tj[keep]]), np.concatenate([ei, ti[keep]])
+    elif swap_rule != "argmax":
+        raise StitchingError(f"unknown swap_rule {swap_rule!r}: use 'argmax' or 'threshold'")
+    # nodes: S latents 0..n_small-1, L latent j is node n_small + j
+    n = n_small + c.size
+    graph = coo_matrix((np.ones(ej.size), (ei, ej + n_small)), shape=(n, n))
+    _, comp = connected_components(graph, directed=False)
+    groups: dict[int, tuple[list[int], list[int]]] = {}
+    for i in np.unique(ei):
+        groups.setdefault(int(comp[i]), ([], []))[1].append(int(i))
+    for j in np.flatnonzero(rest):
+        groups[int(comp[n_small + j])][0].append(int(j))
+    if swap_order == "cosine":
+        key = {g: (-float(s[a].max()), r[0]) for g, (a, r) in groups.items()}
+    else:
+        key = {g: (float(d[a].sum()), r[0]) for g, (a, r) in groups.items()}
+    for g in sorted(groups, key=key.__getitem__):
+        events.append(Event("swap", add=groups[g][0], remove=groups[g][1]))
+    removed = {i for _, r in groups.values() for i in r}
     events.append(Event("finish", remove=[i for i in range(n_small) if i not in removed]))
     return events
 

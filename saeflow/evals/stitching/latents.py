@@ -12,13 +12,13 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
-from saeflow.cosine import max_cosine
+from saeflow.cosine import max_cosine, unit_rows
 from saeflow.evals.stitching.forms import inserted_acts, unit_decoder
 from saeflow.evals.stitching.pairing import StitchingError
 from saeflow.saes import BaseSAE
 
-__all__ = ["NOVEL", "RECONSTRUCTION", "INACTIVE", "decoder_cosines", "insertion_delta_mse", "classify", "proxy_auc",
-           "tau_sweep"]
+__all__ = ["NOVEL", "RECONSTRUCTION", "INACTIVE", "decoder_cosines", "cosine_edges", "insertion_delta_mse", "classify",
+           "proxy_auc", "tau_sweep"]
 
 NOVEL, RECONSTRUCTION, INACTIVE = "novel", "reconstruction", "inactive"
 
@@ -30,6 +30,22 @@ def decoder_cosines(small: BaseSAE, large: BaseSAE, chunk_rows: int = 2048) -> t
     if small.d_in != large.d_in:
         raise StitchingError(f"decoder widths differ: S has d_in={small.d_in}, L has d_in={large.d_in}")
     return max_cosine(large.W_dec.detach().to(small.W_dec.device), small.W_dec, chunk_rows=chunk_rows)
+
+
+@torch.no_grad()
+def cosine_edges(small: BaseSAE, large: BaseSAE, tau: float, chunk_rows: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """``(j, i)`` int64 arrays: every (L latent, S latent) pair with decoder cosine ``C_ji >= tau``
+    (the ``threshold`` swap rule's bipartite graph), in row-major order; ``chunk_rows`` L rows at a time."""
+    if small.d_in != large.d_in:
+        raise StitchingError(f"decoder widths differ: S has d_in={small.d_in}, L has d_in={large.d_in}")
+    US = unit_rows(small.W_dec)
+    UL = unit_rows(large.W_dec).to(US.device)
+    js, is_ = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for lo in range(0, UL.shape[0], chunk_rows):
+        j, i = torch.nonzero(UL[lo:lo + chunk_rows] @ US.T >= tau, as_tuple=True)
+        js.append(j.cpu().numpy() + lo)
+        is_.append(i.cpu().numpy())
+    return np.concatenate(js), np.concatenate(is_)
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ from saeflow.evals.stitching.latents import (
     NOVEL,
     RECONSTRUCTION,
     classify,
+    cosine_edges,
     decoder_cosines,
     insertion_delta_mse,
     proxy_auc,
@@ -115,7 +116,9 @@ def stitch_pair(S: BaseSAE, L: BaseSAE, x: Tensor, cfg: StitchingConfig, small: 
     classes = classify(ins["delta_mse"], ins["fires"])
     auc = proxy_auc(max_cos, classes)
     taus = tau_sweep(max_cos, classes, cfg.taus)
-    events = interpolation_events(classes, ins["delta_mse"], max_cos, match, S.d_sae, cfg.novel_order, cfg.swap_order)
+    edges = cosine_edges(S, L, cfg.swap_tau) if cfg.swap_rule == "threshold" else None
+    events = interpolation_events(classes, ins["delta_mse"], max_cos, match, S.d_sae, cfg.novel_order, cfg.swap_order,
+                                  cfg.swap_rule, edges)
     t0 = time.perf_counter()
     fine = event_mse_curve(S, L, x, events, cfg.adjust_encoder_bias)
     t_fine = time.perf_counter() - t0
@@ -148,7 +151,9 @@ def stitch_pair(S: BaseSAE, L: BaseSAE, x: Tensor, cfg: StitchingConfig, small: 
         "proxy_auc": auc, "mean_max_cos_novel": float(max_cos[classes == NOVEL].mean()) if n_novel else float("nan"),
         "mean_max_cos_reconstruction": float(max_cos[classes == RECONSTRUCTION].mean()) if n_rec else float("nan"),
         "n_events": len(events), "n_events_changing": int(changes.sum()),
-        "n_swaps": sum(e.kind == "swap" for e in events),
+        "swap_rule": cfg.swap_rule, "n_swaps": sum(e.kind == "swap" for e in events),
+        "largest_swap_added": max((len(e.add) for e in events if e.kind == "swap"), default=0),
+        "largest_swap_removed": max((len(e.remove) for e in events if e.kind == "swap"), default=0),
         "violations": count_violations(fine), "violations_at_points": count_violations(curve["mse"].to_numpy()),
         "mse_small": float(fine[0]), "mse_after_novel": float(fine[first_swap]), "mse_large": float(fine[-1]),
         "ev_small": float(curve["explained_variance"].iloc[0]), "ev_large": float(curve["explained_variance"].iloc[-1]),
