@@ -71,19 +71,19 @@ def _sb_run(spec_path: Path) -> None:
     patch_sb_model_and_words(spec["model_dir"], spec["words"], stop_at_hook=True)
     from sae_lens import SAE
 
-    captured = {}
     real = ksp.train_sparse_multi_probe
 
     def capture(x_train, y_train, **kw):
         probe = real(x_train, y_train, **kw)
-        captured.update(x=x_train.float().cpu().numpy(), y=y_train.float().cpu().numpy(),
-                        w=probe.fc.weight.detach().float().cpu().numpy(), b=probe.fc.bias.detach().float().cpu().numpy())
+        np.savez(work / "sb_l1_probe.npz", x=x_train.float().cpu().numpy(), y=y_train.float().cpu().numpy(),
+                 w=probe.fc.weight.detach().float().cpu().numpy(), b=probe.fc.bias.detach().float().cpu().numpy())
         return probe
 
     ksp.train_sparse_multi_probe = capture
     sae = SAE.load_from_disk(spec["sae"], device="cpu")
     cfg = AbsorptionEvalConfig(model_name="gemma-3-270m", llm_dtype="float32", llm_batch_size=32,
                                k_sparse_probe_num_epochs=spec["sb_epochs"], precalc_k_sparse_probe_sae_acts=True)
+    (work / "out").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     res = sbmain.run_eval(cfg, [("sae", sae)], "cpu", str(work / "out"), force_rerun=True)
     seconds = time.perf_counter() - t0
@@ -104,7 +104,6 @@ def _sb_run(spec_path: Path) -> None:
         out[letter] = row
     (work / "sb_letters.json").write_text(json.dumps({"seconds": seconds, "letters": out,
                                                       "saes": list(res) if isinstance(res, dict) else []}))
-    np.savez(work / "sb_l1_probe.npz", **captured)
     print(json.dumps({"seconds": seconds}))
 
 
