@@ -89,6 +89,23 @@ def _sb_run(spec_path: Path) -> None:
     print(json.dumps({"seconds": dt, "saes": len(res)}))
 
 
+def profile_family(config: str, artifacts: str):
+    """``(config, artifacts root, model ref, SAE refs of the family)`` of a profile (project venv)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from saeflow.config import load_config
+    from tasks import activations as tacts
+    from tasks import corpus as tcorpus
+    from tasks import model as tmodel
+    from tasks import train as ttrain
+
+    cfg = load_config(config)
+    root = str(Path(artifacts).resolve())
+    m = tmodel.ref(cfg=cfg.model, root=root)
+    c = tcorpus.ref(model=m, cfg=cfg.corpus, root=root, prepend_bos=cfg.model.prepend_bos)
+    a = tacts.ref(model=m, model_cfg=cfg.model, corpus=c, cfg=cfg.activations, root=root)
+    return cfg, root, m, ttrain.family_refs(a, cfg.sae_configs(), cfg.train, root)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/quick-evals.yaml")
@@ -99,27 +116,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.sb_spec:
         _sb_run(args.sb_spec)
         return 0
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    cfg, root, m, saes = profile_family(args.config, args.artifacts)
+    saes = saes[: args.saes]
     import pandas as pd
     from prefect.logging import disable_run_logger
 
     from benchmarks._common import machine, write_section
-    from saeflow.config import load_config
     from tasks import absorption as tab
-    from tasks import model as tmodel
-    from tasks import train as ttrain
     from tasks import vocab as tvocab
-    from tasks import activations as tacts
-    from tasks import corpus as tcorpus
 
-    cfg = load_config(args.config)
-    root = str(Path(args.artifacts).resolve())
     acfg = cfg.absorption.model_copy(update={"ablation": False})
-    m = tmodel.ref(cfg=cfg.model, root=root)
     v = tvocab.ref(model=m, cfg=cfg.vocab, root=root)
-    c = tcorpus.ref(model=m, cfg=cfg.corpus, root=root, prepend_bos=cfg.model.prepend_bos)
-    a = tacts.ref(model=m, model_cfg=cfg.model, corpus=c, cfg=cfg.activations, root=root)
-    saes = ttrain.family_refs(a, cfg.sae_configs(), cfg.train, root)[: args.saes]
     for r in (m, v, *saes):
         if not r.is_complete():
             print(f"error: {r.path} is not complete; run the pipeline with {args.config} first", file=sys.stderr)

@@ -155,31 +155,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.sb_spec:
         _sb_run(args.sb_spec)
         return 0
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.absorption import profile_family
+
+    cfg, root, m, saes = profile_family(args.config, args.artifacts)
     import numpy as np
     import pandas as pd
     import torch
+    import yaml
     from prefect.logging import disable_run_logger
 
     from benchmarks._common import machine, write_section
-    from saeflow.config import load_config
     from saeflow.evals import absorption as ab
     from saeflow.evals.common import sae_identity
-    from tasks import activations as tacts
-    from tasks import corpus as tcorpus
-    from tasks import model as tmodel
-    from tasks import train as ttrain
-
-    cfg = load_config(args.config)
-    root = str(Path(args.artifacts).resolve())
-    import yaml
 
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     acfg = type(cfg.absorption).model_validate({**cfg.absorption.model_dump(), "ablation": False, **overrides})
-    m = tmodel.ref(cfg=cfg.model, root=root)
-    c = tcorpus.ref(model=m, cfg=cfg.corpus, root=root, prepend_bos=cfg.model.prepend_bos)
-    a = tacts.ref(model=m, model_cfg=cfg.model, corpus=c, cfg=cfg.activations, root=root)
-    saes = ttrain.family_refs(a, cfg.sae_configs(), cfg.train, root)
     names = {}
     for s in saes:
         if s.is_complete():
