@@ -220,7 +220,7 @@ def sae_task(out: ArtifactRef, model: ArtifactRef, model_cfg: ModelConfig, data:
             jump=cfg.f1_jump_threshold, seed=cfg.seed, device=dev,
             ablation=runner, max_ablation_prompts=cfg.max_ablation_prompts, log=logger.info)
     warn_unconverged(f"L1 probe of {sae_dir.name}", res.l1_probe)
-    n_bad = int((~res.k_sparse["refit_converged"]).sum()) if len(res.k_sparse) else 0
+    n_bad = int(res.summary["absorption_refits_not_converged"])
     if n_bad:
         logger.warning("absorption %s: %d of %d k-sparse refits (sklearn LogisticRegression, max_iter %d) did not "
                        "converge", sae_dir.name, n_bad, len(res.k_sparse), ab.REFIT_MAX_ITER)

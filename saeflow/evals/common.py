@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import pkgutil
+import warnings
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
@@ -133,6 +134,49 @@ def convergence_record(loss_at_90pct: float, final_loss: float, tol: float, eps:
     rel = abs(a - b) / max(abs(b), eps) if math.isfinite(a) and math.isfinite(b) else float("nan")
     return {"final_loss": b, "loss_at_90pct": a, "rel_change_last10": rel,
             "converged": bool(math.isfinite(rel) and rel < tol), "convergence_tol": float(tol)}
+
+
+#: The convergence columns a probe's metrics carry (:meth:`FitLog.columns`).
+CONVERGENCE_COLUMNS: tuple[str, ...] = ("converged", "n_iter", "n_fits", "n_fits_not_converged")
+
+
+class FitLog:
+    """The convergence of the iterative solver fits behind one probe result (issue #25).
+
+    :meth:`fit` fits an estimator with ``max_iter`` / ``n_iter_`` (logistic regression, MLP),
+    catching scikit-learn's ``ConvergenceWarning`` (recorded, not shown; other warnings are shown as
+    usual); a fit is not converged when it warned or reached ``max_iter``. Every fit counts (the
+    validation search's and the final one).
+    """
+
+    def __init__(self) -> None:
+        self.n_fits = self.n_not_converged = 0
+        self.n_iter: int | None = None
+
+    def fit(self, estimator, X: np.ndarray, y: np.ndarray):
+        from sklearn.exceptions import ConvergenceWarning
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            estimator.fit(X, y)
+        warned = False
+        for w in caught:
+            if issubclass(w.category, ConvergenceWarning):
+                warned = True
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        self.n_iter = int(np.max(estimator.n_iter_))
+        self.n_fits += 1
+        self.n_not_converged += int(warned or self.n_iter >= estimator.max_iter)
+        return estimator
+
+    def columns(self) -> dict[str, bool | int | None]:
+        """``converged`` (every fit converged), ``n_iter`` (iterations of the last fit: the final
+        model's), ``n_fits``, ``n_fits_not_converged``; ``None`` values when nothing was fitted."""
+        if not self.n_fits:
+            return dict.fromkeys(CONVERGENCE_COLUMNS)
+        return {"converged": self.n_not_converged == 0, "n_iter": self.n_iter, "n_fits": self.n_fits,
+                "n_fits_not_converged": self.n_not_converged}
 
 
 # ------------------------------------------------------------------------ absorption and probing

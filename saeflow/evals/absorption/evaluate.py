@@ -70,8 +70,6 @@ def evaluate_sae(sae: Any, probe_w: Tensor, probe_b: Tensor, passing: Sequence[i
                              batch_size=sparse_batch_size, lr=1e-2, end_lr=1e-5, weight_decay=1e-6, l1=l1_decay,
                              seed=seed, tol=tol, device=device)
     l1_w, conv = fit.weight, fit.convergence
-    say(f"L1 probe: {conv.steps} steps, objective {conv.final_loss:.6g}, change over the last 10% "
-        f"{conv.rel_change_last10:.2e}: {'converged' if conv.converged else 'NOT converged'}")
     ks = k_sparse_probing(f_train, train_y, f_test, test_y, l1_w, max_k, passing)
     splits = feature_splits(ks, jump).set_index("label")
     probe_scores_test = (test_acts.float() @ probe_w.T + probe_b).numpy()

@@ -26,7 +26,6 @@ than ``tol`` relative, the fit had not converged.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from saeflow.evals.absorption.prompts import LETTERS, AbsorptionError
-from saeflow.evals.common import convergence_record, step_at_90pct
+from saeflow.evals.common import FitLog, convergence_record, step_at_90pct
 
 #: Default relative tolerance of the convergence check (objective change over the last 10% of steps).
 CONVERGENCE_TOL = 1e-4
@@ -316,9 +315,8 @@ def k_sparse_probing(f_train: Tensor, y_train: np.ndarray, f_test: Tensor, y_tes
     """SPEC 1.4 steps 2-4: per letter and k, the signed top-k latents of the L1 probe, an sklearn
     ``LogisticRegression(max_iter=500, class_weight="balanced")`` refit on them, and its test
     precision / recall / F1 (positive when ``f[ids] @ coef + intercept > 0``). Each refit records
-    ``refit_n_iter`` and ``refit_converged`` (fewer iterations than ``max_iter`` and no sklearn
-    ``ConvergenceWarning``)."""
-    from sklearn.exceptions import ConvergenceWarning
+    ``refit_n_iter`` and ``refit_converged`` (:class:`~saeflow.evals.common.FitLog`: fewer
+    iterations than ``max_iter`` and no sklearn ``ConvergenceWarning``)."""
     from sklearn.linear_model import LogisticRegression
 
     rows = []
@@ -332,13 +330,10 @@ def k_sparse_probing(f_train: Tensor, y_train: np.ndarray, f_test: Tensor, y_tes
             if yt.min() == yt.max():
                 coef, icpt = np.zeros(k), -1.0
             else:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    lr = LogisticRegression(max_iter=REFIT_MAX_ITER, class_weight="balanced").fit(xtr, yt)
+                fits = FitLog()
+                lr = fits.fit(LogisticRegression(max_iter=REFIT_MAX_ITER, class_weight="balanced"), xtr, yt)
                 coef, icpt = lr.coef_[0], float(lr.intercept_[0])
-                n_iter = int(np.max(lr.n_iter_))
-                converged = n_iter < REFIT_MAX_ITER and not any(issubclass(c.category, ConvergenceWarning)
-                                                                for c in caught)
+                n_iter, converged = int(fits.n_iter), fits.n_not_converged == 0
             score = f_test[:, ids].numpy().astype(np.float64) @ coef + icpt
             rows.append({"letter": LETTERS[li], "label": li, "k": k, "feats": ids.tolist(), "coef": coef.tolist(),
                          "bias": icpt, "refit_n_iter": n_iter, "refit_converged": converged,

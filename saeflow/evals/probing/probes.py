@@ -19,6 +19,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from saeflow.evals.common import CONVERGENCE_COLUMNS, FitLog  # noqa: F401 (re-exported)
+
 from saeflow.evals.probing.datasets import ProbingError
 from saeflow.evals.probing.splits import SkipSetting, skip_reason
 
@@ -28,47 +30,6 @@ C_GRID = np.logspace(5, -5, 10)
 #: ``max_iter`` of every logistic regression and MLP (the reference's); a fit that reaches it, or
 #: that scikit-learn warns about (``ConvergenceWarning``), has not converged.
 MAX_ITER = 1000
-#: The convergence columns a probe's metrics carry (:meth:`FitLog.columns`).
-CONVERGENCE_COLUMNS: tuple[str, ...] = ("converged", "n_iter", "n_fits", "n_fits_not_converged")
-
-
-class FitLog:
-    """The convergence of the iterative solver fits behind one probe result (issue #25).
-
-    :meth:`fit` fits an estimator with ``max_iter`` / ``n_iter_`` (logistic regression, MLP),
-    catching scikit-learn's ``ConvergenceWarning`` (recorded, not shown; other warnings are shown as
-    usual); a fit is not converged when it warned or reached ``max_iter``. Every fit counts (the
-    validation search's and the final one).
-    """
-
-    def __init__(self) -> None:
-        self.n_fits = self.n_not_converged = 0
-        self.n_iter: int | None = None
-
-    def fit(self, estimator, X: np.ndarray, y: np.ndarray):
-        from sklearn.exceptions import ConvergenceWarning
-
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            estimator.fit(X, y)
-        warned = False
-        for w in caught:
-            if issubclass(w.category, ConvergenceWarning):
-                warned = True
-            else:
-                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-        self.n_iter = int(np.max(estimator.n_iter_))
-        self.n_fits += 1
-        self.n_not_converged += int(warned or self.n_iter >= estimator.max_iter)
-        return estimator
-
-    def columns(self) -> dict[str, bool | int | None]:
-        """``converged`` (every fit converged), ``n_iter`` (iterations of the last fit: the final
-        model's), ``n_fits``, ``n_fits_not_converged``; ``None`` values when nothing was fitted."""
-        if not self.n_fits:
-            return dict.fromkeys(CONVERGENCE_COLUMNS)
-        return {"converged": self.n_not_converged == 0, "n_iter": self.n_iter, "n_fits": self.n_fits,
-                "n_fits_not_converged": self.n_not_converged}
 
 
 def cv_splits(y: np.ndarray, seed: int = 42) -> list[tuple[np.ndarray, np.ndarray]]:
