@@ -28,7 +28,7 @@ from flows.runner import STAGE_START, StageRunner, as_subflow, load_profile, res
 from flows.summary import EvalRefs, MemberSummary, PipelineRefs, PipelineSummary, StageTiming
 from saeflow import remote
 from saeflow.artifacts import ArtifactRef
-from saeflow.config import PipelineConfig
+from saeflow.config import PipelineConfig, resolve_precision
 from saeflow.saes import describe_sae
 from flows.evals import absorption, meta_sae, probing, stitching
 from tasks import activations, browser, corpus, imported, metrics, model, report, tables, train, vocab
@@ -55,8 +55,14 @@ def pipeline(config: PipelineConfig, artifacts: str | None = None,
     of an earlier family, found by ``flows.reevaluate``) evaluated after the imported ones.
     """
     root = resolve_root(artifacts)
+    config, notes = resolve_precision(config)  # "auto" -> this machine's dtype, before any fingerprint
     dev = config.train.device
     stage = StageRunner(root, config)
+    if notes:
+        from tasks.common import stage_logger as precision_log
+
+        for note in notes:
+            precision_log().info("precision: %s", note)
     states, timings = stage.states, stage.timings
     t_flow = time.perf_counter()
     stage_all = stage.all

@@ -10,6 +10,8 @@ the architectures in :mod:`saeflow.saes.config`; this module composes them into 
 
 from __future__ import annotations
 
+import logging
+
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,9 +33,22 @@ class ModelConfig(Frozen):
     word-level tokenizer, for tests). Any other name is passed to transformer_lens and downloaded
     from the Hugging Face hub (needs internet)."""
 
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Dtype the model runs in. Activations are stored as float32 unless ``ActivationsConfig.dtype``
-    says otherwise."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """Dtype the model runs in: extraction and every evaluation's forward passes (absorption
+    prompts and IG, probing prompts, CE-loss splices, browser windows). ``auto`` resolves per
+    machine (:mod:`saeflow.precision`: bfloat16 where the GPU / CPU computes it natively, else
+    float32) when the profile is loaded, so artifacts are keyed by the concrete dtype. Activations
+    are stored as float32 unless ``ActivationsConfig.dtype`` says otherwise."""
+
+    def resolved_dtype(self, device: str = "auto") -> str:
+        """``dtype`` with ``auto`` resolved for this machine (:func:`saeflow.precision.resolve`):
+        what keys the artifacts of every stage that runs the model."""
+        if self.dtype != "auto":
+            return self.dtype
+        from saeflow.device import pick_device
+        from saeflow.precision import resolve
+
+        return resolve("auto", pick_device(device)).name
 
     prepend_bos: bool = True
     """Prepend the BOS token to every context (BOS positions are never stored as SAE data)."""
@@ -154,8 +169,29 @@ class TrainConfig(Frozen):
     buffer_chunks: int = Field(8, ge=1)
     """Zarr chunks concatenated and row-permuted per loader buffer."""
 
+    precision: Literal["auto", "float32", "bfloat16"] = "float32"
+    """Matmul precision of SAE training (:mod:`saeflow.precision`): ``bfloat16`` feeds the big
+    matmuls (dense encoder; ReLU / JumpReLU also their decoder and weight gradients) bf16 inputs,
+    while weights, optimiser state, gradients and the loss stay float32 (TopK-family SAEs use bf16
+    only to select their latents, whose values are recomputed in float32). ``auto`` resolves per
+    machine when the profile is loaded (bfloat16 where native, else float32)."""
+
     device: str = operational("auto", "auto | cpu | cuda | cuda:N")
     """``auto`` picks cuda when present, else cpu."""
+
+    def fingerprint_payload(self) -> dict[str, Any]:
+        """As every config's, with ``precision`` resolved (``auto`` -> this machine's) and left out
+        when it is float32: float32 artifacts keep the fingerprints they had before the field existed,
+        and a bf16 run never reuses them (nor the reverse)."""
+        out = super().fingerprint_payload()
+        if out.get("precision") == "auto":
+            from saeflow.device import pick_device
+            from saeflow.precision import resolve
+
+            out["precision"] = resolve("auto", pick_device(self.device)).name
+        if out.get("precision") == "float32":
+            del out["precision"]
+        return out
 
     checkpoint_every: int = operational(50, "Steps between checkpoints.")
     """Steps between resumable checkpoints."""
@@ -360,9 +396,36 @@ def load_config(path: str | Path) -> PipelineConfig:
     return validate_profile(read_profile(path), path)
 
 
+def resolve_precision(cfg: PipelineConfig) -> tuple[PipelineConfig, list[str]]:
+    """``cfg`` with ``auto`` in ``model.dtype`` / ``train.precision`` replaced by the dtype this
+    machine computes natively (on ``train.device``), and one log line per field saying which and why."""
+    from saeflow.device import pick_device
+    from saeflow.precision import resolve
+
+    notes: list[str] = []
+    updates: dict[str, Any] = {}
+    if cfg.model.dtype == "auto" or cfg.train.precision == "auto":
+        dev = pick_device(cfg.train.device)
+        if cfg.model.dtype == "auto":
+            r = resolve("auto", dev)
+            updates["model"] = cfg.model.model_copy(update={"dtype": r.name})
+            notes.append(f"model.dtype auto -> {r.name} on {dev.type} ({r.reason})")
+        if cfg.train.precision == "auto":
+            r = resolve("auto", dev)
+            updates["train"] = cfg.train.model_copy(update={"precision": r.name})
+            notes.append(f"train.precision auto -> {r.name} on {dev.type} ({r.reason})")
+    return (cfg.model_copy(update=updates) if updates else cfg), notes
+
+
 def validate_profile(data: dict[str, Any], path: str | Path) -> PipelineConfig:
+    """Validate a profile's sections; ``auto`` precisions are resolved for this machine
+    (:func:`resolve_precision`, logged on the ``saeflow`` logger)."""
     try:
-        return PipelineConfig.model_validate(data)
+        cfg = PipelineConfig.model_validate(data)
+        cfg, notes = resolve_precision(cfg)
+        for note in notes:
+            logging.getLogger("saeflow.precision").info("%s", note)
+        return cfg
     except ValidationError as exc:
         lines = [f"config file {path} is invalid:"]
         for err in exc.errors():

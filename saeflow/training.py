@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -37,8 +38,12 @@ from saeflow import checkpoint
 from saeflow.artifacts import write_json_atomic
 from saeflow.checkpoint import CHECKPOINT_DIR, DONE_FILE, CheckpointError
 from saeflow.config import TrainConfig
+from saeflow.precision import matmul_dtype
+from saeflow.precision import resolve as resolve_precision
 from saeflow.saes import BaseSAE, SAEConfig, build_sae, save_sae
 from saeflow.sae_init import b_dec_from_sample, resample_dead_latents
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BatchLoader",
@@ -253,7 +258,8 @@ class _Member:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         dead = self.since_fired > self.window
-        out = self.sae.training_forward(x, dead, return_feature_acts=False, step=step)
+        with matmul_dtype(train_cfg.precision):  # "float32" / "bfloat16" (train_saes resolved "auto")
+            out = self.sae.training_forward(x, dead, return_feature_acts=False, step=step)
         loss = out["loss"]
         assert isinstance(loss, torch.Tensor)
         with torch.no_grad():
@@ -417,6 +423,10 @@ def train_saes(
     """
     t_start = time.perf_counter()
     device = torch.device(device)
+    if train_cfg.precision == "auto":  # the concrete precision keys checkpoints and is recorded
+        prec = resolve_precision(train_cfg.precision, device)
+        log.info("train.precision auto -> %s (%s)", prec.name, prec.reason)
+        train_cfg = train_cfg.model_copy(update={"precision": prec.name})
     total_steps = train_cfg.training_tokens // train_cfg.batch_size
     if total_steps < 1:
         raise ValueError(

@@ -65,7 +65,7 @@ def _sub(cfg: AbsorptionConfig, fields: tuple[str, ...]) -> dict:
 # ------------------------------------------------------------------------------------------ data
 def data_ref(model: ArtifactRef, model_cfg: ModelConfig, vocab: ArtifactRef, hook: str, cfg: AbsorptionConfig,
              root: str, **_) -> ArtifactRef:
-    payload = {**_sub(cfg, DATA_FIELDS), "hook": hook, "dtype": model_cfg.dtype, "prepend_bos": model_cfg.prepend_bos}
+    payload = {**_sub(cfg, DATA_FIELDS), "hook": hook, "dtype": model_cfg.resolved_dtype(), "prepend_bos": model_cfg.prepend_bos}
     return artifact_ref(root, DATA, fingerprint(DATA, payload, model, vocab, _data_code()))
 
 
@@ -178,7 +178,7 @@ def warn_unconverged(what: str, conv: "ab.Convergence") -> None:
 # --------------------------------------------------------------------------------------- per SAE
 def sae_ref(model: ArtifactRef, model_cfg: ModelConfig, data: ArtifactRef, probe: ArtifactRef, sae: ArtifactRef,
             cfg: AbsorptionConfig, root: str, **_) -> ArtifactRef:
-    return artifact_ref(root, PER_SAE, fingerprint(PER_SAE, cfg, model, data, probe, sae, f"dtype={model_cfg.dtype}", _code()))
+    return artifact_ref(root, PER_SAE, fingerprint(PER_SAE, cfg, model, data, probe, sae, f"dtype={model_cfg.resolved_dtype()}", _code()))
 
 
 def check_sae(sae_model, sae_dir, hook: str, d_model: int) -> None:

@@ -22,7 +22,7 @@ STAGE = "activations"
 
 
 def ref(model: ArtifactRef, model_cfg: ModelConfig, corpus: ArtifactRef, cfg: ActivationsConfig, root: str, **_) -> ArtifactRef:
-    return artifact_ref(root, STAGE, fingerprint(STAGE, cfg, model, corpus, f"dtype={model_cfg.dtype}"))
+    return artifact_ref(root, STAGE, fingerprint(STAGE, cfg, model, corpus, f"dtype={model_cfg.resolved_dtype()}"))
 
 
 def check_hook(model: ArtifactRef, hook: str) -> int:
@@ -39,10 +39,10 @@ def activations_task(out: ArtifactRef, model: ArtifactRef, model_cfg: ModelConfi
     cmeta = completion_meta(corpus.dir)
     dev = pick_device(device)
     lm = load_model(model_cfg, model.dir, dev)
-    begin(out, cfg, [model, corpus])
+    begin(out, {**cfg.model_dump(mode="json"), "model_dtype": model_cfg.resolved_dtype(device)}, [model, corpus])
     store = ActivationStore.open_for_write(
         out.dir, lm.cfg.d_model, cfg.chunk_rows, cfg.dtype,
-        attrs={"model": model_cfg.name, "hook": cfg.hook, "model_dtype": model_cfg.dtype,
+        attrs={"model": model_cfg.name, "hook": cfg.hook, "model_dtype": model_cfg.resolved_dtype(device),
                "fingerprint": out.fingerprint, "model_fingerprint": model.fingerprint,
                "corpus_fingerprint": corpus.fingerprint},
     )

@@ -53,7 +53,7 @@ def _code() -> str:
 
 def ref(model: ArtifactRef, model_cfg: ModelConfig, acts: ArtifactRef, sae: ArtifactRef, cfg: BrowserConfig, root: str,
         **_) -> ArtifactRef:
-    return artifact_ref(root, STAGE, fingerprint(STAGE, cfg, model, acts, sae, f"dtype={model_cfg.dtype}", _code()))
+    return artifact_ref(root, STAGE, fingerprint(STAGE, cfg, model, acts, sae, f"dtype={model_cfg.resolved_dtype()}", _code()))
 
 
 def check_sae_on_store(acts: ArtifactRef, sae: ArtifactRef, device: str):

@@ -43,7 +43,7 @@ class SAEMismatchError(ValueError):
 
 def ref(model: ArtifactRef, model_cfg: ModelConfig, corpus: ArtifactRef, acts: ArtifactRef, sae: ArtifactRef,
         cfg: MetricsConfig, root: str, **_) -> ArtifactRef:
-    return artifact_ref(root, STAGE, fingerprint(STAGE, cfg, model, corpus, acts, sae, f"dtype={model_cfg.dtype}", _code()))
+    return artifact_ref(root, STAGE, fingerprint(STAGE, cfg, model, corpus, acts, sae, f"dtype={model_cfg.resolved_dtype()}", _code()))
 
 
 def check_sae_fits(sae, sae_dir, store: ActivationStore) -> None:
@@ -86,7 +86,7 @@ def metrics_task(out: ArtifactRef, model: ArtifactRef, model_cfg: ModelConfig, c
         eval_tokens = torch.from_numpy(tokens[train_contexts:train_contexts + cfg.ce_batches * cfg.ce_batch_size].astype(np.int64))
         lm = load_model(model_cfg, require_complete(model), dev)
         hook, ignore = store.attrs["hook"], special_token_ids(lm.tokenizer)
-        key = (model.fingerprint, model_cfg.dtype, corpus.fingerprint, hook, cfg.ce_batches, cfg.ce_batch_size, str(dev))
+        key = (model.fingerprint, model_cfg.resolved_dtype(), corpus.fingerprint, hook, cfg.ce_batches, cfg.ce_batch_size, str(dev))
         with timed("CE / KL metrics"):
             reference = shared_ce_reference(lm, key, hook, eval_tokens, cfg.ce_batch_size, ignore)
             ce = ce_metrics(lm, sae_model, hook, eval_tokens, cfg.ce_batch_size, ignore, reference=reference)

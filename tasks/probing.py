@@ -61,7 +61,7 @@ def _acts_code() -> str:
 def acts_ref(model: ArtifactRef, model_cfg: ModelConfig, hook: str, dataset: str, ood: bool, max_rows: int | None,
              max_seq_len: int, root: str, **_) -> ArtifactRef:
     key = {"dataset": dataset, "ood": ood, "hook": hook, "max_rows": None if ood else max_rows, "max_seq_len": max_seq_len}
-    return artifact_ref(root, STAGE_ACTS, fingerprint(STAGE_ACTS, key, model, f"dtype={model_cfg.dtype}", _acts_code()))
+    return artifact_ref(root, STAGE_ACTS, fingerprint(STAGE_ACTS, key, model, f"dtype={model_cfg.resolved_dtype()}", _acts_code()))
 
 
 @stage_task(acts_ref, name="probing-acts", task_run_name="probing-acts-{dataset}")

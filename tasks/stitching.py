@@ -120,7 +120,7 @@ def pair_ref(small: ArtifactRef, large: ArtifactRef, small_form: ArtifactRef, la
              model: ArtifactRef, model_cfg: ModelConfig, corpus: ArtifactRef, acts: ArtifactRef, cfg: StitchingConfig,
              root: str, **_) -> ArtifactRef:
     return artifact_ref(root, PAIR_STAGE, fingerprint(PAIR_STAGE, _pair_cfg(cfg), small, large, small_form, large_form,
-                                                      model, corpus, acts, f"dtype={model_cfg.dtype}", _code()))
+                                                      model, corpus, acts, f"dtype={model_cfg.resolved_dtype()}", _code()))
 
 
 def pair_inputs(small: ArtifactRef, large: ArtifactRef, acts: ArtifactRef, cfg: StitchingConfig,
@@ -157,7 +157,7 @@ def pair_task(out: ArtifactRef, small: ArtifactRef, large: ArtifactRef, small_fo
             tokens[train_contexts:train_contexts + cfg.ce_batches * cfg.ce_batch_size].astype(np.int64))
         lm = load_model(model_cfg, require_complete(model), dev)
         ignore = special_token_ids(lm.tokenizer)
-        key = (model.fingerprint, model_cfg.dtype, corpus.fingerprint, hook, cfg.ce_batches, cfg.ce_batch_size, str(dev))
+        key = (model.fingerprint, model_cfg.resolved_dtype(), corpus.fingerprint, hook, cfg.ce_batches, cfg.ce_batch_size, str(dev))
         ce = CESetup(lm, hook, eval_tokens, cfg.ce_batch_size, ignore,
                      shared_ce_reference(lm, key, hook, eval_tokens, cfg.ce_batch_size, ignore))
     progress = Progress(f"stitching {title}", every_s=10.0)

@@ -16,6 +16,9 @@ from saeflow.saes.kernels import (
     _sorted_topk,
     _SparseDecode,
     _take,
+    selected_pre,
+    selected_pre_coo,
+    selection_pre,
 )
 from saeflow.saes.topk import TopKSAE
 
@@ -98,18 +101,17 @@ class BatchTopKSAE(TopKSAE):
             return acts[:, lo:hi] @ self.W_dec[lo:hi]
 
         return _BTParts(n=n, x_hat=x_hat, decode_block=decode_prefix, feature_acts=feature_acts,
-                        dense_hidden_pre=hidden_pre, sparse=None, pre=None, sae_in=None)
+                        dense_hidden_pre=hidden_pre, sparse=None, pre=None, sae_in=None, hidden_pre=None)
 
     def _forward_sparse(self, x: torch.Tensor, k: int | None = None) -> "_BTParts":
         """Same maths as :meth:`_forward_dense`; only the selected activations enter the backward."""
         n = self.W_dec.norm(dim=-1)
         inv_n = 1 / n
         sae_in = x - self.b_dec.detach()
+        pre, hidden_pre = selection_pre(sae_in, self.W_enc, self.b_enc, n if self.rescale else None)  # dense, no graph
         with torch.no_grad():
-            pre = torch.addmm(self.b_enc, sae_in, self.W_enc)  # dense [B, d_sae], no graph
-            hidden_pre = pre * n if self.rescale else pre
             rows, cols = _batch_topk_select(hidden_pre, self._n_keep(x.shape[0], k))
-        sel = _GatherPreActsCOO.apply(pre[rows, cols], sae_in, self.W_enc, self.b_enc, self.b_dec, rows, cols)
+        sel = _GatherPreActsCOO.apply(selected_pre_coo(pre, sae_in, self.W_enc, self.b_enc, rows, cols), sae_in, self.W_enc, self.b_enc, self.b_dec, rows, cols)
         if self.rescale:
             sel = sel * n.index_select(0, cols)
         vals = sel.relu()  # == SAELens' feature_acts at (rows, cols)
@@ -122,7 +124,7 @@ class BatchTopKSAE(TopKSAE):
             return _COODecode.apply(w[sub.keep], sub, self.W_dec)
 
         return _BTParts(n=n, x_hat=x_hat, decode_block=decode_block, feature_acts=None,
-                        dense_hidden_pre=None, sparse=(sp, vals), pre=pre, sae_in=sae_in)
+                        dense_hidden_pre=None, sparse=(sp, vals), pre=pre, sae_in=sae_in, hidden_pre=hidden_pre)
 
     def _topk_aux(self, x: torch.Tensor, residual_of: torch.Tensor, parts: "_BTParts",
                   dead_mask: torch.Tensor | None, lo: int = 0, hi: int | None = None) -> torch.Tensor:
@@ -151,15 +153,18 @@ class BatchTopKSAE(TopKSAE):
                 aux_acts = aux_acts * (1 / n[lo:hi])
             recons = aux_acts @ self.W_dec[lo:hi]
         else:
-            assert parts.pre is not None and parts.sae_in is not None
+            assert parts.sae_in is not None and parts.hidden_pre is not None
             dead_ids = sub_dead.nonzero().squeeze(1) + lo
             with torch.no_grad():
-                hp = parts.pre.index_select(1, dead_ids)
-                if self.rescale:
-                    hp = hp * n.detach().index_select(0, dead_ids)
+                if parts.pre is not None:  # float32: as before (bit-identical)
+                    hp = parts.pre.index_select(1, dead_ids)
+                    if self.rescale:
+                        hp = hp * n.detach().index_select(0, dead_ids)
+                else:  # bf16 selection pass: hidden_pre already holds pre * n
+                    hp = parts.hidden_pre.index_select(1, dead_ids)
             _, local = _sorted_topk(hp, k_aux)
             a_idx = dead_ids[local]
-            a = _GatherPreActs.apply(parts.pre.gather(1, a_idx), parts.sae_in, self.W_enc, self.b_enc, self.b_dec, a_idx)
+            a = _GatherPreActs.apply(selected_pre(parts.pre, parts.sae_in, self.W_enc, self.b_enc, a_idx), parts.sae_in, self.W_enc, self.b_enc, self.b_dec, a_idx)
             if self.rescale:
                 a = a * _take(n, a_idx) * _take(1 / n, a_idx)
             recons = _SparseDecode.apply(a, a_idx, self.W_dec)
@@ -245,7 +250,7 @@ class BatchTopKSAE(TopKSAE):
 class _BTParts:
     """What the BatchTopK training forward hands to the loss terms (dense or sparse path)."""
 
-    __slots__ = ("n", "x_hat", "decode_block", "feature_acts", "dense_hidden_pre", "sparse", "pre", "sae_in")
+    __slots__ = ("n", "x_hat", "decode_block", "feature_acts", "dense_hidden_pre", "sparse", "pre", "sae_in", "hidden_pre")
 
     def __init__(self, **kw: Any) -> None:
         for k, v in kw.items():

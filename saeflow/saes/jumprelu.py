@@ -9,7 +9,7 @@ from torch import nn
 
 from saeflow.saes.base import BaseSAE, dense_training_result, warm_up_coefficient
 from saeflow.saes.config import SAEConfig
-from saeflow.saes.kernels import _encode_pre
+from saeflow.saes.kernels import _decode_dense, _encode_pre
 
 __all__ = ["JumpReLUSAE"]
 
@@ -100,7 +100,7 @@ class JumpReLUSAE(BaseSAE):
         h = _encode_pre(self, x)
         theta = self.threshold.to(h.dtype)
         f = _JumpReLUFn.apply(h, theta, eps, ste_in)
-        x_hat = self.decode(f)
+        x_hat = _decode_dense(self, f)
         mse = (x_hat - x).pow(2).sum(dim=-1).mean()
         w_norm = self.W_dec.norm(dim=1)
         coef = self.l0_coefficient_at(step)

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from saeflow.precision import current_matmul_dtype
+
 if TYPE_CHECKING:  # pragma: no cover
     from saeflow.saes.base import BaseSAE
 
@@ -107,6 +109,41 @@ def _sorted_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return vals.gather(-1, order), idx
 
 
+# ------------------------------------------------------------- precision (saeflow.precision)
+def _mm(a: torch.Tensor, b: torch.Tensor, cd: torch.dtype | None) -> torch.Tensor:
+    """``a @ b`` with ``cd`` inputs (``None``: float32), float32 out."""
+    return a @ b if cd is None else (a.to(cd) @ b.to(cd)).float()
+
+
+@torch.no_grad()
+def selection_pre(sae_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
+                  n: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """No-grad dense encoder pass of the k-based SAEs: ``(pre, hidden_pre)`` with
+    ``pre = sae_in @ W_enc + b_enc`` and ``hidden_pre = pre * n`` (``n``: decoder norms when the SAE
+    rescales, else ``None`` and ``hidden_pre is pre``); the latents are selected on ``hidden_pre``.
+
+    Under a bf16 :func:`saeflow.precision.matmul_dtype` the matmul takes bf16 inputs with ``n``
+    folded into them, ``hidden_pre`` stays bf16 (no float32 copy of the ``[B, d_sae]`` matrix) and
+    ``pre`` is ``None``: :func:`selected_pre` then recomputes the selected values in float32."""
+    cd = current_matmul_dtype()
+    if cd is None:
+        pre = torch.addmm(b_enc, sae_in, W_enc)
+        return pre, (pre * n if n is not None else pre)
+    w, b = (W_enc * n, b_enc * n) if n is not None else (W_enc, b_enc)
+    return None, torch.addmm(b.to(cd), sae_in.to(cd), w.to(cd))
+
+
+@torch.no_grad()
+def selected_pre(pre: torch.Tensor | None, sae_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
+                 idx: torch.Tensor) -> torch.Tensor:
+    """``(sae_in @ W_enc + b_enc)[b, idx[b, j]]`` in float32: read from ``pre`` (float32), or, when
+    ``pre`` is ``None`` (:func:`selection_pre` in bf16), recomputed exactly (a sampled dot product,
+    ``2 * m * d_in`` FLOPs per row)."""
+    if pre is not None:
+        return pre.gather(1, idx)
+    return _sampled_dot(idx, sae_in, W_enc.T) + _take(b_enc, idx)
+
+
 # ----------------------------------------------------- sparse kernels (BatchTopK path, COO / CSR)
 # Notation: a sparse matrix S [B, d_sae] with nnz entries at (rows[j], cols[j]), ordered row-major
 # (rows non-decreasing, cols ascending within a row), and values v [nnz]. The number of entries per
@@ -192,6 +229,16 @@ class _COODecode(torch.autograd.Function):
         return grad_v, None, grad_W
 
 
+@torch.no_grad()
+def selected_pre_coo(pre: torch.Tensor | None, sae_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
+                     rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """COO analogue of :func:`selected_pre`: ``pre[rows, cols]`` in float32."""
+    if pre is not None:
+        return pre[rows, cols]
+    sp = _COO(rows, cols, sae_in.shape[0], W_enc.shape[1])
+    return sp.sampled_dot(sae_in, W_enc.T) + b_enc.index_select(0, cols)
+
+
 def _batch_topk_select(h: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, cols), row-major, of the positive entries among the ``m`` largest of ``h`` [B, d].
 
@@ -237,16 +284,46 @@ class _DenseEncode(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
         sae_in = x - b_dec
         ctx.save_for_backward(sae_in, W_enc)
-        return torch.addmm(b_enc, sae_in, W_enc)
+        ctx.cd = cd = current_matmul_dtype()  # the backward may run on another thread: keep it
+        if cd is None:
+            return torch.addmm(b_enc, sae_in, W_enc)
+        return _mm(sae_in, W_enc, cd) + b_enc
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):  # type: ignore[override]
         sae_in, W_enc = ctx.saved_tensors
+        cd = ctx.cd
         grad_b_enc = g.sum(dim=0)
-        grad_x = g @ W_enc.T if ctx.needs_input_grad[0] else None
-        return grad_x, sae_in.T @ g, grad_b_enc, -(W_enc @ grad_b_enc)
+        grad_x = _mm(g, W_enc.T, cd) if ctx.needs_input_grad[0] else None
+        return grad_x, _mm(sae_in.T, g, cd), grad_b_enc, -(W_enc @ grad_b_enc)
+
+
+class _DenseDecode(torch.autograd.Function):
+    """``f @ W_dec`` (the dense decoder of ReLU / JumpReLU) with its two backward matmuls, all in
+    the matmul dtype of the forward (float32 in and out)."""
+
+    @staticmethod
+    def forward(ctx: Any, f: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(f, W_dec)
+        ctx.cd = cd = current_matmul_dtype()
+        return _mm(f, W_dec, cd)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):  # type: ignore[override]
+        f, W_dec = ctx.saved_tensors
+        cd = ctx.cd
+        grad_f = _mm(g, W_dec.T, cd) if ctx.needs_input_grad[0] else None
+        grad_W = _mm(f.T, g, cd) if ctx.needs_input_grad[1] else None
+        return grad_f, grad_W
 
 
 def _encode_pre(sae: BaseSAE, x: torch.Tensor) -> torch.Tensor:
     """Encoder pre-activations for a 2-D training batch (see :class:`_DenseEncode`)."""
     return _DenseEncode.apply(x, sae.W_enc, sae.b_enc, sae.b_dec)
+
+
+def _decode_dense(sae: BaseSAE, f: torch.Tensor) -> torch.Tensor:
+    """Training decoder ``f @ W_dec + b_dec`` of a dense SAE (see :class:`_DenseDecode`)."""
+    if current_matmul_dtype() is None:
+        return sae.decode(f)
+    return _DenseDecode.apply(f, sae.W_dec) + sae.b_dec

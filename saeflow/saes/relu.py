@@ -8,7 +8,7 @@ import torch
 
 from saeflow.saes.base import BaseSAE, dense_training_result, warm_up_coefficient
 from saeflow.saes.config import SAEConfig
-from saeflow.saes.kernels import _encode_pre
+from saeflow.saes.kernels import _decode_dense, _encode_pre
 
 __all__ = ["StandardSAE"]
 
@@ -36,7 +36,7 @@ class StandardSAE(BaseSAE):
                          return_feature_acts: bool = True, *, step: int = 0) -> dict[str, Any]:
         self._check_batch(x)
         f = _encode_pre(self, x).relu()
-        x_hat = self.decode(f)
+        x_hat = _decode_dense(self, f)
         mse = (x_hat - x).pow(2).sum(dim=-1).mean()
         sparsity = (f * self.W_dec.norm(dim=1)).norm(p=self.cfg.lp_norm, dim=-1)
         l1 = (self.l1_coefficient_at(step) * sparsity).mean()

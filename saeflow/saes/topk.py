@@ -8,7 +8,15 @@ import torch
 
 from saeflow.saes.base import BaseSAE
 from saeflow.saes.config import SAEConfig
-from saeflow.saes.kernels import _GatherPreActs, _rows_times_dense, _sorted_topk, _SparseDecode, _take
+from saeflow.saes.kernels import (
+    _GatherPreActs,
+    _rows_times_dense,
+    _sorted_topk,
+    _SparseDecode,
+    _take,
+    selected_pre,
+    selection_pre,
+)
 
 __all__ = ["TopKSAE"]
 
@@ -163,11 +171,9 @@ class TopKSAE(BaseSAE):
         n = self.W_dec.norm(dim=-1)  # differentiable (it scales the selection and the decoder)
         inv_n = 1 / n
         sae_in = x - self.b_dec.detach()
-        with torch.no_grad():
-            pre = torch.addmm(self.b_enc, sae_in, self.W_enc)  # dense [B, d_sae], no graph
-            hidden_pre = pre * n if self.rescale else pre
+        pre, hidden_pre = selection_pre(sae_in, self.W_enc, self.b_enc, n if self.rescale else None)  # dense, no graph
         _, idx = _sorted_topk(hidden_pre, self.k if k is None else k)
-        sel = _GatherPreActs.apply(pre.gather(1, idx), sae_in, self.W_enc, self.b_enc, self.b_dec, idx)
+        sel = _GatherPreActs.apply(selected_pre(pre, sae_in, self.W_enc, self.b_enc, idx), sae_in, self.W_enc, self.b_enc, self.b_dec, idx)
         if self.rescale:
             sel = sel * _take(n, idx)
         vals = sel.relu()  # == SAELens' feature_acts at idx
@@ -182,7 +188,7 @@ class TopKSAE(BaseSAE):
             dead_ids = dead_mask.nonzero().squeeze(1)
             _, local = _sorted_topk(hidden_pre.index_select(1, dead_ids), k_aux)
             a_idx = dead_ids[local]  # dead_ids ascending, so a_idx stays sorted per row
-            a = _GatherPreActs.apply(pre.gather(1, a_idx), sae_in, self.W_enc, self.b_enc, self.b_dec, a_idx)
+            a = _GatherPreActs.apply(selected_pre(pre, sae_in, self.W_enc, self.b_enc, a_idx), sae_in, self.W_enc, self.b_enc, self.b_dec, a_idx)
             if self.rescale:
                 a = a * _take(n, a_idx) * _take(inv_n, a_idx)
             recons = _SparseDecode.apply(a, a_idx, self.W_dec)
