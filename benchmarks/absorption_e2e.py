@@ -69,6 +69,25 @@ def _sb_run(spec_path: Path) -> None:
     from benchmarks.absorption import patch_sb_model_and_words
 
     patch_sb_model_and_words(spec["model_dir"], spec["words"], stop_at_hook=True)
+    if spec.get("same_split"):
+        # its vocabulary shuffle (probing.create_dataset_probe_training: ``random.sample(vocab,
+        # len(vocab))`` then the first 80% train) keeps our order, train words first: both sides
+        # train and test on the same words; every other draw (ICL examples, ...) stays its own
+        import random as _random
+
+        import sae_bench.evals.absorption.probing as sbprobing
+
+        class _KeepOrder:
+            def __getattr__(self, name):
+                return getattr(_random, name)
+
+            @staticmethod
+            def sample(population, k):
+                if list(population) == spec["words"] and k == len(population):
+                    return list(population)
+                return _random.sample(population, k)
+
+        sbprobing.random = _KeepOrder()
     from sae_lens import SAE
 
     real = ksp.train_sparse_multi_probe
@@ -102,7 +121,12 @@ def _sb_run(spec_path: Path) -> None:
                        full_absorption_rate=float(agg.loc[letter, "full_absorption_rate"]),
                        num_probe_true_positives=int(agg.loc[letter, "num_probe_true_positives"]))
         out[letter] = row
-    (work / "sb_letters.json").write_text(json.dumps({"seconds": seconds, "letters": out,
+    train_df = next(sbcommon.PROBES_DIR.rglob("train_df.csv"))
+    sb_train = pd.read_csv(train_df, keep_default_na=False)["token"].tolist()
+    n_train = len(sb_train)
+    same_train = sb_train == spec["words"][:n_train]
+    (work / "sb_letters.json").write_text(json.dumps({"seconds": seconds, "letters": out, "n_train": n_train,
+                                                      "train_words_ours": same_train,
                                                       "saes": list(res) if isinstance(res, dict) else []}))
     print(json.dumps({"seconds": seconds}))
 
@@ -145,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--artifacts", default="artifacts")
     ap.add_argument("--sae", default="topk-w4096-k32", help="family member as <arch>-w<width>-k<k>")
     ap.add_argument("--sb-epochs", type=int, default=3000, help="SAEBench L1 probe epochs (= Adam steps at <= 4096 words)")
+    ap.add_argument("--same-split", action=argparse.BooleanOptionalAction, default=True,
+                    help="SAEBench trains/tests on our train/test words (its own 80/20 shuffle otherwise)")
     ap.add_argument("--factor", type=int, default=4, help="stability: this many times the profile's words")
     ap.add_argument("--out", type=Path, default=Path("/tmp/absorption_e2e"))
     ap.add_argument("--skip-sb", action="store_true", help="reuse the SAEBench results already in --out")
@@ -194,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
 
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        spec = {"workdir": str(work), "model_dir": m.path, "sae": sae.path, "words": words, "sb_epochs": args.sb_epochs}
+        spec = {"workdir": str(work), "model_dir": m.path, "sae": sae.path, "words": words, "sb_epochs": args.sb_epochs,
+                "same_split": args.same_split}
         (work / "spec.json").write_text(json.dumps(spec))
         repo = Path(__file__).resolve().parent.parent
         env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
@@ -246,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     t = pd.DataFrame(rows)
     t["same_main"] = t["main_ours"] == t["main_sb"]
     n_agree, n = int(t["same_main"].sum()), len(t)
+    # converged on both sides: SAEBench's L1 objective solved to convergence on SAEBench's own
+    # training latents (its prompts and activations) against our converged k = 1 latent
+    t["main_sb_converged"] = [opt_top1[LETTERS.index(letter)] for letter in t["letter"]]
+    t["same_main_converged"] = t["main_ours"] == t["main_sb_converged"]
+    n_conv = int(t["same_main_converged"].sum())
     d_frac = float(t["fraction_ours"].mean() - t["fraction_sb"].mean())
     d_full = float(t["full_ours"].mean() - t["full_sb"].mean())
 
@@ -270,7 +302,8 @@ Command: `.venv/bin/python -m benchmarks.absorption_e2e --config {args.config} -
 (SAE `{sae.path}`; {len(words)} words; ablation rate off). Machine: {machine()}.
 saeflow from the profile alone (stages as the pipeline runs them, cached ones reused: {ours_s:.0f} s; the {args.factor}x run
 {ours4_s:.0f} s, on one thread beside SAEBench); SAEBench 0.6.0 `run_eval` in its own venv on the same SAE and word list
-({sb['seconds']:.0f} s, one thread), its L1 probe trained for {args.sb_epochs} Adam steps.
+({sb['seconds']:.0f} s, one thread), its L1 probe trained for {args.sb_epochs} Adam steps. Its train words
+{'are ours (the same 80/20 split, `--same-split`)' if sb.get('train_words_ours') else 'are its own 80/20 shuffle of the list'}.
 
 Probes: saeflow's L1 probe `{conv['solver']}`, {conv['steps']} iterations, objective {conv['final_loss']:.6g}, change over the
 last 10% {conv['rel_change_last10']:.1e}, converged {conv['converged']}; ground-truth probe `{conv_gt['solver']}`,
@@ -279,7 +312,10 @@ last 10% {conv['rel_change_last10']:.1e}, converged {conv['converged']}; ground-
 training latents, the optimum there (saeflow's solver) {opt.convergence.final_loss:.6g}: gap {gap:.2%}; its top-1 latent
 equals the optimum's on {same_top1_opt}/26 letters.
 
-Letters passing both ground-truth gates: {n}. Same main split latent: **{n_agree}/{n}** (goal >= 80%).
+Letters passing both ground-truth gates: {n}. Same main split latent: **{n_agree}/{n}** (goal >= 80%). With SAEBench's
+L1 probe replaced by the converged solution of its own objective on its own training latents (`main_sb_converged`: the
+k = 1 latent; both sides converged, same words{' and split' if sb.get('train_words_ours') else ''}, each side's own ICL
+prompts and activations): **{n_conv}/{n}**.
 Mean absorption fraction ours {t['fraction_ours'].mean():.4f} vs SAEBench {t['fraction_sb'].mean():.4f} (diff {d_frac:+.4f});
 mean full-absorption rate ours {t['full_ours'].mean():.4f} vs {t['full_sb'].mean():.4f} (diff **{d_full:+.4f}**; goal |diff| <= 0.05).
 
@@ -295,6 +331,7 @@ mean full {s4['full_quick'].mean():.4f} vs {s4['full_4x'].mean():.4f}.
     write_section("absorption_e2e" + "".join("-" + x.replace("=", "-") for x in args.set), md)
     print(md)
     print(f"stability: same main latent {n4_agree}/{n4}")
+    print(f"converged on both sides: same k = 1 latent {n_conv}/{n}")
     print(f"split latents agree: {n_agree}/{n}; mean full absorption diff: {d_full:+.4f}")
     return 0
 
