@@ -1,0 +1,98 @@
+"""Precision: the same profile run in float32 and in bfloat16, figure by figure (issue #26).
+
+Runs the pipeline on ``--config`` (default ``configs/quick.yaml``) three times into the same
+artifacts root (cached stages reused, so the float32 run is free when ``make run`` has run):
+
+- ``float32``: ``model.dtype: float32``, ``train.precision: float32``;
+- ``bf16-train``: the float32 activation store, SAE training in bfloat16 (isolates training);
+- ``bf16``: model (extraction, CE-loss forwards) and training in bfloat16 (what ``auto`` picks on
+  a CPU with native bf16).
+
+Each variant gets its own profile name (``<name>-<variant>``) so its results table does not
+replace another's. Per family member: L0, explained variance, CE loss score, dead and dense
+fractions, and the differences against float32; stage wall times from the run summary. Tolerance
+(issue #26): EV and CE loss score within 0.003 absolute. Writes the ``precision`` section of
+docs/benchmarks.md and ends with ``max |EV diff| X, max |CE loss score diff| Y (tolerance 0.003)``.
+
+Run: ``.venv/bin/python -m benchmarks.precision [--config configs/quick.yaml]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+VARIANTS = {
+    "float32": {"model": {"dtype": "float32"}, "train": {"precision": "float32"}},
+    "bf16-train": {"model": {"dtype": "float32"}, "train": {"precision": "bfloat16"}},
+    "bf16": {"model": {"dtype": "bfloat16"}, "train": {"precision": "bfloat16"}},
+}
+COLS = ["l0", "explained_variance", "ce_loss_score", "frac_dead", "frac_dense"]
+TOL = 0.003
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/quick.yaml")
+    ap.add_argument("--artifacts", default=None)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    args = ap.parse_args(argv)
+    from benchmarks._common import machine, write_section
+    from flows.pipeline import pipeline
+    from flows.runner import load_profile, resolve_root
+
+    root = str(resolve_root(args.artifacts))
+    base = load_profile(args.config)
+    tables, walls, stage_times = {}, {}, {}
+    for v in args.variants:
+        name = base.name if v == "float32" else f"{base.name}-{v}"
+        cfg = load_profile(args.config, {**VARIANTS[v], "name": name})
+        t0 = time.perf_counter()
+        summary = pipeline(cfg, root)
+        walls[v] = time.perf_counter() - t0
+        stage_times[v] = {k: (round(t["seconds"]), t["cached"]) for k, t in summary.timings.items()
+                          if k in ("activations", "train")}
+        tables[v] = pd.read_parquet(Path(root) / "results" / name / "core_metrics.parquet").set_index("sae")
+        print(f"{v}: {walls[v]:.0f} s, stages {stage_times[v]}", flush=True)
+
+    ref = tables["float32"] if "float32" in tables else None
+    rows = []
+    for v, t in tables.items():
+        for sae, r in t.iterrows():
+            row = {"variant": v, "sae": sae, **{c: float(r[c]) for c in COLS}}
+            if ref is not None and v != "float32":
+                row["d_ev"] = float(r["explained_variance"] - ref.loc[sae, "explained_variance"])
+                row["d_ce"] = float(r["ce_loss_score"] - ref.loc[sae, "ce_loss_score"])
+                row["d_dead"] = float(r["frac_dead"] - ref.loc[sae, "frac_dead"])
+            rows.append(row)
+    df = pd.DataFrame(rows)
+    others = df[df["variant"] != "float32"]
+    max_ev = float(others["d_ev"].abs().max()) if "d_ev" in others else float("nan")
+    max_ce = float(others["d_ce"].abs().max()) if "d_ce" in others else float("nan")
+    per = {v: (float(df.loc[df.variant == v, "d_ev"].abs().max()), float(df.loc[df.variant == v, "d_ce"].abs().max()))
+           for v in tables if v != "float32" and "d_ev" in df}
+    body = f"""
+## Precision: float32 against bfloat16 on one profile (`benchmarks/precision.py`)
+
+Command: `.venv/bin/python -m benchmarks.precision {' '.join(sys.argv[1:])}`. Machine: {machine()}.
+Profile `{args.config}`; variants: float32 (model and training), bf16-train (float32 store, bf16 training), bf16 (model and
+training in bf16). Pipeline wall time per variant (cached stages reused; float32 was cached when `make run` had run):
+{', '.join(f'{v} {walls[v]:.0f} s (activations, train: {stage_times[v]})' for v in tables)}.
+
+{df.to_markdown(index=False, floatfmt=".4f")}
+
+Largest differences against float32 (tolerance {TOL} absolute on EV and CE loss score):
+{'; '.join(f'{v}: |EV| {e:.4f}, |CE loss score| {c:.4f}' for v, (e, c) in per.items())}.
+"""
+    write_section("precision", body)
+    print(body)
+    print(f"max |EV diff| {max_ev:.4f}, max |CE loss score diff| {max_ce:.4f} (tolerance {TOL})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
