@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         summary = pipeline(cfg, root)
         walls[v] = time.perf_counter() - t0
-        stage_times[v] = {k: (round(t["seconds"]), t["cached"]) for k, t in summary.timings.items()
+        stage_times[v] = {k: (round(t.seconds), t.cached) for k, t in summary.timings.items()
                           if k in ("activations", "train")}
         tables[v] = pd.read_parquet(Path(root) / "results" / name / "core_metrics.parquet").set_index("sae")
         print(f"{v}: {walls[v]:.0f} s, stages {stage_times[v]}", flush=True)

@@ -179,8 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--contexts", type=int, default=96, help="contexts extracted per dtype")
     ap.add_argument("--steps", type=int, default=8, help="family training steps per precision (minus 2 for set-up)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--widths", type=int, nargs="+", help="train this family's widths instead of the profile's")
+    ap.add_argument("--ks", type=int, nargs="+", help="... and these k (with --widths)")
     args = ap.parse_args(argv)
     cfg = load_config(args.config)
+    if args.widths:
+        fam = {"architectures": ["topk"], "widths": args.widths, "ks": args.ks or [32],
+               "base": cfg.family.base.model_dump() if cfg.family is not None else cfg.sae.model_dump()}
+        cfg = type(cfg).model_validate({**cfg.model_dump(exclude={"sae"}), "family": fam})
     torch.manual_seed(0)
     flags = cpu_bf16_flags()
     members = cfg.sae_configs()
@@ -238,7 +244,7 @@ Fraction of the bf16 matmul peak ({bf:.0f} GFLOP/s), minimal FLOPs: extraction *
 training **{f_tr:.2f}** (goal >= 0.4). In float32, of the float32 peak: extraction
 {ext['float32'][0] * mflop / 1e9 / peak['float32']:.2f}, training {tr['float32'] * sflop / 1e9 / peak['float32']:.2f}.
 """
-    write_section("roofline", body)
+    write_section("roofline" + ("-" + "-".join(map(str, args.widths)) if args.widths else ""), body)
     print(body)
     print(f"fraction of bf16 peak: extraction {f_ext:.2f}, training {f_tr:.2f}")
     return 0

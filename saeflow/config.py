@@ -48,7 +48,10 @@ class ModelConfig(Frozen):
         from saeflow.device import pick_device
         from saeflow.precision import resolve
 
-        return resolve("auto", pick_device(device)).name
+        try:
+            return resolve("auto", pick_device(device)).name
+        except ValueError:  # the device is not on this machine: nothing can run here anyway
+            return "auto"
 
     prepend_bos: bool = True
     """Prepend the BOS token to every context (BOS positions are never stored as SAE data)."""
@@ -188,7 +191,10 @@ class TrainConfig(Frozen):
             from saeflow.device import pick_device
             from saeflow.precision import resolve
 
-            out["precision"] = resolve("auto", pick_device(self.device)).name
+            try:
+                out["precision"] = resolve("auto", pick_device(self.device)).name
+            except ValueError:  # the device is not on this machine: nothing can run here anyway
+                pass
         if out.get("precision") == "float32":
             del out["precision"]
         return out
@@ -405,7 +411,10 @@ def resolve_precision(cfg: PipelineConfig) -> tuple[PipelineConfig, list[str]]:
     notes: list[str] = []
     updates: dict[str, Any] = {}
     if cfg.model.dtype == "auto" or cfg.train.precision == "auto":
-        dev = pick_device(cfg.train.device)
+        try:
+            dev = pick_device(cfg.train.device)
+        except ValueError as exc:  # e.g. a GPU profile read on a CPU machine: resolved where it runs
+            return cfg, [f"auto precision left unresolved: {exc}"]
         if cfg.model.dtype == "auto":
             r = resolve("auto", dev)
             updates["model"] = cfg.model.model_copy(update={"dtype": r.name})
