@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import os
 import platform
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -98,6 +100,16 @@ def resolve(pref: str, device: torch.device | str, *, cpuinfo: str | None = None
         return Resolved("float32", f"auto: the CPU ({platform.machine()}) has none of "
                                    f"{', '.join(NATIVE_BF16_CPU_FLAGS)} (bf16 would be emulated, slower than float32)")
     return Resolved("float32", f"auto: float32 on {dev.type}")
+
+
+def resolve_field(cfg: Any, field: str, device: torch.device | str) -> Any:
+    """``cfg`` (a frozen config) with ``cfg.<field>`` resolved when it is ``auto`` (logged on the
+    ``saeflow.precision`` logger); unchanged otherwise."""
+    if getattr(cfg, field) != "auto":
+        return cfg
+    r = resolve("auto", device)
+    logging.getLogger(__name__).info("%s auto -> %s (%s)", field, r.name, r.reason)
+    return cfg.model_copy(update={field: r.name})
 
 
 @contextlib.contextmanager

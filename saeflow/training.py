@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import time
 from pathlib import Path
@@ -38,12 +37,9 @@ from saeflow import checkpoint
 from saeflow.artifacts import write_json_atomic
 from saeflow.checkpoint import CHECKPOINT_DIR, DONE_FILE, CheckpointError
 from saeflow.config import TrainConfig
-from saeflow.precision import matmul_dtype
-from saeflow.precision import resolve as resolve_precision
+from saeflow.precision import matmul_dtype, resolve_field
 from saeflow.saes import BaseSAE, SAEConfig, build_sae, save_sae
 from saeflow.sae_init import b_dec_from_sample, resample_dead_latents
-
-log = logging.getLogger(__name__)
 
 __all__ = [
     "BatchLoader",
@@ -423,10 +419,7 @@ def train_saes(
     """
     t_start = time.perf_counter()
     device = torch.device(device)
-    if train_cfg.precision == "auto":  # the concrete precision keys checkpoints and is recorded
-        prec = resolve_precision(train_cfg.precision, device)
-        log.info("train.precision auto -> %s (%s)", prec.name, prec.reason)
-        train_cfg = train_cfg.model_copy(update={"precision": prec.name})
+    train_cfg = resolve_field(train_cfg, "precision", device)  # "auto" -> concrete: it keys the checkpoints
     total_steps = train_cfg.training_tokens // train_cfg.batch_size
     if total_steps < 1:
         raise ValueError(
