@@ -193,3 +193,19 @@ def test_roofline_flop_counts():
     assert 80e6 < model_flops(gemma, 6, 128) < 82e6
     assert sae_flops("topk", 640, 16384, 32) == 2 * 640 * 16384 + 6 * 32 * 640
     assert sae_flops("relu", 640, 1024, None) == 10 * 640 * 1024
+
+
+def test_csr_weight_gradient_product_matches_coo():
+    """The bf16 path's CSR ``S.T @ Y`` equals the float32 path's COO product (summation order aside)."""
+    from saeflow.saes.kernels import _COO, _rows_t_fast
+
+    g = torch.Generator().manual_seed(4)
+    B, m, d_sae, d = 64, 5, 300, 12
+    idx = torch.stack([torch.randperm(d_sae, generator=g)[:m].sort().values for _ in range(B)])
+    v, Y = torch.randn(B, m, generator=g), torch.randn(B, d, generator=g)
+    coo = _rows_t_fast(idx, v, Y, d_sae, None)
+    torch.testing.assert_close(_rows_t_fast(idx, v, Y, d_sae, torch.bfloat16), coo, rtol=1e-5, atol=1e-5)
+    rows = torch.arange(B).repeat_interleave(m)
+    sp = _COO(rows, idx.reshape(-1), B, d_sae)
+    torch.testing.assert_close(sp.t_times_dense(v.reshape(-1), Y, torch.bfloat16), sp.t_times_dense(v.reshape(-1), Y),
+                               rtol=1e-5, atol=1e-5)

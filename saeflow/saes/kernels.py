@@ -40,6 +40,30 @@ def _rows_t_times_dense(idx: torch.Tensor, v: torch.Tensor, Y: torch.Tensor, d_s
     return torch.sparse.mm(st, Y)
 
 
+def _t_times_dense_csr(rows: torch.Tensor, cols: torch.Tensor, v: torch.Tensor, Y: torch.Tensor,
+                       n_cols: int) -> torch.Tensor:
+    """``S.T @ Y`` -> [n_cols, d] for the entries ``S[rows[j], cols[j]] = v[j]`` through a CSR matrix
+    (entries sorted by column once): 3.7x faster than the COO product on CPU at
+    ``[16384, 4096] x [4096, 640]`` with 131k entries (48 -> 13 ms), summed in another order, so it
+    is used only on the bf16 path (float32 keeps its bit-identical COO product)."""
+    order = torch.argsort(cols, stable=True)
+    counts = torch.bincount(cols, minlength=n_cols)
+    crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        st = torch.sparse_csr_tensor(crow, rows[order], v[order], (n_cols, Y.shape[0]), check_invariants=False)
+        return torch.sparse.mm(st, Y)
+
+
+def _rows_t_fast(idx: torch.Tensor, v: torch.Tensor, Y: torch.Tensor, d_sae: int, cd: torch.dtype | None) -> torch.Tensor:
+    """:func:`_rows_t_times_dense`, through CSR when the step runs bf16 matmuls (``cd``)."""
+    if cd is None:
+        return _rows_t_times_dense(idx, v, Y, d_sae)
+    B, m = idx.shape
+    rows = torch.arange(B, device=idx.device).repeat_interleave(m)
+    return _t_times_dense_csr(rows, idx.reshape(-1), v.reshape(-1), Y, d_sae)
+
+
 def _sampled_dot(idx: torch.Tensor, G: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """``(G @ W.T)[b, idx[b, j]]`` -> [B, m] without computing the dense product (SDDMM)."""
     B, m = idx.shape
@@ -66,6 +90,7 @@ class _GatherPreActs(torch.autograd.Function):
     def forward(ctx: Any, selected: torch.Tensor, sae_in: torch.Tensor, W_enc: torch.Tensor,
                 b_enc: torch.Tensor, b_dec: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(sae_in, W_enc, idx)
+        ctx.cd = current_matmul_dtype()
         return selected.clone()
 
     @staticmethod
@@ -74,7 +99,7 @@ class _GatherPreActs(torch.autograd.Function):
         d_sae = W_enc.shape[1]
         g = g.contiguous()
         grad_b_enc = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
-        grad_W_enc = _rows_t_times_dense(idx, g, sae_in, d_sae).T
+        grad_W_enc = _rows_t_fast(idx, g, sae_in, d_sae, ctx.cd).T
         # sae_in = x - b_dec and x needs no gradient: d/d b_dec = -sum_b g_b @ W_enc.T = -W_enc @ grad_b_enc
         grad_b_dec = -(W_enc @ grad_b_enc)
         return None, None, grad_W_enc, grad_b_enc, grad_b_dec, None
@@ -86,6 +111,7 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, v: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(v, idx, W_dec)
+        ctx.cd = current_matmul_dtype()
         return _rows_times_dense(idx, v, W_dec)
 
     @staticmethod
@@ -93,7 +119,7 @@ class _SparseDecode(torch.autograd.Function):
         v, idx, W_dec = ctx.saved_tensors
         g = g.contiguous()
         grad_v = _sampled_dot(idx, g, W_dec) if ctx.needs_input_grad[0] else None
-        grad_W = _rows_t_times_dense(idx, v, g, W_dec.shape[0]) if ctx.needs_input_grad[2] else None
+        grad_W = _rows_t_fast(idx, v, g, W_dec.shape[0], ctx.cd) if ctx.needs_input_grad[2] else None
         return grad_v, None, grad_W
 
 
@@ -170,8 +196,10 @@ class _COO:
         """``S @ W`` -> [n_rows, d] (one embedding bag per row; empty rows give 0)."""
         return F.embedding_bag(self.cols, W, self.crow[:-1], mode="sum", per_sample_weights=v)
 
-    def t_times_dense(self, v: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-        """``S.T @ Y`` -> [n_cols, d]."""
+    def t_times_dense(self, v: torch.Tensor, Y: torch.Tensor, cd: torch.dtype | None = None) -> torch.Tensor:
+        """``S.T @ Y`` -> [n_cols, d] (through CSR on the bf16 path, :func:`_t_times_dense_csr`)."""
+        if cd is not None:
+            return _t_times_dense_csr(self.rows, self.cols, v, Y, self.n_cols)
         st = torch.sparse_coo_tensor(torch.stack([self.cols, self.rows]), v, (self.n_cols, self.n_rows),
                                      check_invariants=False)
         return torch.sparse.mm(st, Y)
@@ -196,6 +224,7 @@ class _GatherPreActsCOO(torch.autograd.Function):
     def forward(ctx: Any, selected: torch.Tensor, sae_in: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
                 b_dec: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(sae_in, W_enc, rows, cols)
+        ctx.cd = current_matmul_dtype()
         return selected.clone()
 
     @staticmethod
@@ -204,8 +233,11 @@ class _GatherPreActsCOO(torch.autograd.Function):
         d_sae = W_enc.shape[1]
         g = g.contiguous()
         grad_b_enc = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
-        st = torch.sparse_coo_tensor(torch.stack([cols, rows]), g, (d_sae, sae_in.shape[0]), check_invariants=False)
-        grad_W_enc = torch.sparse.mm(st, sae_in).T
+        if ctx.cd is not None:
+            grad_W_enc = _t_times_dense_csr(rows, cols, g, sae_in, d_sae).T
+        else:
+            st = torch.sparse_coo_tensor(torch.stack([cols, rows]), g, (d_sae, sae_in.shape[0]), check_invariants=False)
+            grad_W_enc = torch.sparse.mm(st, sae_in).T
         grad_b_dec = -(W_enc @ grad_b_enc)  # sae_in = x - b_dec, x needs no gradient
         return None, None, grad_W_enc, grad_b_enc, grad_b_dec, None, None
 
@@ -217,6 +249,7 @@ class _COODecode(torch.autograd.Function):
     def forward(ctx: Any, v: torch.Tensor, sp: _COO, W_dec: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(v, W_dec)
         ctx.sp = sp
+        ctx.cd = current_matmul_dtype()
         return sp.times_dense(v, W_dec)
 
     @staticmethod
@@ -225,7 +258,7 @@ class _COODecode(torch.autograd.Function):
         sp: _COO = ctx.sp
         g = g.contiguous()
         grad_v = sp.sampled_dot(g, W_dec) if ctx.needs_input_grad[0] else None
-        grad_W = sp.t_times_dense(v, g) if ctx.needs_input_grad[2] else None
+        grad_W = sp.t_times_dense(v, g, ctx.cd) if ctx.needs_input_grad[2] else None
         return grad_v, None, grad_W
 
 
