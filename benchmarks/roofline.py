@@ -42,6 +42,8 @@ from benchmarks._common import machine, write_section  # noqa: E402
 from saeflow.artifacts import default_root  # noqa: E402
 from saeflow.config import load_config  # noqa: E402
 from saeflow.precision import cpu_bf16_flags  # noqa: E402
+from benchmarks.extraction import ours as pipeline_extraction_tps  # noqa: E402
+from benchmarks.training import ListLoader  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ FLOPs
@@ -81,9 +83,8 @@ def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, repeats: int) -> f
 def extraction_tps(cfg, root: str, dtype: str, contexts: int) -> tuple[float, float]:
     """(tokens/s, model FLOPs per token) of the pipeline extraction with the model in ``dtype``."""
     from saeflow.corpus import corpus_contexts, special_token_ids
-    from saeflow.extract import extract_activations, hook_layer
+    from saeflow.extract import hook_layer
     from saeflow.models import load_model
-    from saeflow.store import ActivationStore
     from tasks.model import model_task
 
     mcfg = cfg.model.model_copy(update={"dtype": dtype})
@@ -93,41 +94,14 @@ def extraction_tps(cfg, root: str, dtype: str, contexts: int) -> tuple[float, fl
     tokens = corpus_contexts(corpus, model.tokenizer)[:contexts]
     exclude = special_token_ids(model.tokenizer)
     hook, batch = cfg.activations.hook, cfg.activations.batch_size
-    d = Path(tempfile.mkdtemp(prefix="roofline-"))
-    try:  # warm-up batch, then the timed run
-        s = ActivationStore.open_for_write(d / "w", model.cfg.d_model, cfg.activations.chunk_rows, "float32", {"hook": hook})
-        extract_activations(model, tokens[:batch], hook, s, batch, exclude)
-        s.finish()
-        t0 = time.perf_counter()
-        s = ActivationStore.open_for_write(d / "t", model.cfg.d_model, cfg.activations.chunk_rows, "float32", {"hook": hook})
-        extract_activations(model, tokens, hook, s, batch, exclude)
-        s.finish()
-        tps = tokens.size / (time.perf_counter() - t0)
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    chunk = cfg.activations.chunk_rows
+    pipeline_extraction_tps(model, tokens[:batch], hook, batch, exclude, chunk)  # warm-up batch
+    tps = pipeline_extraction_tps(model, tokens, hook, batch, exclude, chunk)
     layer = hook_layer(hook)
     return tps, model_flops(model.cfg, model.cfg.n_layers - 1 if layer is None else layer, tokens.shape[1])
 
 
 # -------------------------------------------------------------------------------------- training
-class _Batches:
-    """The BatchLoader protocol over a fixed list of batches (cycled)."""
-
-    def __init__(self, batches: list[torch.Tensor]) -> None:
-        self.batches, self.i = batches, 0
-
-    def __iter__(self):
-        while True:
-            yield self.batches[self.i % len(self.batches)].clone()
-            self.i += 1
-
-    def state_dict(self) -> dict:
-        return {"i": self.i}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.i = int(s["i"])
-
-
 def training_batches(cfg, root: str, d_in: int, n: int) -> tuple[list[torch.Tensor], str]:
     from tasks import activations, corpus, model
 
@@ -162,7 +136,7 @@ def family_tps(cfg, batches: list[torch.Tensor], d_in: int, precision: str, step
             tc = cfg.train.model_copy(update={"training_tokens": n_steps * bs, "precision": precision,
                                               "checkpoint_every": 10**9, "log_every": 10**9, "init_sample_rows": bs})
             t0 = time.perf_counter()
-            train_saes([(m, d / str(i), None) for i, m in enumerate(members)], tc, _Batches(batches), d_in,
+            train_saes([(m, d / str(i), None) for i, m in enumerate(members)], tc, ListLoader(batches), d_in,
                        torch.device("cpu"), scaling_factor=1.0, init_sample=batches[0])
             return time.perf_counter() - t0
         finally:
@@ -197,7 +171,6 @@ def main(argv: list[str] | None = None) -> int:
 
     ext = {dt: extraction_tps(cfg, args.artifacts, dt, args.contexts) for dt in ("float32", "bfloat16")}
     mflop = ext["float32"][1]
-    d_in = None
     from saeflow.models import load_model  # d_in of the hook: the model width
     from tasks.model import model_task
 

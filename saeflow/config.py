@@ -10,8 +10,6 @@ the architectures in :mod:`saeflow.saes.config`; this module composes them into 
 
 from __future__ import annotations
 
-import logging
-
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,13 +43,10 @@ class ModelConfig(Frozen):
         what keys the artifacts of every stage that runs the model."""
         if self.dtype != "auto":
             return self.dtype
-        from saeflow.device import pick_device
-        from saeflow.precision import resolve
+        from saeflow.precision import resolve_on
 
-        try:
-            return resolve("auto", pick_device(device)).name
-        except ValueError:  # the device is not on this machine: nothing can run here anyway
-            return "auto"
+        r = resolve_on("auto", device)
+        return r.name if r is not None else "auto"  # None: the device is not on this machine
 
     prepend_bos: bool = True
     """Prepend the BOS token to every context (BOS positions are never stored as SAE data)."""
@@ -188,13 +183,10 @@ class TrainConfig(Frozen):
         and a bf16 run never reuses them (nor the reverse)."""
         out = super().fingerprint_payload()
         if out.get("precision") == "auto":
-            from saeflow.device import pick_device
-            from saeflow.precision import resolve
+            from saeflow.precision import resolve_on
 
-            try:
-                out["precision"] = resolve("auto", pick_device(self.device)).name
-            except ValueError:  # the device is not on this machine: nothing can run here anyway
-                pass
+            r = resolve_on("auto", self.device)  # None: the device is not on this machine
+            out["precision"] = r.name if r is not None else "auto"
         if out.get("precision") == "float32":
             del out["precision"]
         return out
@@ -404,37 +396,26 @@ def load_config(path: str | Path) -> PipelineConfig:
 
 def resolve_precision(cfg: PipelineConfig) -> tuple[PipelineConfig, list[str]]:
     """``cfg`` with ``auto`` in ``model.dtype`` / ``train.precision`` replaced by the dtype this
-    machine computes natively (on ``train.device``), and one log line per field saying which and why."""
+    machine computes natively (on ``train.device``), and one log line per field saying which and why.
+    The pipeline calls it before any fingerprint is taken."""
     from saeflow.device import pick_device
     from saeflow.precision import resolve
 
-    notes: list[str] = []
-    updates: dict[str, Any] = {}
-    if cfg.model.dtype == "auto" or cfg.train.precision == "auto":
-        try:
-            dev = pick_device(cfg.train.device)
-        except ValueError as exc:  # e.g. a GPU profile read on a CPU machine: resolved where it runs
-            return cfg, [f"auto precision left unresolved: {exc}"]
-        if cfg.model.dtype == "auto":
-            r = resolve("auto", dev)
-            updates["model"] = cfg.model.model_copy(update={"dtype": r.name})
-            notes.append(f"model.dtype auto -> {r.name} on {dev.type} ({r.reason})")
-        if cfg.train.precision == "auto":
-            r = resolve("auto", dev)
-            updates["train"] = cfg.train.model_copy(update={"precision": r.name})
-            notes.append(f"train.precision auto -> {r.name} on {dev.type} ({r.reason})")
-    return (cfg.model_copy(update=updates) if updates else cfg), notes
+    fields = [(sec, f) for sec, f in (("model", "dtype"), ("train", "precision")) if getattr(getattr(cfg, sec), f) == "auto"]
+    if not fields:
+        return cfg, []
+    try:
+        dev = pick_device(cfg.train.device)
+    except ValueError as exc:  # e.g. a GPU profile read on a CPU machine: resolved where it runs
+        return cfg, [f"auto precision left unresolved: {exc}"]
+    r = resolve("auto", dev)
+    updates = {sec: getattr(cfg, sec).model_copy(update={f: r.name}) for sec, f in fields}
+    return cfg.model_copy(update=updates), [f"{sec}.{f} auto -> {r.name} on {dev.type} ({r.reason})" for sec, f in fields]
 
 
 def validate_profile(data: dict[str, Any], path: str | Path) -> PipelineConfig:
-    """Validate a profile's sections; ``auto`` precisions are resolved for this machine
-    (:func:`resolve_precision`, logged on the ``saeflow`` logger)."""
     try:
-        cfg = PipelineConfig.model_validate(data)
-        cfg, notes = resolve_precision(cfg)
-        for note in notes:
-            logging.getLogger("saeflow.precision").info("%s", note)
-        return cfg
+        return PipelineConfig.model_validate(data)
     except ValidationError as exc:
         lines = [f"config file {path} is invalid:"]
         for err in exc.errors():

@@ -38,7 +38,6 @@ import torch
 
 from saeflow.config import ModelConfig
 from saeflow.device import pick_device
-from saeflow.precision import resolve as resolve_precision
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformer_lens import HookedTransformer
@@ -182,7 +181,7 @@ def load_model(cfg: ModelConfig, model_dir: Path, device: str | torch.device = "
             f"{cfg.name} into its own folder"
         )
     dev = pick_device(device) if isinstance(device, str) else torch.device(device)
-    dtype = _torch_dtype(resolve_precision(cfg.dtype, dev).name if cfg.dtype == "auto" else cfg.dtype)
+    dtype = _torch_dtype(cfg.resolved_dtype(str(dev)))
     key = (str(model_dir.resolve()), (model_dir / META_FILE).stat().st_mtime_ns, str(dev), str(dtype))
     with _LOCK:
         model = _CACHE.get(key)

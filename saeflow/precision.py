@@ -8,8 +8,8 @@ every evaluation's forward) and ``train.precision`` (the SAE training matmuls). 
   supports bf16; a CPU with the ``avx512_bf16`` or ``amx_bf16`` instructions), else ``float32``.
   On a CPU without them bf16 is emulated and slower than float32 (about 20x measured on an AVX2
   machine of this workplace), so ``auto`` never picks it there.
-- The pipeline resolves ``auto`` once, before any fingerprint is taken (:func:`resolve_profile`
-  in :mod:`saeflow.config`): the concrete dtype is what keys every artifact and what its
+- The pipeline resolves ``auto`` once, before any fingerprint is taken (:func:`saeflow.config.resolve_precision`,
+  called by the pipeline)): the concrete dtype is what keys every artifact and what its
   ``config.json`` records, so a float32 run's artifacts are never reused for a bf16 run.
 
 SAE training in ``bfloat16`` (:func:`matmul_dtype`) is mixed precision, not a bf16 model: weights,
@@ -102,6 +102,19 @@ def resolve(pref: str, device: torch.device | str, *, cpuinfo: str | None = None
     return Resolved("float32", f"auto: float32 on {dev.type}")
 
 
+def resolve_on(pref: str, device: str | torch.device) -> Resolved | None:
+    """:func:`resolve` on the device a ``device`` preference (``auto`` / ``cpu`` / ``cuda:N``) picks;
+    ``None`` when that device is not on this machine (a GPU profile read on a CPU machine: it is
+    resolved where it runs)."""
+    from saeflow.device import pick_device
+
+    try:
+        dev = pick_device(device) if isinstance(device, str) else torch.device(device)
+    except ValueError:
+        return None
+    return resolve(pref, dev)
+
+
 def resolve_field(cfg: Any, field: str, device: torch.device | str) -> Any:
     """``cfg`` (a frozen config) with ``cfg.<field>`` resolved when it is ``auto`` (logged on the
     ``saeflow.precision`` logger); unchanged otherwise."""
@@ -128,11 +141,3 @@ def matmul_dtype(dtype: torch.dtype | str | None) -> Iterator[None]:
 def current_matmul_dtype() -> torch.dtype | None:
     """The dtype set by the innermost :func:`matmul_dtype` (``None``: float32)."""
     return _MATMUL_DTYPE.get()
-
-
-def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` in the current matmul dtype, returned in float32 (``a`` / ``b`` float32)."""
-    cd = _MATMUL_DTYPE.get()
-    if cd is None:
-        return a @ b
-    return (a.to(cd) @ b.to(cd)).float()

@@ -165,7 +165,8 @@ def test_pipeline_in_bf16_runs_every_stage_and_records_the_precision(tmp_path):
 
     root = tmp_path / "a"
     bf = pipeline(faults_config(model={"name": "tiny-random", "tiny_layers": 2, "tiny_d_model": 64, "seed": 0,
-                                       "dtype": "bfloat16"}, train={**_FAULTS_TRAIN, "precision": "bfloat16"}),
+                                       "dtype": "bfloat16"},
+                                train={**faults_config().train.model_dump(), "precision": "bfloat16"}),
                   str(root))
     acts = json.loads(next((root / "activations").glob("*/config.json")).read_text())
     assert acts["config"]["model_dtype"] == "bfloat16"
@@ -176,8 +177,6 @@ def test_pipeline_in_bf16_runs_every_stage_and_records_the_precision(tmp_path):
     shared = {k for k in f32.cached if f32.cached[k]}
     assert {"model", "vocab", "corpus"} <= shared and "activations" not in shared and "train" not in shared, f32.cached
 
-
-_FAULTS_TRAIN = {"training_tokens": 256 * 80, "batch_size": 256, "checkpoint_every": 10, "log_every": 20}
 
 
 def test_roofline_flop_counts():
