@@ -35,7 +35,7 @@ class ModelConfig(Frozen):
     """Dtype the model runs in: extraction and every evaluation's forward passes (absorption
     prompts and IG, probing prompts, CE-loss splices, browser windows). ``auto`` resolves per
     machine (:mod:`saeflow.precision`: bfloat16 where the GPU / CPU computes it natively, else
-    float32) when the profile is loaded, so artifacts are keyed by the concrete dtype. Activations
+    float32) when the pipeline starts, so artifacts are keyed by the concrete dtype. Activations
     are stored as float32 unless ``ActivationsConfig.dtype`` says otherwise."""
 
     def resolved_dtype(self, device: str = "auto") -> str:
@@ -172,7 +172,7 @@ class TrainConfig(Frozen):
     matmuls (dense encoder; ReLU / JumpReLU also their decoder and weight gradients) bf16 inputs,
     while weights, optimiser state, gradients and the loss stay float32 (TopK-family SAEs use bf16
     only to select their latents, whose values are recomputed in float32). ``auto`` resolves per
-    machine when the profile is loaded (bfloat16 where native, else float32)."""
+    machine when the pipeline starts (bfloat16 where native, else float32)."""
 
     device: str = operational("auto", "auto | cpu | cuda | cuda:N")
     """``auto`` picks cuda when present, else cpu."""
