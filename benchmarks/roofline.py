@@ -11,8 +11,9 @@ All in one run, float32 and bfloat16:
    embedding, no norms), times tokens/s.
 3. **Family training**: the profile's family trained together (:func:`saeflow.training.train_saes`)
    on in-memory batches of the profile's activation store when it exists (random normal rows of the
-   same width otherwise, said in the output), ``train.precision`` float32 and bfloat16. Tokens/s
-   from the difference of a ``--steps`` run and a 2-step run (set-up cancels). Work per token and
+   same width otherwise, said in the output), ``train.precision`` float32 and bfloat16, with the
+   profile's schedule (``training_tokens``: warm-up, dead-latent window) stopped after ``--steps``
+   steps. Tokens/s from the difference of a ``--steps`` run and a 2-step run (set-up cancels). Work per token and
    member (:func:`sae_flops`): k-based SAEs ``2 * d_in * width`` (the dense encoder) ``+ 6 * k *
    d_in`` (sparse decoder forward and backward, sparse encoder gradient); dense ReLU / JumpReLU
    ``10 * d_in * width`` (encoder, decoder, their weight gradients and the latent gradient). A
@@ -133,11 +134,14 @@ def family_tps(cfg, batches: list[torch.Tensor], d_in: int, precision: str, step
     def run(n_steps: int) -> float:
         d = Path(tempfile.mkdtemp(prefix="roofline-train-"))
         try:
-            tc = cfg.train.model_copy(update={"training_tokens": n_steps * bs, "precision": precision,
-                                              "checkpoint_every": 10**9, "log_every": 10**9, "init_sample_rows": bs})
+            # the profile's own schedule (warm-up, dead-latent window), stopped after n_steps: a run of
+            # n_steps in all would count every latent that misses one step as dead (window 5% of 8
+            # steps) and time the aux-k path on thousands of latents, which no real run does
+            tc = cfg.train.model_copy(update={"precision": precision, "checkpoint_every": 10**9,
+                                              "log_every": 10**9, "init_sample_rows": bs})
             t0 = time.perf_counter()
             train_saes([(m, d / str(i), None) for i, m in enumerate(members)], tc, ListLoader(batches), d_in,
-                       torch.device("cpu"), scaling_factor=1.0, init_sample=batches[0])
+                       torch.device("cpu"), scaling_factor=1.0, init_sample=batches[0], stop_after_steps=n_steps)
             return time.perf_counter() - t0
         finally:
             shutil.rmtree(d, ignore_errors=True)

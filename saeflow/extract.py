@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from saeflow.hostmem import reuse_freed_memory
 from saeflow.store import ActivationStore
 
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
@@ -36,6 +37,7 @@ def forward_acts(model, tokens: torch.Tensor, hook: str) -> torch.Tensor:
     return cache[hook]
 
 
+@reuse_freed_memory()  # the forward's freed buffers are reused without page faults (saeflow.hostmem)
 def extract_activations(
     model,
     contexts: np.ndarray,

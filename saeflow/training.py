@@ -37,6 +37,7 @@ from saeflow import checkpoint
 from saeflow.artifacts import write_json_atomic
 from saeflow.checkpoint import CHECKPOINT_DIR, DONE_FILE, CheckpointError
 from saeflow.config import TrainConfig
+from saeflow.hostmem import reuse_freed_memory
 from saeflow.precision import matmul_dtype, resolve_field
 from saeflow.saes import BaseSAE, SAEConfig, build_sae, save_sae
 from saeflow.sae_init import b_dec_from_sample, resample_dead_latents
@@ -356,6 +357,7 @@ class _Member:
                 "resumed_from_step": self.resumed_from, "out_dir": str(self.out_dir)}
 
 
+@reuse_freed_memory()  # no page faults on the step's freed and reallocated buffers (saeflow.hostmem)
 def train_saes(
     members: list[tuple[SAEConfig, Path, dict[str, Any] | None]],
     train_cfg: TrainConfig,

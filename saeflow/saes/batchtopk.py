@@ -16,6 +16,7 @@ from saeflow.saes.kernels import (
     _sorted_topk,
     _SparseDecode,
     _take,
+    row_norms,
     selected_pre,
     selected_pre_coo,
     selection_pre,
@@ -105,7 +106,7 @@ class BatchTopKSAE(TopKSAE):
 
     def _forward_sparse(self, x: torch.Tensor, k: int | None = None) -> "_BTParts":
         """Same maths as :meth:`_forward_dense`; only the selected activations enter the backward."""
-        n = self.W_dec.norm(dim=-1)
+        n = row_norms(self.W_dec)
         inv_n = 1 / n
         sae_in = x - self.b_dec.detach()
         pre, hidden_pre = selection_pre(sae_in, self.W_enc, self.b_enc, n if self.rescale else None)  # dense, no graph

@@ -14,6 +14,7 @@ from saeflow.saes.kernels import (
     _sorted_topk,
     _SparseDecode,
     _take,
+    row_norms,
     selected_pre,
     selection_pre,
 )
@@ -168,7 +169,7 @@ class TopKSAE(BaseSAE):
                                  return_feature_acts: bool, k: int | None = None) -> dict[str, torch.Tensor | None]:
         """Same maths as the dense path; only the selected latents enter the backward pass."""
         d_sae = self.d_sae
-        n = self.W_dec.norm(dim=-1)  # differentiable (it scales the selection and the decoder)
+        n = row_norms(self.W_dec)  # differentiable (it scales the selection and the decoder)
         inv_n = 1 / n
         sae_in = x - self.b_dec.detach()
         pre, hidden_pre = selection_pre(sae_in, self.W_enc, self.b_enc, n if self.rescale else None)  # dense, no graph

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -25,12 +26,26 @@ PROFILES = ("configs/smoke.yaml", "configs/quick.yaml")
 ROOT = "/fingerprint-root"
 
 
+#: ``auto`` precision fields resolve per machine (bf16 on a CPU with avx512_bf16, float32 on an
+#: AVX2-only one); the recorded fingerprints are those of a bf16-capable machine on every machine.
+AUTO_AS = "bfloat16"
+
+
 def fingerprints(profile: str, root: str = ROOT) -> dict[str, str | list[str]]:
-    """The core stages' fingerprints of ``profile``, with the arguments the pipeline passes."""
-    from saeflow.config import load_config
+    """The core stages' fingerprints of ``profile``, with the arguments the pipeline passes
+    (``auto`` precision resolved as :data:`AUTO_AS`, whatever this machine has)."""
+    from saeflow.config import load_config, resolve_precision
     from tasks import activations, corpus, model, train, vocab
 
-    config = load_config(REPO / profile)
+    saved = os.environ.get("SAEFLOW_PRECISION")
+    os.environ["SAEFLOW_PRECISION"] = AUTO_AS
+    try:
+        config, _ = resolve_precision(load_config(REPO / profile))
+    finally:
+        if saved is None:
+            os.environ.pop("SAEFLOW_PRECISION", None)
+        else:
+            os.environ["SAEFLOW_PRECISION"] = saved
     m = model.ref(cfg=config.model, root=root)
     v = vocab.ref(model=m, cfg=config.vocab, root=root)
     c = corpus.ref(model=m, cfg=config.corpus, prepend_bos=config.model.prepend_bos, root=root)
