@@ -31,9 +31,10 @@ from tests.data.record_fingerprints import OUT, REPO, all_fingerprints, fingerpr
 #: The commit whose artifacts root the slow test reuses: the last one before the issue #13 restructure
 #: (saeflow/sae.py, flat evaluation modules). The smoke profile's core fingerprints have not changed since.
 BASE_REV = "38ea71348e216dd642d019d481a82185b0176b9f"
-#: The commit tests/data/fingerprints.json was recorded at (after the quick profile's lr moved to 2e-3,
-#: an intended change of its train fingerprints; its smoke fingerprints equal BASE_REV's).
-RECORDED_REV = "d301055d7d9accc46aaf5f2afd333edf936bf93f"
+#: The commit tests/data/fingerprints.json was recorded at (after the quick profile was re-sized and
+#: switched to ``auto`` precision, issue #26: an intended change of its corpus, activations and train
+#: fingerprints; its smoke fingerprints equal BASE_REV's).
+RECORDED_REV = "e81cdb26efce2417e788a3ee6b10619ace1a98ee"
 CORE_STAGES = ("model", "vocab", "corpus", "activations", "train")
 #: configs/smoke.yaml without its evaluations (``extends`` resolves relative to the file's folder).
 _CORE_PROFILE = "extends: {smoke}\nabsorption: null\nstitching: null\nmeta_sae: null\nprobing: null\n"
