@@ -194,8 +194,9 @@ def test_roofline_flop_counts():
     assert sae_flops("relu", 640, 1024, None) == 10 * 640 * 1024
 
 
-def test_csr_weight_gradient_product_matches_coo():
-    """The bf16 path's CSR ``S.T @ Y`` equals the float32 path's COO product (summation order aside)."""
+def test_bag_weight_gradient_product_matches_coo():
+    """The bf16 path's embedding-bag ``S.T @ Y`` equals the float32 path's COO product (summation
+    order aside), latents that no row selected (empty bags) included: their rows are zero."""
     from saeflow.saes.kernels import _COO, _rows_t_fast
 
     g = torch.Generator().manual_seed(4)
@@ -208,3 +209,114 @@ def test_csr_weight_gradient_product_matches_coo():
     sp = _COO(rows, idx.reshape(-1), B, d_sae)
     torch.testing.assert_close(sp.t_times_dense(v.reshape(-1), Y, torch.bfloat16), sp.t_times_dense(v.reshape(-1), Y),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_row_norms_gradient_matches_autograd():
+    """The bf16 path's fused row-norm backward gives autograd's value and gradient (0 for a zero row)."""
+    from saeflow.saes.kernels import row_norms
+
+    W = torch.randn(50, 7, generator=torch.Generator().manual_seed(5))
+    W[3] = 0.0
+    g = torch.randn(50, generator=torch.Generator().manual_seed(6))
+    grads = {}
+    for cd in (None, torch.bfloat16):
+        w = W.clone().requires_grad_(True)
+        with matmul_dtype(cd):
+            n = row_norms(w)
+        (n * g).sum().backward()
+        grads[cd] = (n.detach(), w.grad)
+    torch.testing.assert_close(grads[torch.bfloat16][0], grads[None][0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[torch.bfloat16][1], grads[None][1], rtol=1e-6, atol=1e-7)
+    assert grads[torch.bfloat16][1][3].abs().sum() == 0
+
+
+def test_reuse_freed_memory_sets_and_restores_glibc_options(monkeypatch):
+    """Inside the block glibc keeps freed large blocks (no mmap, no trim); the defaults come back
+    when the outermost block exits; ``SAEFLOW_HOST_MALLOC=default`` and non-glibc systems do nothing."""
+    from saeflow import hostmem
+
+    calls = []
+
+    class FakeLibc:
+        gnu_get_libc_version = object()
+
+        def mallopt(self, opt, value):
+            calls.append(("mallopt", opt, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append(("trim", pad))
+            return 1
+
+    monkeypatch.setattr(hostmem, "_glibc", lambda: FakeLibc())
+    with hostmem.reuse_freed_memory() as on:
+        assert on
+        with hostmem.reuse_freed_memory():
+            pass
+        assert calls == [("mallopt", hostmem._M_MMAP_MAX, 0), ("mallopt", hostmem._M_TRIM_THRESHOLD, hostmem._KEEP)]
+    assert calls[2:] == [("mallopt", hostmem._M_MMAP_MAX, hostmem._DEFAULT_MMAP_MAX),
+                         ("mallopt", hostmem._M_TRIM_THRESHOLD, hostmem._DEFAULT_TRIM), ("trim", 0)]
+    monkeypatch.undo()
+    monkeypatch.setenv("SAEFLOW_HOST_MALLOC", "default")
+    assert hostmem._glibc() is None
+    with hostmem.reuse_freed_memory() as on:
+        assert not on
+    monkeypatch.setattr(hostmem.sys, "platform", "darwin")
+    monkeypatch.delenv("SAEFLOW_HOST_MALLOC")
+    assert hostmem._glibc() is None
+
+
+def test_reuse_freed_memory_keeps_results_identical():
+    """Where memory comes from never changes a value: a training step inside and outside the block."""
+    from saeflow import hostmem
+
+    def one_step():
+        sae = build_sae(SAEConfig(architecture="topk", width=256, k=8), 32, seed=0)
+        x = torch.randn(128, 32, generator=torch.Generator().manual_seed(7))
+        out = sae.training_forward(x, None, return_feature_acts=False, step=0)
+        out["loss"].backward()
+        return torch.cat([p.grad.flatten() for p in sae.parameters()])
+
+    outside = one_step()
+    with hostmem.reuse_freed_memory():
+        inside = one_step()
+    assert torch.equal(inside, outside)
+
+
+@pytest.mark.parametrize("n_cols", [20, 300])
+def test_aux_selection_values_dense_over_dead_columns(n_cols):
+    """The bf16 path's aux-k values over the dead columns (a dense product over those columns when
+    they are few, sampled dot products otherwise) equal the float32 pre-activations there."""
+    from saeflow.saes.kernels import selected_pre_cols
+
+    g = torch.Generator().manual_seed(8)
+    B, d, d_sae, m = 32, 16, 400, 4
+    sae_in, W_enc, b_enc = torch.randn(B, d, generator=g), torch.randn(d, d_sae, generator=g), torch.randn(d_sae, generator=g)
+    cols = torch.randperm(d_sae, generator=g)[:n_cols].sort().values
+    local = torch.stack([torch.randperm(n_cols, generator=g)[:m].sort().values for _ in range(B)])
+    full = torch.addmm(b_enc, sae_in, W_enc)
+    got = selected_pre_cols(None, sae_in, W_enc, b_enc, cols, local)
+    torch.testing.assert_close(got, full.gather(1, cols[local]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(selected_pre_cols(full, sae_in, W_enc, b_enc, cols, local), full.gather(1, cols[local]),
+                               rtol=0, atol=0)
+
+
+def test_dense_aux_over_dead_columns_matches_sparse_kernels():
+    """TopK's aux-k loss on the bf16 path computed densely over a few dead latents gives the loss
+    and gradients of the sparse kernels (same selection: the selection pass is shared)."""
+    sae = build_sae(SAEConfig(architecture="topk", width=512, k=8, aux_k=16), 64, seed=0)
+    x = torch.randn(128, 64, generator=torch.Generator().manual_seed(9)) * 3
+    dead = torch.zeros(512, dtype=torch.bool)
+    dead[::8] = True  # 64 dead <= 16 * k_aux: the dense route by default
+    res = {}
+    for factor in (16, 0):  # 0: the sparse kernels
+        sae.aux_dense_factor = factor
+        sae.zero_grad()
+        with matmul_dtype(torch.bfloat16):
+            out = sae.training_forward(x, dead, return_feature_acts=False, step=0)
+        out["loss"].backward()
+        res[factor] = (out["aux"].detach(), {k: p.grad.clone() for k, p in sae.named_parameters()})
+    assert float(res[16][0]) > 0
+    torch.testing.assert_close(res[16][0], res[0][0], rtol=1e-5, atol=1e-6)
+    for k in res[16][1]:
+        torch.testing.assert_close(res[16][1][k], res[0][1][k], rtol=1e-4, atol=1e-5)

@@ -17,7 +17,7 @@ from saeflow.saes.kernels import (
     _SparseDecode,
     _take,
     row_norms,
-    selected_pre,
+    selected_pre_cols,
     selected_pre_coo,
     selection_pre,
 )
@@ -165,7 +165,7 @@ class BatchTopKSAE(TopKSAE):
                     hp = parts.hidden_pre.index_select(1, dead_ids)
             _, local = _sorted_topk(hp, k_aux)
             a_idx = dead_ids[local]
-            a = _GatherPreActs.apply(selected_pre(parts.pre, parts.sae_in, self.W_enc, self.b_enc, a_idx), parts.sae_in, self.W_enc, self.b_enc, self.b_dec, a_idx)
+            a = _GatherPreActs.apply(selected_pre_cols(parts.pre, parts.sae_in, self.W_enc, self.b_enc, dead_ids, local), parts.sae_in, self.W_enc, self.b_enc, self.b_dec, a_idx)
             if self.rescale:
                 a = a * _take(n, a_idx) * _take(1 / n, a_idx)
             recons = _SparseDecode.apply(a, a_idx, self.W_dec)

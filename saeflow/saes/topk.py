@@ -14,8 +14,10 @@ from saeflow.saes.kernels import (
     _sorted_topk,
     _SparseDecode,
     _take,
+    aux_recons_cols,
     row_norms,
     selected_pre,
+    selected_pre_cols,
     selection_pre,
 )
 
@@ -58,6 +60,10 @@ class TopKSAE(BaseSAE):
     #: k (or k_aux) selected latents per row. The input ``x`` gets no gradient on this path.
     #: ``False`` selects the dense reference implementation.
     sparse_kernels: bool = True
+    #: bf16 path: the aux-k loss is computed densely over the dead latents
+    #: (:func:`~saeflow.saes.kernels.aux_recons_cols`) while there are at most this many times
+    #: ``k_aux`` of them, through the sparse kernels otherwise.
+    aux_dense_factor: int = 16
 
     def __init__(self, cfg: SAEConfig, d_in: int, seed: int = 0) -> None:
         if cfg.k > cfg.width:
@@ -188,11 +194,15 @@ class TopKSAE(BaseSAE):
             residual = (x - x_hat).detach()
             dead_ids = dead_mask.nonzero().squeeze(1)
             _, local = _sorted_topk(hidden_pre.index_select(1, dead_ids), k_aux)
-            a_idx = dead_ids[local]  # dead_ids ascending, so a_idx stays sorted per row
-            a = _GatherPreActs.apply(selected_pre(pre, sae_in, self.W_enc, self.b_enc, a_idx), sae_in, self.W_enc, self.b_enc, self.b_dec, a_idx)
-            if self.rescale:
-                a = a * _take(n, a_idx) * _take(inv_n, a_idx)
-            recons = _SparseDecode.apply(a, a_idx, self.W_dec)
+            if pre is None and dead_ids.numel() <= self.aux_dense_factor * k_aux:  # bf16 path, few dead: dense over them
+                recons = aux_recons_cols(x, self.b_dec, self.W_enc, self.b_enc, self.W_dec, dead_ids, local,
+                                         n if self.rescale else None)
+            else:
+                a_idx = dead_ids[local]  # dead_ids ascending, so a_idx stays sorted per row
+                a = _GatherPreActs.apply(selected_pre_cols(pre, sae_in, self.W_enc, self.b_enc, dead_ids, local), sae_in, self.W_enc, self.b_enc, self.b_dec, a_idx)
+                if self.rescale:
+                    a = a * _take(n, a_idx) * _take(inv_n, a_idx)
+                recons = _SparseDecode.apply(a, a_idx, self.W_dec)
             aux = self.cfg.aux_coefficient * scale * (recons - residual).pow(2).sum(dim=-1).mean()
         else:
             aux = mse.new_zeros(())
