@@ -34,7 +34,7 @@ BASE_REV = "38ea71348e216dd642d019d481a82185b0176b9f"
 #: The commit tests/data/fingerprints.json was recorded at (after the quick profile was re-sized and
 #: switched to ``auto`` precision, issue #26: an intended change of its corpus, activations and train
 #: fingerprints; its smoke fingerprints equal BASE_REV's).
-RECORDED_REV = "e81cdb26efce2417e788a3ee6b10619ace1a98ee"
+RECORDED_REV = "b75935b92866c92711721af7166af9b8430bc543"
 CORE_STAGES = ("model", "vocab", "corpus", "activations", "train")
 #: configs/smoke.yaml without its evaluations (``extends`` resolves relative to the file's folder).
 _CORE_PROFILE = "extends: {smoke}\nabsorption: null\nstitching: null\nmeta_sae: null\nprobing: null\n"
