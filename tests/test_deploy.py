@@ -138,9 +138,7 @@ def test_deploy_from_prefect_yaml_run_smoke_on_a_worker_and_schedules_create_run
         keys = {a["key"] for a in api.http.post("/artifacts/filter", json={}).json()}
         assert {"report-smoke", "core-metrics"} <= keys  # the report and table published to the UI
 
-        # SIGINT, with the server still up; 90 s: once (2026-12-07, slow suite on a quiet 2-core machine) the
-        # worker took longer than 30 s to exit after the smoke run and passed on a rerun (104 s in all)
-        assert stop(worker, "worker", timeout=90) is not None
+        assert stop(worker, "worker") is not None  # SIGINT, with the server still up
         worker = None
 
         # the cron schedule from prefect.yaml created future runs of reevaluate (03:00 UTC)

@@ -17,7 +17,6 @@ from saeflow.saes.kernels import (
     aux_recons_cols,
     row_norms,
     selected_pre,
-    selected_pre_cols,
     selection_pre,
 )
 
@@ -199,7 +198,7 @@ class TopKSAE(BaseSAE):
                                          n if self.rescale else None)
             else:
                 a_idx = dead_ids[local]  # dead_ids ascending, so a_idx stays sorted per row
-                a = _GatherPreActs.apply(selected_pre_cols(pre, sae_in, self.W_enc, self.b_enc, dead_ids, local), sae_in, self.W_enc, self.b_enc, self.b_dec, a_idx)
+                a = _GatherPreActs.apply(selected_pre(pre, sae_in, self.W_enc, self.b_enc, a_idx), sae_in, self.W_enc, self.b_enc, self.b_dec, a_idx)
                 if self.rescale:
                     a = a * _take(n, a_idx) * _take(inv_n, a_idx)
                 recons = _SparseDecode.apply(a, a_idx, self.W_dec)

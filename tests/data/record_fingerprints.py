@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import subprocess
+from unittest import mock
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,15 +38,8 @@ def fingerprints(profile: str, root: str = ROOT) -> dict[str, str | list[str]]:
     from saeflow.config import load_config, resolve_precision
     from tasks import activations, corpus, model, train, vocab
 
-    saved = os.environ.get("SAEFLOW_PRECISION")
-    os.environ["SAEFLOW_PRECISION"] = AUTO_AS
-    try:
+    with mock.patch.dict(os.environ, {"SAEFLOW_PRECISION": AUTO_AS}):
         config, _ = resolve_precision(load_config(REPO / profile))
-    finally:
-        if saved is None:
-            os.environ.pop("SAEFLOW_PRECISION", None)
-        else:
-            os.environ["SAEFLOW_PRECISION"] = saved
     m = model.ref(cfg=config.model, root=root)
     v = vocab.ref(model=m, cfg=config.vocab, root=root)
     c = corpus.ref(model=m, cfg=config.corpus, prepend_bos=config.model.prepend_bos, root=root)
