@@ -40,20 +40,23 @@ def wait_until(cond, timeout: float, what: str, every: float = 1.0):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def stop(proc: subprocess.Popen, name: str, timeout: float = 30.0) -> int:
-    """SIGINT first (workers ignore SIGTERM once the server is gone: ENVIRONMENT.md), then SIGTERM."""
+def stop(proc: subprocess.Popen, name: str, timeout: float = 30.0, log: Path | None = None) -> int:
+    """SIGINT first (workers ignore SIGTERM once the server is gone: ENVIRONMENT.md). A process still
+    alive after ``timeout`` gets SIGABRT: it runs with PYTHONFAULTHANDLER=1, so every thread's stack
+    lands in its log, quoted in the failure."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:
             return proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            proc.terminate()
+            proc.send_signal(signal.SIGABRT)
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            raise AssertionError(f"{name} did not stop on SIGINT within {timeout:.0f} s")
+            tail = log.read_text(errors="replace")[-6000:] if log is not None and log.is_file() else ""
+            raise AssertionError(f"{name} did not stop on SIGINT within {timeout:.0f} s; its threads:\n{tail}")
     return proc.returncode
 
 
@@ -85,7 +88,7 @@ def test_deploy_from_prefect_yaml_run_smoke_on_a_worker_and_schedules_create_run
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect_home"), PREFECT_API_URL=api_url, DO_NOT_TRACK="1",
+    env.update(PREFECT_HOME=str(tmp_path / "prefect_home"), PREFECT_API_URL=api_url, DO_NOT_TRACK="1", PYTHONFAULTHANDLER="1",
                PREFECT_SERVER_ANALYTICS_ENABLED="false", HF_HUB_OFFLINE="1",
                # the scheduler service looks for deployments to schedule every 60 s by default
                PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2")
@@ -138,7 +141,7 @@ def test_deploy_from_prefect_yaml_run_smoke_on_a_worker_and_schedules_create_run
         keys = {a["key"] for a in api.http.post("/artifacts/filter", json={}).json()}
         assert {"report-smoke", "core-metrics"} <= keys  # the report and table published to the UI
 
-        assert stop(worker, "worker") is not None  # SIGINT, with the server still up
+        assert stop(worker, "worker", log=logs / "worker.log") is not None  # SIGINT, with the server still up
         worker = None
 
         # the cron schedule from prefect.yaml created future runs of reevaluate (03:00 UTC)
@@ -158,7 +161,7 @@ def test_deploy_from_prefect_yaml_run_smoke_on_a_worker_and_schedules_create_run
         assert all(r["state"]["type"] == "SCHEDULED" for r in created)
     finally:
         if worker is not None:
-            stop(worker, "worker")
+            stop(worker, "worker", log=logs / "worker.log")
         api.http.close()
-        code = stop(server, "server")
+        code = stop(server, "server", log=logs / "server.log")
     assert code is not None and server.poll() is not None
