@@ -114,7 +114,8 @@ def _sb_run(spec_path: Path) -> None:
     ks = pd.read_json(ks_json).set_index("letter")
     out = {}
     for letter in LETTERS:
-        row = {"f1_probe": float(ks.loc[letter, "f1_probe"]) if letter in ks.index else float("nan")}
+        row = {"f1_probe": float(ks.loc[letter, "f1_probe"]) if letter in ks.index else float("nan"),
+               "f1_k1": float(ks.loc[letter, "f1_sparse_sae_1"]) if letter in ks.index else float("nan")}
         if letter in agg.index:
             row.update(split_feats=[int(i) for i in splits[letter]],
                        mean_absorption_fraction=float(agg.loc[letter, "mean_absorption_fraction"]),
@@ -155,6 +156,9 @@ def _letters(per_dir: Path, probe_dir: Path):
     letters = pd.read_parquet(per_dir / "letters.parquet").set_index("letter")
     pm = pd.read_parquet(probe_dir / "probe_metrics.parquet").set_index("letter")
     letters["probe_f1"] = pm.loc[letters.index, "f1"]
+    ks = pd.read_parquet(per_dir / "k_sparse.parquet")
+    k1 = ks[ks["k"] == 1].set_index("letter")["f1"]
+    letters["k1_f1"] = k1.reindex(letters.index)
     return letters
 
 
@@ -267,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                      "main_ours": _main_latent(o["split_feats"]), "main_sb": _main_latent(s["split_feats"]),
                      "split_ours": "+".join(str(int(i)) for i in o["split_feats"]),
                      "split_sb": "+".join(str(int(i)) for i in s["split_feats"]),
-                     "k1_f1_ours": float(o["split_f1"]) if len(o["split_feats"]) == 1 else float("nan"),
+                     "k1_f1_ours": float(o["k1_f1"]), "k1_f1_sb": s.get("f1_k1", float("nan")),
                      "fraction_ours": float(o["mean_absorption_fraction"]), "fraction_sb": s["mean_absorption_fraction"],
                      "full_ours": float(o["full_absorption_rate"]), "full_sb": s["full_absorption_rate"]})
     t = pd.DataFrame(rows)
@@ -278,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     t["main_sb_converged"] = [opt_top1[LETTERS.index(letter)] for letter in t["letter"]]
     t["same_main_converged"] = t["main_ours"] == t["main_sb_converged"]
     n_conv = int(t["same_main_converged"].sum())
+    # diagnostic (not the goal): agreement where a letter latent exists (either side's k = 1 F1 > 0.5) vs not
+    sel = (t["k1_f1_ours"] > 0.5) | (t["k1_f1_sb"] > 0.5)
+    n_sel, n_sel_agree = int(sel.sum()), int(t.loc[sel, "same_main"].sum())
+    n_rest, n_rest_agree = int((~sel).sum()), int(t.loc[~sel, "same_main"].sum())
     d_frac = float(t["fraction_ours"].mean() - t["fraction_sb"].mean())
     d_full = float(t["full_ours"].mean() - t["full_sb"].mean())
 
@@ -316,6 +324,8 @@ Letters passing both ground-truth gates: {n}. Same main split latent: **{n_agree
 L1 probe replaced by the converged solution of its own objective on its own training latents (`main_sb_converged`: the
 k = 1 latent; both sides converged, same words{' and split' if sb.get('train_words_ours') else ''}, each side's own ICL
 prompts and activations): **{n_conv}/{n}**.
+By letter latent (a diagnostic, not the goal): letters where either side's k = 1 latent has test F1 > 0.5 agree on
+{n_sel_agree}/{n_sel}; the other letters on {n_rest_agree}/{n_rest}.
 Mean absorption fraction ours {t['fraction_ours'].mean():.4f} vs SAEBench {t['fraction_sb'].mean():.4f} (diff {d_frac:+.4f});
 mean full-absorption rate ours {t['full_ours'].mean():.4f} vs {t['full_sb'].mean():.4f} (diff **{d_full:+.4f}**; goal |diff| <= 0.05).
 
@@ -332,6 +342,8 @@ mean full {s4['full_quick'].mean():.4f} vs {s4['full_4x'].mean():.4f}.
     print(md)
     print(f"stability: same main latent {n4_agree}/{n4}")
     print(f"converged on both sides: same k = 1 latent {n_conv}/{n}")
+    print(f"letters with a k = 1 latent of F1 > 0.5 on either side: same main latent {n_sel_agree}/{n_sel}; "
+          f"the rest {n_rest_agree}/{n_rest}")
     print(f"split latents agree: {n_agree}/{n}; mean full absorption diff: {d_full:+.4f}")
     return 0
 
