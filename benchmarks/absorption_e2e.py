@@ -303,14 +303,15 @@ def main(argv: list[str] | None = None) -> int:
     s4["same_main"] = s4["main_quick"] == s4["main_4x"]
     n4, n4_agree = len(s4), int(s4["same_main"].sum())
 
-    from saeflow.precision import resolve
+    from saeflow.config import resolve_precision
 
+    resolved, _ = resolve_precision(cfg)
     prec_env = f"SAEFLOW_PRECISION={os.environ['SAEFLOW_PRECISION']} " if os.environ.get("SAEFLOW_PRECISION") else ""
     words4 = int((pd.read_parquet(Path(data4.path) / "prompts.parquet")["kind"] == "probe").sum())
     md = f"""## Absorption end to end vs SAEBench on a live SAE (`benchmarks/absorption_e2e.py`)
 
 Command: `{prec_env}.venv/bin/python -m benchmarks.absorption_e2e --config {args.config} --artifacts {args.artifacts} --sae {args.sae} --sb-epochs {args.sb_epochs}{''.join(' --set ' + x for x in args.set)}`
-(model `{resolve(cfg.model.dtype, 'cpu').name}`, training `{resolve(cfg.train.precision, 'cpu').name}`)
+(model `{resolved.model.dtype}`, training `{resolved.train.precision}`)
 (SAE `{sae.path}`; {len(words)} words; ablation rate off). Machine: {machine()}.
 saeflow from the profile alone (stages as the pipeline runs them, cached ones reused: {ours_s:.0f} s; the {args.factor}x run
 {ours4_s:.0f} s, on one thread beside SAEBench); SAEBench 0.6.0 `run_eval` in its own venv on the same SAE and word list

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     heads = [c for c in HEADLINES if ref is not None and c in ref.columns and ref[c].notna().any()]
     hrows = []
     for v, t in tables.items():
-        if v == "float32" or ref is None:
+        if v == "float32":
             continue
         for sae, r in t.iterrows():
             for c in heads:
