@@ -6,7 +6,11 @@ artifacts root (cached stages reused, so the float32 run is free when ``make run
 - ``float32``: ``model.dtype: float32``, ``train.precision: float32``;
 - ``bf16-train``: the float32 activation store, SAE training in bfloat16 (isolates training);
 - ``bf16``: model (extraction, CE-loss forwards) and training in bfloat16 (what ``auto`` picks on
-  a CPU with native bf16).
+  a CPU with native bf16);
+- ``bf16-seed1``: ``bf16`` with training seed 1 (its store is bf16's): what a change of training
+  trajectory alone moves. Each headline's float32-vs-bf16 difference is printed beside the
+  bf16-vs-bf16-seed1 difference, so a reader sees whether precision moves a figure more than a seed
+  does. The stated tolerances stay the verdict; the seed spread is information beside it.
 
 With an evaluation profile (``--config configs/quick-evals.yaml``) every evaluation's headline in
 the core-metrics table is compared too, against tolerances stated here before any measurement
@@ -37,6 +41,9 @@ VARIANTS = {
     "float32": {"model": {"dtype": "float32"}, "train": {"precision": "float32"}},
     "bf16-train": {"model": {"dtype": "float32"}, "train": {"precision": "bfloat16"}},
     "bf16": {"model": {"dtype": "bfloat16"}, "train": {"precision": "bfloat16"}},
+    # the bf16 profile with another training seed: the spread of one trajectory change with the
+    # precision held fixed, against which the float32-vs-bf16 differences are read
+    "bf16-seed1": {"model": {"dtype": "bfloat16"}, "train": {"precision": "bfloat16", "seed": 1}},
 }
 COLS = ["l0", "explained_variance", "ce_loss_score", "frac_dead", "frac_dense"]
 TOL = 0.003
@@ -54,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/quick.yaml")
     ap.add_argument("--artifacts", default=None)
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=["float32", "bf16-train", "bf16"], choices=list(VARIANTS))
     args = ap.parse_args(argv)
     from benchmarks._common import machine, write_section
     from flows.pipeline import pipeline
@@ -99,6 +106,17 @@ def main(argv: list[str] | None = None) -> int:
                 hrows.append({"variant": v, "sae": sae, "headline": c, "float32": a, "value": b, "diff": b - a,
                               "tolerance": HEADLINES[c], "within": abs(b - a) <= HEADLINES[c]})
     hdf = pd.DataFrame(hrows)
+    if len(hdf) and {"bf16", "bf16-seed1"} <= set(tables):
+        # the seed spread beside each precision difference: |bf16 - bf16-seed1| for the same SAE and headline
+        seed = tables["bf16-seed1"]
+        hdf["seed_spread"] = [abs(float(seed.loc[s_, c]) - float(tables["bf16"].loc[s_, c]))
+                              for s_, c in zip(hdf["sae"], hdf["headline"])]
+        prec = hdf[hdf["variant"] == "bf16"]
+        n_seed = int((prec["diff"].abs() <= prec["seed_spread"]).sum())
+        seed_line = (f"bf16 vs float32 differences no larger than the seed spread (bf16 vs bf16-seed1, same headline "
+                     f"and SAE): {n_seed}/{len(prec)}")
+    else:
+        seed_line = ""
     n_within = int(hdf["within"].sum()) if len(hdf) else 0
     others = df[df["variant"] != "float32"]
     max_ev = float(others["d_ev"].abs().max()) if "d_ev" in others else float("nan")
@@ -126,10 +144,17 @@ within tolerance.
 
 {hdf.to_markdown(index=False, floatfmt=".4f")}
 """
+        if seed_line:
+            body += f"""
+`seed_spread`: |bf16 - bf16-seed1| for the same SAE and headline (two bf16 trajectories that differ only in the training
+seed). {seed_line}.
+"""
     write_section("precision" + ("" if base.name == "quick" else f"-{base.name}"), body)
     print(body)
     if len(hdf):
         print(f"evaluation headlines within tolerance: {n_within}/{len(hdf)}")
+        if seed_line:
+            print(seed_line)
     print(f"max |EV diff| {max_ev:.4f}, max |CE loss score diff| {max_ce:.4f} (tolerance {TOL})")
     return 0
 
