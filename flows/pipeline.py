@@ -79,7 +79,7 @@ def pipeline(config: PipelineConfig, artifacts: str | None = None,
     complete_before = [r.is_available() for r in train.family_refs(a, saes, config.train, root)]
     s = stage("train", train.family_refs, train.train_family_task, acts=a, members=saes, train_cfg=config.train,
               device=dev)
-    ext = stage_all([(f"imported-{i}", imported.ref, imported.import_sae_task, {"path": p, "acts": a})
+    ext = stage_all([(f"imported-{i}", imported.ref, imported.import_sae_task, {"entry": p, "acts": a, "model": m})
                      for i, p in enumerate(config.import_saes)])
     n_imported = len(ext)
     ext = ext + list(extra_saes or [])

@@ -286,6 +286,52 @@ class RunnerConfig(Frozen):
         return self
 
 
+class ImportSAE(Frozen):
+    """One SAE from outside the pipeline, evaluated beside the trained ones (``import_saes``).
+
+    Either a local folder (``path``) or a published SAE (``release`` + ``id``). A plain string in
+    ``import_saes`` is a ``path``."""
+
+    path: str | None = None
+    """A local folder in SAELens layout (``cfg.json`` + ``sae_weights.safetensors``, written by
+    SAELens' ``save_model`` or by another saeflow run)."""
+
+    release: str | None = None
+    """A SAELens release (``sae_lens``'s ``pretrained_saes.yaml``, e.g.
+    ``gemma-scope-2-270m-pt-res-all``) or a hub repo id holding SAELens-layout folders; loaded
+    with ``sae_lens.SAE.from_pretrained(release, id)``. Needs the hub once (the imported SAE is
+    then an artifact: later runs download nothing)."""
+
+    id: str | None = None
+    """The SAE's id in ``release`` (e.g. ``layer_6_width_16k_l0_small``)."""
+
+    name: str | None = None
+    """Its name in tables, the report and the browser; default ``<release>/<id>`` or the folder."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "ImportSAE":
+        if (self.path is None) == (self.release is None):
+            raise ValueError("an import_saes entry needs exactly one of path (a local SAELens folder) or "
+                             "release + id (a SAELens release)")
+        if self.release is not None and not self.id:
+            raise ValueError(f"import_saes entry for release {self.release!r} needs an id (the SAE within the release)")
+        if self.path is not None and self.id is not None:
+            raise ValueError("id goes with release, not with path")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The name shown for this SAE."""
+        if self.name:
+            return self.name
+        return f"{self.release}/{self.id}" if self.release else Path(str(self.path)).name
+
+
+def import_spec(entry: "str | ImportSAE") -> ImportSAE:
+    """An ``import_saes`` entry as an :class:`ImportSAE` (a string is a local folder)."""
+    return entry if isinstance(entry, ImportSAE) else ImportSAE(path=entry)
+
+
 class PipelineConfig(Frozen):
     name: str = "quick"
     """Profile name (shown in tables and logs)."""
@@ -326,11 +372,12 @@ class PipelineConfig(Frozen):
     """Task runner (``{kind: local|dask, address: null|tcp://..., n_workers: 2}``). Operational:
     changing it recomputes nothing."""
 
-    import_saes: tuple[str, ...] = ()
-    """Folders of SAEs in SAELens layout (``cfg.json`` + ``sae_weights.safetensors``, e.g. written
-    by SAELens or another saeflow run) to evaluate beside the trained ones. Each must read this
-    profile's hook (``metadata.hook_name``, when recorded) and have ``d_in`` = the model width; it
-    is copied into the artifacts (stage ``imported``) so later changes to the folder are noticed."""
+    import_saes: tuple[str | ImportSAE, ...] = ()
+    """SAEs to evaluate beside the trained ones (:class:`ImportSAE`): a folder in SAELens layout
+    (a plain string, or ``{path: FOLDER}``) or a SAELens release (``{release: R, id: I}``). Each
+    must read this profile's hook (``metadata.hook_name``) and model (``metadata.model_name``),
+    when recorded, and have ``d_in`` = the model width; it is copied into the artifacts (stage
+    ``imported``; a folder is keyed by its content, a release by release and id)."""
 
     @model_validator(mode="after")
     def _sae_or_family(self) -> "PipelineConfig":

@@ -53,6 +53,7 @@ HEADLINES: tuple[Headline, ...] = (
 )
 _PROBING_AUC = re.compile(r"^probing_([a-z]+)_auc$")
 _LABEL = re.compile(r"^#\d+ (?P<arch>\S+) w=(?P<width>\d+)(?: k=(?P<k>\d+))?(?: c=(?P<c>\S+))?$")
+_NAMED_LABEL = re.compile(r"^#\d+ (?P<name>.+)$")
 
 
 def sae_names(core: pd.DataFrame) -> list[str]:
@@ -74,7 +75,8 @@ def label_name(label: Any) -> Any:
     values unchanged."""
     m = _LABEL.match(str(label).strip())
     if not m:
-        return label
+        named = _NAMED_LABEL.match(str(label).strip())  # an imported SAE with a name: ``#3 <name>``
+        return named["name"] if named else label
     return sae_name(m["arch"], m["width"], m["k"], m["c"])
 
 
@@ -141,6 +143,8 @@ class CardRow:
     frac_dead: float
     dead_text: str
     cells: list[CardCell]
+    published: bool = False
+    """Imported from a SAELens release (``import_saes``: ``release`` + ``id``), not trained here."""
 
 
 @dataclass(frozen=True)
@@ -223,6 +227,8 @@ def report_card(core: pd.DataFrame, probing_summary: pd.DataFrame | None = None)
         columns.append(CardColumn(headline=h, label=label, best=[n for n, m in zip(names, marks[key]) if m]))
     dead = (pd.to_numeric(core["frac_dead"], errors="coerce").to_numpy(float) if "frac_dead" in core
             else np.full(len(core), np.nan))
+    published = (core["published"].fillna(False).astype(bool).to_numpy() if "published" in core
+                 else np.zeros(len(core), bool))
     rows = []
     for i, name in enumerate(names):
         cells = []
@@ -233,18 +239,19 @@ def report_card(core: pd.DataFrame, probing_summary: pd.DataFrame | None = None)
                 text += f" ({x - baseline:+.3f})"
             cells.append(CardCell(value=x, text=text, color=colors[key][i], best=bool(marks[key][i])))
         d = float(dead[i])
-        rows.append(CardRow(sae=name, frac_dead=d, dead_text="–" if not np.isfinite(d) else f"{d:.1%}", cells=cells))
+        rows.append(CardRow(sae=name, frac_dead=d, dead_text="–" if not np.isfinite(d) else f"{d:.1%}", cells=cells,
+                            published=bool(published[i])))
     missing = sorted({h.evaluation for h in HEADLINES} - {h.evaluation for h in present.values()})
     return ReportCard(values=values, columns=columns, rows=rows, missing=missing, baseline=baseline)
 
 
 def card_markdown(card: ReportCard) -> str:
-    """The card as a markdown table (best values marked ``**…** ★``)."""
+    """The card as a markdown table (best values marked ``**…** ★``; published SAEs marked ``(published)``)."""
     head = ["SAE", "dead", *[c.label for c in card.columns]]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for r in card.rows:
         cells = [f"**{c.text}** ★" if c.best else c.text for c in r.cells]
-        lines.append("| " + " | ".join([r.sae, r.dead_text, *cells]) + " |")
+        lines.append("| " + " | ".join([r.sae + (" (published)" if r.published else ""), r.dead_text, *cells]) + " |")
     return "\n".join(lines)
 
 

@@ -43,8 +43,9 @@ def core_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
     Identity: ``sae`` (its name, :func:`sae_name`), ``architecture``, ``width``, ``k`` (TopK /
     BatchTopK / Matryoshka, else empty), ``coefficient`` (the sparsity coefficient:
-    ``l1_coefficient`` for ``relu``, ``l0_coefficient`` for ``jumprelu``, else empty) and
-    ``sae_fingerprint``.
+    ``l1_coefficient`` for ``relu``, ``l0_coefficient`` for ``jumprelu``, else empty),
+    ``sae_fingerprint`` and ``published`` (imported from a SAELens release). An imported SAE with
+    a name (``import_saes``: ``name``, or ``<release>/<id>``) is listed under it.
     """
     records = []
     for r in rows:
@@ -52,9 +53,10 @@ def core_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
         arch = sae.get("architecture")
         coef = _COEFFICIENT.get(arch)
         k, c = sae.get("k") if arch in K_ARCHITECTURES else None, sae.get(coef) if coef else None
-        rec = {"profile": r["profile"], "model": r["model"], "hook": r["hook"], "sae": sae_name(arch, sae.get("width"), k, c),
+        name = sae.get("label") or sae_name(arch, sae.get("width"), k, c)
+        rec = {"profile": r["profile"], "model": r["model"], "hook": r["hook"], "sae": name,
                "architecture": arch, "width": sae.get("width"), "k": k, "coefficient": c,
-               "sae_fingerprint": r["sae_fingerprint"]}
+               "sae_fingerprint": r["sae_fingerprint"], "published": bool(sae.get("published"))}
         metrics = r["metrics"]
         rec.update({c: metrics.get(c) for c in CORE_COLUMNS})
         rec.update({k: v for k, v in metrics.items() if k not in rec and isinstance(v, (int, float))})

@@ -44,10 +44,16 @@ class SAEInfo:
     model: str | None
     path: str = ""
     description: str = ""
+    name: str | None = None
+    """The name an imported SAE was given (``import_saes``: its ``name``, or ``<release>/<id>`` for a
+    published one; ``metadata.saeflow_source.label`` of its ``cfg.json``); ``None`` for the rest."""
 
     @property
     def label(self) -> str:
-        """Short label with the SAE's position among the evaluated ones: ``#2 topk w=128 k=8``."""
+        """Short label with the SAE's position among the evaluated ones: ``#2 topk w=128 k=8``
+        (``#3 gemma-scope-2-270m-pt-res-all/layer_6_width_16k_l0_small`` for a named import)."""
+        if self.name:
+            return f"#{self.index} {self.name}"
         s = "" if self.sparsity is None else (f" k={int(self.sparsity)}" if self.architecture in K_ARCHITECTURES
                                                else f" c={self.sparsity:g}")
         return f"#{self.index} {self.architecture} w={self.width}{s}"
@@ -69,7 +75,8 @@ def sae_info(index: int, cfg_json: dict[str, Any], path: str = "") -> SAEInfo:
         cfg = REGISTRY[arch].config_from_sae_lens(cfg_json) if arch in REGISTRY else None
     return SAEInfo(index=index, architecture=arch, width=int(cfg_json["d_sae"]), d_in=int(cfg_json["d_in"]),
                    sparsity=sparsity, hook=meta.get("hook_name"), model=meta.get("model_name"), path=path,
-                   description=describe_sae(cfg) if cfg is not None else arch)
+                   description=describe_sae(cfg) if cfg is not None else arch,
+                   name=(meta.get("saeflow_source") or {}).get("label"))
 
 
 def read_sae_info(folder: str | Path, index: int = 0) -> SAEInfo:
@@ -200,7 +207,11 @@ def encode_rows(sae: Any, x: Tensor | np.ndarray, batch_size: int) -> Tensor:
 
 def sae_identity(sae_dir: str | Path) -> dict[str, Any]:
     """``{"architecture", "width", "k"}`` of an SAE folder (a results-table identity) from its
-    :func:`read_sae_info`: ``k`` for a k-based architecture, else ``None``."""
+    :func:`read_sae_info`: ``k`` for a k-based architecture, else ``None``; plus ``name`` for an
+    imported SAE that has one."""
     info = read_sae_info(sae_dir)
     k = int(info.sparsity) if info.architecture in K_ARCHITECTURES and info.sparsity is not None else None
-    return {"architecture": info.architecture, "width": info.width, "k": k}
+    ident: dict[str, Any] = {"architecture": info.architecture, "width": info.width, "k": k}
+    if info.name:
+        ident["name"] = info.name
+    return ident

@@ -20,7 +20,7 @@ jumprelu   ``JumpReLUTrainingSAE``              ``threshold`` (param) ``jumprelu
 Users import from the package (``from saeflow.saes import load_sae``); its names are imported on
 first access. Modules: ``base`` (the shared contract), ``kernels`` (sparse autograd functions),
 one module per architecture (``topk``, ``batchtopk``, ``matryoshka``, ``relu``, ``jumprelu``),
-``registry`` (name -> class), ``config`` (:class:`SAEConfig`, :class:`FamilyConfig`) and
+``registry`` (name -> class), ``errors`` (:class:`SAEFormatError`), ``config`` (:class:`SAEConfig`, :class:`FamilyConfig`) and
 ``saelens_format`` (:func:`save_sae` / :func:`load_sae`: ``cfg.json`` +
 ``sae_weights.safetensors``, which ``sae_lens.SAE.load_from_disk`` reads).
 """
@@ -42,8 +42,9 @@ _EXPORTS: dict[str, str] = {
     "MatryoshkaSAE": "saeflow.saes.matryoshka",
     "StandardSAE": "saeflow.saes.relu",
     "JumpReLUSAE": "saeflow.saes.jumprelu",
-    **dict.fromkeys(("save_sae", "load_sae", "saved_hook", "SAEFormatError", "SAE_CFG_FILENAME", "SAE_WEIGHTS_FILENAME"),
+    **dict.fromkeys(("save_sae", "load_sae", "saved_hook", "SAE_CFG_FILENAME", "SAE_WEIGHTS_FILENAME"),
                     "saeflow.saes.saelens_format"),
+    "SAEFormatError": "saeflow.saes.errors",
 }
 
 __all__ = list(_EXPORTS)

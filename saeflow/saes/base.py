@@ -24,7 +24,7 @@ from torch import nn
 
 from saeflow.saes.config import SAEConfig
 from saeflow.saes.registry import REGISTRY
-from saeflow.saes.saelens_format import SAEFormatError
+from saeflow.saes.errors import SAEFormatError
 
 __all__ = ["BaseSAE", "SAEShape", "build_sae", "warm_up_coefficient", "dense_training_result", "TENSOR_NAMES"]
 

@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from saeflow.artifacts import COMPLETE_MARKER, ArtifactError, sha256_file, write_atomic, write_json_atomic
+from saeflow.artifacts import COMPLETE_MARKER, sha256_file, write_atomic, write_json_atomic
+from saeflow.saes.base import BaseSAE
 from saeflow.saes.config import SAEConfig
+from saeflow.saes.errors import SAEFormatError
 from saeflow.saes.registry import REGISTRY
 
-if TYPE_CHECKING:  # pragma: no cover
-    from saeflow.saes.base import BaseSAE
-
-__all__ = ["save_sae", "load_sae", "saved_hook", "SAEFormatError", "SAE_CFG_FILENAME", "SAE_WEIGHTS_FILENAME",
+__all__ = ["save_sae", "load_sae", "saved_hook", "SAEFormatError", "fold_b_dec_into_b_enc", "SAE_CFG_FILENAME", "SAE_WEIGHTS_FILENAME",
            "SAELENS_FORMAT_VERSION", "SAEFLOW_FORMAT_VERSION", "FOREIGN_ARCHITECTURES"]
 
 SAE_CFG_FILENAME = "cfg.json"
@@ -33,10 +32,6 @@ DONE_FILE = "training_summary.json"
 SAELENS_FORMAT_VERSION = "6.54.12"
 #: Version of the ``saeflow`` block inside ``cfg.json``.
 SAEFLOW_FORMAT_VERSION = 1
-
-
-class SAEFormatError(ArtifactError):
-    """An SAE folder that is missing, unreadable, corrupt or of the wrong shape."""
 
 
 def _check_jsonable(name: str, value: Any) -> None:
@@ -108,6 +103,13 @@ def saved_hook(path: str | Path) -> str | None:
     if not cfg_file.exists():
         return None
     return (json.loads(cfg_file.read_text()).get("metadata") or {}).get("hook_name")
+
+
+def fold_b_dec_into_b_enc(W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+    """The encoder bias ``b_enc + b_dec @ W_enc`` (computed in float64) that makes saeflow's
+    ``(x - b_dec) @ W_enc + b'`` equal SAELens' ``x @ W_enc + b_enc`` of an SAE saved with
+    ``apply_b_dec_to_input=false``; the decoder (``f @ W_dec + b_dec``) is unchanged."""
+    return (b_enc.double() + b_dec.double() @ W_enc.double()).to(b_enc.dtype)
 
 
 def _fix_hint(path: Path) -> str:
@@ -196,10 +198,16 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> BaseSAE:
     if raw.get("normalize_activations", "none") != "none":
         raise SAEFormatError(
             f"{cfg_path} has normalize_activations={raw['normalize_activations']!r}; only SAEs that work on raw "
-            "activations (normalize_activations='none', the scaling folded into the weights) can be loaded"
+            "activations (normalize_activations='none', the scaling folded into the weights) can be loaded: "
+            "fold a constant scaling factor into the weights first (SAELens: fold_activation_norm_scaling_factor); "
+            "per-input normalisations (constant_norm_rescale, layer_norm) are not supported"
         )
-    if not raw.get("apply_b_dec_to_input", True):
-        raise SAEFormatError(f"{cfg_path} has apply_b_dec_to_input=false, which saeflow SAEs do not support")
+    # SAELens' apply_b_dec_to_input=false (Gemma Scope): h = x @ W_enc + b_enc. saeflow's form is
+    # h = (x - b_dec) @ W_enc + b_enc', the same function when b_enc' = b_enc + b_dec @ W_enc (folded below)
+    fold_b_dec = not raw.get("apply_b_dec_to_input", True)
+    if fold_b_dec and isinstance(raw.get("saeflow"), dict):
+        raise SAEFormatError(f"{cfg_path} has apply_b_dec_to_input=false and a saeflow block; saeflow never writes "
+                             f"that combination, so the file was edited; {hint}")
     if raw.get("reshape_activations", "none") != "none":
         raise SAEFormatError(f"{cfg_path} has reshape_activations={raw['reshape_activations']!r}; only 'none' is supported")
 
@@ -224,6 +232,8 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> BaseSAE:
                 f"{w_path}: {name} has shape {tuple(state[name].shape)} but cfg.json (d_in={d_in}, "
                 f"d_sae={d_sae}) needs {shape}; the folder is inconsistent; {hint}"
             )
+    if fold_b_dec:
+        state["b_enc"] = fold_b_dec_into_b_enc(state["W_enc"], state["b_enc"], state["b_dec"])
     sae = cls(sae_cfg, d_in, seed=0)
     try:
         sae.load_inference_tensors(state)

@@ -213,5 +213,7 @@ def plot_regimes(df: pd.DataFrame, regimes: Sequence[str], sae_names: Sequence[s
 
 def sae_label(info: dict[str, Any]) -> str:
     """Short name of an SAE for the tables: ``topk-w1024-k16`` (architecture, width, k when it has
-    one) from its :func:`saeflow.evals.common.sae_identity`."""
+    one) from its :func:`saeflow.evals.common.sae_identity`; an imported SAE's ``name`` when it has one."""
+    if info.get("name"):
+        return str(info["name"])
     return f"{info['architecture'] or 'sae'}-w{info['width']}" + (f"-k{info['k']}" if info["k"] else "")
