@@ -305,6 +305,11 @@ class ImportSAE(Frozen):
     id: str | None = None
     """The SAE's id in ``release`` (e.g. ``layer_6_width_16k_l0_small``)."""
 
+    loader: str | None = None
+    """``release`` only: the SAELens converter to read it with, by its name in SAELens'
+    ``NAMED_PRETRAINED_SAE_LOADERS`` (e.g. ``gemma_3`` for a hub repo in Gemma Scope 2's layout
+    that is not in SAELens' registry). Default: the release's own (registry), else SAELens layout."""
+
     name: str | None = None
     """Its name in tables, the report and the browser; default ``<release>/<id>`` or the folder."""
 
@@ -315,8 +320,8 @@ class ImportSAE(Frozen):
                              "release + id (a SAELens release)")
         if self.release is not None and not self.id:
             raise ValueError(f"import_saes entry for release {self.release!r} needs an id (the SAE within the release)")
-        if self.path is not None and self.id is not None:
-            raise ValueError("id goes with release, not with path")
+        if self.path is not None and (self.id is not None or self.loader is not None):
+            raise ValueError("id and loader go with release, not with path")
         return self
 
     @property

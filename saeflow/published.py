@@ -104,12 +104,25 @@ def _snapshot_files(repo_id: str, folder: str) -> tuple[str | None, dict[str, st
     return commit, files
 
 
-def fetch_saelens_release(release: str, sae_id: str, out_dir: str | Path) -> dict[str, Any]:
+def _converter(loader: str | None) -> Any:
+    """SAELens' converter named ``loader`` (``None``: let SAELens pick)."""
+    if loader is None:
+        return None
+    from sae_lens.loading.pretrained_sae_loaders import NAMED_PRETRAINED_SAE_LOADERS
+
+    if loader not in NAMED_PRETRAINED_SAE_LOADERS:
+        raise PublishedSAEError(f"import_saes: loader {loader!r} is not a SAELens converter; known: "
+                                f"{', '.join(sorted(NAMED_PRETRAINED_SAE_LOADERS))}")
+    return NAMED_PRETRAINED_SAE_LOADERS[loader]
+
+
+def fetch_saelens_release(release: str, sae_id: str, out_dir: str | Path, loader: str | None = None) -> dict[str, Any]:
     """Load ``release`` / ``sae_id`` with ``sae_lens.SAE.from_pretrained`` and save it into ``out_dir``
     in the SAELens layout (SAELens' ``save_model``). Returns the provenance: ``release``, ``id``,
     ``repo_id``, ``folder``, ``hub_commit``, ``files`` (path in repo -> SHA-256), ``endpoint``,
-    ``sae_lens_version``. Raises :class:`PublishedSAEError` with the release, the id and the way out
-    when the hub cannot be reached or SAELens refuses the name."""
+    ``sae_lens_version``, ``loader``. ``loader`` names a SAELens converter for a repo outside its
+    registry (e.g. ``gemma_3``). Raises :class:`PublishedSAEError` with the release, the id and the
+    way out when the hub cannot be reached or SAELens refuses the name."""
     try:
         import sae_lens
         from sae_lens import SAE
@@ -121,7 +134,10 @@ def fetch_saelens_release(release: str, sae_id: str, out_dir: str | Path) -> dic
     except ValueError as exc:
         raise PublishedSAEError(f"import_saes: {exc} (release {release!r}, id {sae_id!r})") from exc
     try:
-        sae = SAE.from_pretrained(release, sae_id, device="cpu")
+        converter = _converter(loader)
+        sae = SAE.from_pretrained(release, sae_id, device="cpu", converter=converter)
+    except PublishedSAEError:
+        raise
     except Exception as exc:
         cause = _offline_cause(exc)
         if cause is not None:
@@ -141,7 +157,7 @@ def fetch_saelens_release(release: str, sae_id: str, out_dir: str | Path) -> dic
     commit, files = _snapshot_files(repo_id, folder)
     return {"kind": "saelens_release", "release": release, "id": sae_id, "repo_id": repo_id, "folder": folder,
             "hub_commit": commit, "files": files, "endpoint": hub_endpoint(),
-            "sae_lens_version": getattr(sae_lens, "__version__", None)}
+            "sae_lens_version": getattr(sae_lens, "__version__", None), "loader": loader}
 
 
 def model_matches(sae_model_name: str | None, model_name: str, tl_name: str | None = None) -> bool:

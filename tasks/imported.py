@@ -54,7 +54,7 @@ def source_key(entry: str | ImportSAE) -> dict[str, Any]:
     """What keys an entry's artifact: a folder's content hash, or a release's name and id."""
     spec = import_spec(entry)
     if spec.release is not None:
-        return {"release": spec.release, "id": spec.id}
+        return {"release": spec.release, "id": spec.id, **({"loader": spec.loader} if spec.loader else {})}
     return {"content": content_fingerprint(str(spec.path))}
 
 
@@ -82,7 +82,7 @@ def import_sae_task(out: ArtifactRef, entry: str | ImportSAE, acts: ArtifactRef,
     with tempfile.TemporaryDirectory(prefix="saeflow-import-") as tmp:
         if spec.release is not None:
             src = Path(tmp)
-            source = fetch_saelens_release(spec.release, str(spec.id), src)
+            source = fetch_saelens_release(spec.release, str(spec.id), src, loader=spec.loader)
             where = f"{spec.release}/{spec.id}"
         else:
             src = Path(str(spec.path))

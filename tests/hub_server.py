@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import threading
@@ -120,9 +121,13 @@ class HubServer:
         return sum(1 for method, _ in self.requests if method == "GET")
 
 
-def write_gemma_scope_folder(folder: Path, d_in: int, d_sae: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def write_gemma_scope_folder(folder: Path, d_in: int, d_sae: int, seed: int = 0,
+                             threshold_range: tuple[float, float] = (0.5, 1.0),
+                             config: dict | None = None) -> dict[str, torch.Tensor]:
     """Write ``folder/params.safetensors`` in Gemma Scope 2's layout with small random weights whose
-    JumpReLU fires on a fraction of latents for inputs of norm ~sqrt(d_in); return the tensors."""
+    JumpReLU fires on a fraction of latents for inputs of norm ~sqrt(d_in) (raise
+    ``threshold_range`` for larger inputs); ``config`` is written as ``folder/config.json`` (Gemma
+    Scope 2's optional file: ``model_name``, ``architecture: jump_relu``). Return the tensors."""
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed)
@@ -133,10 +138,13 @@ def write_gemma_scope_folder(folder: Path, d_in: int, d_sae: int, seed: int = 0)
         "w_dec": w_dec.contiguous(),
         "b_enc": (torch.randn(d_sae, generator=g) * 0.1).contiguous(),
         "b_dec": (torch.randn(d_in, generator=g) * 0.2).contiguous(),
-        "threshold": (torch.rand(d_sae, generator=g) * 0.5 + 0.5).contiguous(),
+        "threshold": (torch.rand(d_sae, generator=g) * (threshold_range[1] - threshold_range[0])
+                      + threshold_range[0]).contiguous(),
     }
     folder.mkdir(parents=True, exist_ok=True)
     save_file(t, str(folder / "params.safetensors"))
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
     return t
 
 

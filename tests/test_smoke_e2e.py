@@ -1,6 +1,11 @@
 """End-to-end: the CI smoke profile on a real packaged model (SmolLM2-135M-Instruct), with every
 evaluation, fully cached on a re-run; then the same profile on prefect-dask's ``DaskTaskRunner``
-(2-worker ``LocalCluster``, upstream stages seeded from the first run) gives the same results table."""
+(2-worker ``LocalCluster``, upstream stages seeded from the first run) gives the same results table.
+
+Beside the trained family, one published-layout SAE is imported from a hub-shaped server on
+127.0.0.1 (tests/hub_server.py): Gemma Scope 2's file layout (``params.safetensors``, JumpReLU,
+``apply_b_dec_to_input=false``) read by SAELens' own ``gemma_3`` converter, random weights at the
+model's layer 3 (issue #27), and every evaluation runs on it."""
 
 import base64
 import shutil
@@ -11,10 +16,13 @@ import pandas as pd
 import pytest
 
 from flows.pipeline import pipeline, run_pipeline
-from saeflow.config import RunnerConfig, load_config
+from hub_server import HubServer, using_hub, write_gemma_scope_folder
+from saeflow.config import ImportSAE, RunnerConfig, load_config
 from saeflow.report import PNG_MAGIC
 
 REPO = Path(__file__).resolve().parent.parent
+HUB_REPO, HUB_FOLDER = "saeflow-test/gemma-scope-2-smollm2-135m", "resid_post_all/layer_3_width_1k_l0_small"
+PUBLISHED = ImportSAE(release=HUB_REPO, id=HUB_FOLDER, loader="gemma_3", name="gemma-scope-2-layout L3 1k (random)")
 
 
 def check_browser(out) -> None:
@@ -28,7 +36,7 @@ def check_browser(out) -> None:
     from tasks.browser import site_key
 
     site = out.refs.results.dir / "browser"
-    assert (site / "index.html").is_file() and len(out.refs.browser) == len(out.refs.saes) == 4
+    assert (site / "index.html").is_file() and len(out.refs.browser) == len(out.refs.saes) == 5
     for i, sae_ref in enumerate(out.refs.saes):
         pages = site / site_key(i, sae_ref)
         assert (pages / "index.html").is_file() and (pages / "latent.html").is_file() and (pages / "data" / "0.js").is_file()
@@ -50,13 +58,36 @@ def check_browser(out) -> None:
         np.testing.assert_allclose(data["top_act"][j][:order.size], f[order, j], rtol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """The loopback hub: a Gemma Scope 2-layout repo for SmolLM2's layer 3 (d_in 576, 1,024 latents;
+    thresholds sized for its activations, norm ~86, so a few percent of latents fire)."""
+    root = tmp_path_factory.mktemp("hub")
+    write_gemma_scope_folder(root / HUB_REPO / HUB_FOLDER, d_in=576, d_sae=1024, seed=0, threshold_range=(4.0, 8.0),
+                             config={"architecture": "jump_relu", "model_name": "HuggingFaceTB/SmolLM2-135M-Instruct"})
+    server = HubServer(root).start()
+    with using_hub(server.endpoint, tmp_path_factory.mktemp("hf-cache")):
+        yield server
+    server.stop()
+
+
 @pytest.mark.slow
-def test_smoke_profile_end_to_end_then_fully_cached(tmp_path):
-    cfg = load_config(REPO / "configs" / "smoke.yaml")
+def test_smoke_profile_end_to_end_then_fully_cached(tmp_path, hub):
+    cfg = load_config(REPO / "configs" / "smoke.yaml").model_copy(update={"import_saes": (PUBLISHED,)})
     out = pipeline(cfg, str(tmp_path))
     results = Path(out.refs.results.path)
-    table = pd.read_parquet(results / "core_metrics.parquet")
+    full = pd.read_parquet(results / "core_metrics.parquet")
     print(out.timings)
+    # the published SAE: imported through SAELens from the loopback hub, evaluated by every evaluation
+    assert len(full) == 5 and full["published"].tolist() == [False] * 4 + [True] and len(out.refs.imported) == 1
+    pub = full.iloc[4]
+    assert pub["sae"] == PUBLISHED.name and pub["architecture"] == "jumprelu" and pub["width"] == 1024
+    assert 0 < pub["l0"] < 1024 and np.isfinite(pub["explained_variance"]) and np.isfinite(pub["ce_loss_score"])
+    assert 0 <= pub["absorption_mean_fraction"] <= 1 and 0 < pub["meta_sae_fve"] <= 1
+    assert np.isfinite(pub["probing_normal_auc"])
+    for name in ("absorption", "meta_sae", "probing"):
+        assert out.refs.evals[name].per_sae[4] is not None, name
+    table = full.iloc[:4]
     assert len(table) == 4 and len(out.refs.train) == 4 and all(m.trained for m in out.members)
     assert list(zip(table["width"], table["k"])) == [(576, 8), (576, 16), (1152, 8), (1152, 16)]
     assert (table["model"] == "smollm2-135m-instruct").all() and (table["hook"] == "blocks.3.hook_resid_post").all()
@@ -108,14 +139,14 @@ def test_smoke_profile_end_to_end_then_fully_cached(tmp_path):
     assert fps(dask.refs.model_dump()) == fps(out.refs.model_dump())
 
     other = pd.read_parquet(Path(dask.refs.results.path) / "core_metrics.parquet")
-    assert list(other.columns) == list(table.columns) and len(other) == len(table)
+    assert list(other.columns) == list(full.columns) and len(other) == len(full)
     # wall times (``*_time_s``) are measurements of the run, not results: positive on both runners
-    timing = [c for c in table.columns if c.endswith("_time_s")]
-    assert all((table[c] > 0).all() and (other[c] > 0).all() for c in timing), timing
-    num = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
-    pd.testing.assert_frame_equal(table.drop(columns=num), other.drop(columns=num))
+    timing = [c for c in full.columns if c.endswith("_time_s")]
+    assert all((full[c] > 0).all() and (other[c] > 0).all() for c in timing), timing
+    num = [c for c in full.columns if pd.api.types.is_numeric_dtype(full[c])]
+    pd.testing.assert_frame_equal(full.drop(columns=num), other.drop(columns=num))
     for c in (c for c in num if c not in timing):
-        x, y = table[c].astype(float).to_numpy(), other[c].astype(float).to_numpy()
+        x, y = full[c].astype(float).to_numpy(), other[c].astype(float).to_numpy()
         assert np.allclose(x, y, rtol=1e-4, atol=1e-6, equal_nan=True), (c, x, y)
     for name in ("absorption", "stitching", "meta_sae", "probing"):
         assert sorted(p.name for p in (Path(dask.refs.results.path) / name).iterdir()) == \
