@@ -293,8 +293,18 @@ class ImportSAE(Frozen):
     ``import_saes`` is a ``path``."""
 
     path: str | None = None
-    """A local folder in SAELens layout (``cfg.json`` + ``sae_weights.safetensors``, written by
-    SAELens' ``save_model`` or by another saeflow run)."""
+    """A local checkpoint folder in the layout ``format`` names."""
+
+    format: Literal["saelens", "sparsify", "dictionary_learning"] = "saelens"
+    """``path`` only: ``saelens`` (``cfg.json`` + ``sae_weights.safetensors``: SAELens'
+    ``save_model``, another saeflow run), ``sparsify`` (EleutherAI sparsify: ``cfg.json`` +
+    ``sae.safetensors``, one folder per hookpoint) or ``dictionary_learning`` (``ae.pt`` +
+    ``config.json``). The last two are converted once into the SAELens layout
+    (:mod:`saeflow.saes.foreign`)."""
+
+    hook: str | None = None
+    """``sparsify`` / ``dictionary_learning`` only: the TransformerLens hook the SAE reads, when the
+    checkpoint does not say it in a form saeflow can map (e.g. ``blocks.6.hook_resid_post``)."""
 
     release: str | None = None
     """A SAELens release (``sae_lens``'s ``pretrained_saes.yaml``, e.g.
@@ -322,6 +332,11 @@ class ImportSAE(Frozen):
             raise ValueError(f"import_saes entry for release {self.release!r} needs an id (the SAE within the release)")
         if self.path is not None and (self.id is not None or self.loader is not None):
             raise ValueError("id and loader go with release, not with path")
+        if self.release is not None and (self.format != "saelens" or self.hook is not None):
+            raise ValueError("format and hook go with path (a local checkpoint), not with release")
+        if self.format == "saelens" and self.hook is not None:
+            raise ValueError("hook is only for converted checkpoints (format: sparsify / dictionary_learning); a "
+                             "SAELens folder states its hook in cfg.json (metadata.hook_name)")
         return self
 
     @property

@@ -25,6 +25,8 @@ from saeflow.config import ImportSAE, import_spec
 from saeflow.models import read_meta
 from saeflow.published import fetch_saelens_release, model_matches
 from saeflow.saes import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, load_sae
+from saeflow.saes.errors import SAEFormatError
+from saeflow.saes.foreign import FORMATS, checkpoint_files, convert
 from saeflow.store import ActivationStore
 from tasks.common import stage_logger, stage_task
 from tasks.metrics import SAEMismatchError, check_sae_fits
@@ -32,16 +34,19 @@ from tasks.metrics import SAEMismatchError, check_sae_fits
 STAGE = "imported"
 
 
-def content_fingerprint(path: str | Path) -> str:
-    """Hash of the folder's ``cfg.json`` and weights: a changed SAE is a new artifact."""
+def content_fingerprint(path: str | Path, fmt: str = "saelens") -> str:
+    """Hash of the checkpoint's config and weights files: a changed SAE is a new artifact."""
     folder = Path(path)
-    files = [folder / SAE_CFG_FILENAME, folder / SAE_WEIGHTS_FILENAME]
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        raise ArtifactError(
-            f"import_saes: {folder} is not an SAE folder in SAELens layout (missing {', '.join(missing)}); "
-            "point import_saes at a folder holding cfg.json and sae_weights.safetensors"
-        )
+    try:
+        files = checkpoint_files(folder, fmt)
+    except SAEFormatError as exc:
+        if fmt == "saelens":
+            raise ArtifactError(
+                f"import_saes: {folder} is not an SAE folder in SAELens layout (missing "
+                f"{', '.join(n for n in FORMATS[fmt] if not (folder / n).is_file())}); point import_saes at a folder "
+                "holding cfg.json and sae_weights.safetensors (or set format: sparsify / dictionary_learning)"
+            ) from None
+        raise ArtifactError(f"import_saes: {exc}") from None
     h = hashlib.sha256()
     for f in files:
         with open(f, "rb") as fh:
@@ -55,7 +60,9 @@ def source_key(entry: str | ImportSAE) -> dict[str, Any]:
     spec = import_spec(entry)
     if spec.release is not None:
         return {"release": spec.release, "id": spec.id, **({"loader": spec.loader} if spec.loader else {})}
-    return {"content": content_fingerprint(str(spec.path))}
+    if spec.format == "saelens":
+        return {"content": content_fingerprint(str(spec.path))}
+    return {"content": content_fingerprint(str(spec.path), spec.format), "format": spec.format, "hook": spec.hook}
 
 
 def ref(entry: str | ImportSAE, acts: ArtifactRef, root: str, **_) -> ArtifactRef:
@@ -85,10 +92,15 @@ def import_sae_task(out: ArtifactRef, entry: str | ImportSAE, acts: ArtifactRef,
             source = fetch_saelens_release(spec.release, str(spec.id), src, loader=spec.loader)
             where = f"{spec.release}/{spec.id}"
         else:
-            src = Path(str(spec.path))
-            source = {"kind": "folder", "path": str(src.resolve()),
-                      "sha256": {n: _sha256(src / n) for n in (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME)}}
-            where = f"at {src}"
+            folder = Path(str(spec.path))
+            files = checkpoint_files(folder, spec.format)
+            source = {"kind": "folder", "format": spec.format, "path": str(folder.resolve()),
+                      "sha256": {f.name: _sha256(f) for f in files}}
+            where = f"at {folder}"
+            src = folder
+            if spec.format != "saelens":  # converted once into the SAELens layout
+                src = Path(tmp)
+                convert(spec.format, folder, src, hook=spec.hook)
         sae = load_sae(src)  # SAEFormatError names the file and the problem
         check_sae_fits(sae, src, store)
         cfg = json.loads((src / SAE_CFG_FILENAME).read_text())

@@ -161,3 +161,22 @@ def test_a_release_of_another_hook_or_model_is_refused_and_writes_nothing(tiny_h
         with pytest.raises(Exception, match=message):
             pipeline(tiny_config(import_saes=[{"release": TINY_REPO, "id": folder}]), str(root))
     assert not (root / "imported").exists() or not any((root / "imported").iterdir())
+
+
+def test_gemma_scope_2_profile_names_real_releases_at_its_hook():
+    """configs/gemma-scope-2.yaml: every import is a SAELens registry entry of layer 12's residual
+    stream (the profile's hook), and its stitching pairs join equal-L0 SAEs of growing width."""
+    from saeflow.config import load_config
+    from saeflow.published import hub_location
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "gemma-scope-2.yaml")
+    assert cfg.activations.hook == "blocks.12.hook_resid_post" and len(cfg.import_saes) == 7
+    widths = {"16k": 16384, "65k": 65536, "262k": 262144}
+    sizes = [w.width for w in cfg.sae_configs()]
+    for entry in cfg.import_saes:
+        repo, folder = hub_location(entry.release, entry.id)
+        assert repo == "google/gemma-scope-2-270m-pt" and folder.startswith("resid_post/layer_12_"), folder
+        sizes.append(widths[entry.id.split("_width_")[1].split("_")[0]])
+    l0 = [None] * 3 + [e.id.rsplit("_l0_", 1)[1] for e in cfg.import_saes]
+    for s, l in cfg.stitching.pairs:
+        assert sizes[s] < sizes[l] and l0[s] == l0[l], (s, l)
