@@ -111,3 +111,85 @@ def test_a_sparsify_checkpoint_is_evaluated_beside_the_family(tmp_path):
     saved = json.loads((Path(res.refs.imported[0].path) / "cfg.json").read_text())
     assert saved["metadata"]["converted_from"]["format"] == "sparsify"
     assert set(saved["metadata"]["saeflow_source"]["sha256"]) == {"cfg.json", "sae.safetensors"}
+
+
+# ------------------------------------------------------------------ dictionary_learning (fixtures the package saved)
+DL_DATA = Path(__file__).resolve().parent / "data" / "dictionary_learning"
+DL_CLASSES = {"AutoEncoder": "standard", "AutoEncoderTopK": "topk", "BatchTopKSAE": "jumprelu",
+              "MatryoshkaBatchTopKSAE": "jumprelu", "JumpReluAutoEncoder": "jumprelu"}
+
+
+@pytest.mark.parametrize("cls", sorted(DL_CLASSES))
+def test_dictionary_learning_checkpoints_convert_to_what_the_package_computes(cls, tmp_path):
+    """tests/data/dictionary_learning/<class>: ae.pt + config.json written by dictionary_learning's
+    own trainSAE, and what its own load_dictionary / encode / decode returned (README there). The
+    converted SAELens folder gives the same latents and reconstruction, in saeflow and in SAELens."""
+    from safetensors.torch import load_file
+
+    from saeflow.saes.foreign import convert_dictionary_learning
+
+    cfg = convert_dictionary_learning(DL_DATA / cls, tmp_path / "sae")
+    assert cfg["architecture"] == DL_CLASSES[cls] and (cfg["d_in"], cfg["d_sae"]) == (16, 48)
+    assert cfg["metadata"]["hook_name"] == "blocks.6.hook_resid_post" and cfg["metadata"]["model_name"] == "google/gemma-3-270m"
+    expected = load_file(str(DL_DATA / cls / "expected.safetensors"))
+    x, f, x_hat = expected["x"], expected["f"], expected["x_hat"]
+    assert 0 < (f > 0).float().mean() < 1
+    ours = load_sae(tmp_path / "sae")
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode(x), f, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours.decode(f), x_hat, rtol=0, atol=1e-5)
+        sl = pytest.importorskip("sae_lens").SAE.load_from_disk(str(tmp_path / "sae"))
+        torch.testing.assert_close(sl.encode(x), f, rtol=0, atol=1e-5)
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path):
+    """ae.pt is untrusted: a pickle whose loading would call a function is refused (weights_only)
+    and the function never runs."""
+    import os
+    import pickle
+    import shutil
+
+    from saeflow.saes.foreign import convert_dictionary_learning
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    folder = tmp_path / "crafted"
+    folder.mkdir()
+    shutil.copy(DL_DATA / "AutoEncoderTopK" / "config.json", folder / "config.json")
+    (folder / "ae.pt").write_bytes(pickle.dumps({"b_dec": Payload()}))
+    with pytest.raises(SAEFormatError, match="refused: it is not a plain tensor checkpoint"):
+        convert_dictionary_learning(folder, tmp_path / "out")
+    torch.save({"b_dec": torch.zeros(16), "obj": Payload()}, folder / "ae.pt")  # a zip checkpoint with an object
+    with pytest.raises(SAEFormatError, match="refused"):
+        convert_dictionary_learning(folder, tmp_path / "out")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_dictionary_learning_shape_and_size_checks(tmp_path):
+    import shutil
+
+    from saeflow.saes.foreign import convert_dictionary_learning
+
+    folder = tmp_path / "dl"
+    shutil.copytree(DL_DATA / "AutoEncoderTopK", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["trainer"]["dict_size"] = 64
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SAEFormatError, match=r"has shape \(16, 48\).*dict_size 64"):
+        convert_dictionary_learning(folder, tmp_path / "out")
+    cfg["trainer"]["dict_size"] = 48
+    (folder / "config.json").write_text(json.dumps(cfg))
+    good = (folder / "ae.pt").read_bytes()
+    (folder / "ae.pt").write_bytes(good + bytes(3 << 20))  # 3 MB where the config declares ~13 kB
+    with pytest.raises(SAEFormatError, match="bytes, far more than"):
+        convert_dictionary_learning(folder, tmp_path / "out")
+    (folder / "ae.pt").write_bytes(good)
+    cfg["trainer"]["submodule_name"] = "some.module"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SAEFormatError, match="cannot tell which hook"):
+        convert_dictionary_learning(folder, tmp_path / "out")
+    assert convert_dictionary_learning(folder, tmp_path / "out", hook="blocks.6.hook_resid_post")["d_sae"] == 48

@@ -9,7 +9,9 @@ latents and reconstruction:
   ``f = topk(relu(encoder(x - b_dec)))``, ``x_hat = f @ W_dec + b_dec`` -> SAELens ``topk`` with
   ``rescale_acts_by_decoder_norm: false`` (ReLU before or after the top-k selection gives the same
   dense latents). Transcoders, skip connections and ``groupmax`` are refused.
-- dictionary_learning (``ae.pt`` + ``config.json``): see :func:`convert_dictionary_learning`.
+- dictionary_learning (``ae.pt`` + ``config.json``; its ``AutoEncoder``, ``AutoEncoderTopK``,
+  ``BatchTopKSAE``, ``MatryoshkaBatchTopKSAE`` and ``JumpReluAutoEncoder``): see
+  :func:`convert_dictionary_learning`.
 
 A checkpoint is untrusted input: shapes are read from the file headers and checked against its
 config before a tensor is materialised, pickles are opened with ``weights_only=True`` (a pickle
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,8 @@ import torch
 from saeflow.artifacts import write_atomic, write_json_atomic
 from saeflow.saes.errors import SAEFormatError
 
-__all__ = ["FORMATS", "convert", "convert_sparsify", "checkpoint_files", "hook_from_module_name"]
+__all__ = ["FORMATS", "convert", "convert_sparsify", "convert_dictionary_learning", "checkpoint_files",
+           "hook_from_module_name"]
 
 #: ``import_saes`` ``format`` -> the files its checkpoint folder holds.
 FORMATS: dict[str, tuple[str, ...]] = {
@@ -174,6 +178,134 @@ def convert(fmt: str, folder: str | Path, out_dir: str | Path, hook: str | None 
     raise SAEFormatError(f"no converter for format {fmt!r}; known: sparsify, dictionary_learning")
 
 
+#: dictionary_learning ``dict_class`` -> (state_dict key -> shape in terms of D = activation_dim,
+#: F = dict_size; ``()`` = scalar). Orientation as the package stores it: ``encoder.weight`` /
+#: ``decoder.weight`` are ``nn.Linear`` weights (out x in), ``W_enc`` is [D, F], ``W_dec`` [F, D].
+_DL_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
+    "AutoEncoder": {"bias": ("D",), "encoder.weight": ("F", "D"), "encoder.bias": ("F",), "decoder.weight": ("D", "F")},
+    "AutoEncoderTopK": {"b_dec": ("D",), "k": (), "threshold": (), "decoder.weight": ("D", "F"),
+                        "encoder.weight": ("F", "D"), "encoder.bias": ("F",)},
+    "BatchTopKSAE": {"b_dec": ("D",), "k": (), "threshold": (), "decoder.weight": ("D", "F"),
+                     "encoder.weight": ("F", "D"), "encoder.bias": ("F",)},
+    "MatryoshkaBatchTopKSAE": {"W_enc": ("D", "F"), "b_enc": ("F",), "W_dec": ("F", "D"), "b_dec": ("D",), "k": (),
+                               "threshold": (), "group_sizes": ("G",)},
+    "JumpReluAutoEncoder": {"W_enc": ("D", "F"), "b_enc": ("F",), "W_dec": ("F", "D"), "b_dec": ("D",),
+                            "threshold": ("F",)},
+}
+_DL_HOOK = re.compile(r"^resid_post_layer_(\d+)$")
+
+
+def _load_pickle(path: Path, expect_bytes: int) -> dict[str, torch.Tensor]:
+    """``torch.load(path, weights_only=True)`` of an untrusted checkpoint: its size is checked
+    against what the config declares first, it is memory-mapped (nothing allocated for it), and
+    a pickle holding anything but tensors and plain containers is refused."""
+    import pickle
+
+    size = path.stat().st_size
+    if size > 2 * expect_bytes + (1 << 20):
+        raise SAEFormatError(f"{path} is {size} bytes, far more than the {expect_bytes} its config.json declares: "
+                             "the file is corrupt or not this SAE")
+    try:  # torch.save's zip format is memory-mapped; an old-style pickle is read (size checked above)
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:
+        raise SAEFormatError(f"{path} was refused: it is not a plain tensor checkpoint (loading it would run code or "
+                             f"build objects other than tensors; torch.load(weights_only=True) says: "
+                             f"{str(exc).splitlines()[0]})") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise SAEFormatError(f"{path} is unreadable or corrupt ({exc})") from None
+    if isinstance(state, dict) and "ae" in state and "optimizer" in state:
+        raise SAEFormatError(f"{path} is a mid-training backup (step {state.get('step')!r}) of an interrupted run, not "
+                             "a finished SAE: import the ae.pt a finished run saves")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SAEFormatError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
 def convert_dictionary_learning(folder: str | Path, out_dir: str | Path, hook: str | None = None) -> dict[str, Any]:
-    """Placeholder until the dictionary_learning classes are pinned down (see module docstring)."""
-    raise SAEFormatError("dictionary_learning checkpoints are not supported yet")
+    """Convert a dictionary_learning run folder (``ae.pt`` + ``config.json``, as its ``trainSAE``
+    saves ``trainer_<i>/``) into a SAELens folder at ``out_dir`` giving what that package's own
+    loader (``dictionary_learning.utils.load_dictionary``) computes:
+
+    - ``AutoEncoder`` (standard ReLU): SAELens ``standard``; the decoder columns are scaled to unit
+      norm and the encoder rows and bias by the same norms, as the package's loader does by default;
+    - ``AutoEncoderTopK``: ``topk`` (ReLU then top-k per row; its ``threshold`` buffer is unused at
+      inference, as in the package);
+    - ``BatchTopKSAE`` / ``MatryoshkaBatchTopKSAE``: ``jumprelu`` with every latent's threshold the
+      saved global one (the package's inference rule ``a * (a > θ)``, ``a = relu(pre)``); a negative
+      θ (a run saved before its threshold was set) makes it a plain ReLU SAE, noted in the metadata;
+    - ``JumpReluAutoEncoder``: ``jumprelu`` with ``apply_b_dec_to_input: false`` (the package does not
+      subtract ``b_dec`` from the input), per-latent thresholds.
+
+    ``hook``: default from ``submodule_name`` (``resid_post_layer_N``) or a Hugging Face module name;
+    the model is ``lm_name``. Returns the written ``cfg.json``."""
+    folder, out_dir = Path(folder), Path(out_dir)
+    cfg_path, w_path = checkpoint_files(folder, "dictionary_learning")
+    raw = _read_json(cfg_path)
+    trainer = raw.get("trainer")
+    if not isinstance(trainer, dict):
+        raise SAEFormatError(f"{cfg_path} has no 'trainer' section: not a dictionary_learning run's config.json")
+    cls = trainer.get("dict_class")
+    if cls not in _DL_KEYS:
+        raise SAEFormatError(f"{cfg_path}: dict_class {cls!r} is not supported; supported: {', '.join(_DL_KEYS)}")
+    D = _positive_int(trainer.get("activation_dim"), "trainer.activation_dim", cfg_path)
+    F = _positive_int(trainer.get("dict_size"), "trainer.dict_size", cfg_path)
+    _check_size(D, F, cfg_path)
+    state = _load_pickle(w_path, expect_bytes=4 * (2 * D * F + 2 * F + 2 * D))
+    spec = _DL_KEYS[cls]
+    if set(state) != set(spec):
+        raise SAEFormatError(f"{w_path} holds {sorted(state)}; a {cls} holds {sorted(spec)}")
+    dims = {"D": D, "F": F}
+    for name, want in spec.items():
+        have = tuple(state[name].shape)
+        if "G" in want:
+            continue
+        if have != tuple(dims[d] for d in want):
+            raise SAEFormatError(f"{w_path}: {name} has shape {have}, config.json (activation_dim {D}, dict_size {F}) "
+                                 f"says {tuple(dims[d] for d in want)}")
+    t = {name: v.to(torch.float32) for name, v in state.items() if v.is_floating_point()}
+    for name, v in t.items():
+        if not torch.isfinite(v).all():
+            raise SAEFormatError(f"{w_path}: {name} holds NaN or inf values")
+
+    note = None
+    if cls == "AutoEncoder":
+        n = t["decoder.weight"].norm(dim=0).clamp_min(1e-12)  # [F]: the package's loader normalises
+        arch, extra = "standard", {}
+        tensors = {"W_enc": (t["encoder.weight"] * n[:, None]).T, "b_enc": t["encoder.bias"] * n,
+                   "W_dec": (t["decoder.weight"] / n).T, "b_dec": t["bias"]}
+    elif cls in ("AutoEncoderTopK", "BatchTopKSAE"):
+        tensors = {"W_enc": t["encoder.weight"].T, "b_enc": t["encoder.bias"], "W_dec": t["decoder.weight"].T,
+                   "b_dec": t["b_dec"]}
+    else:
+        tensors = {"W_enc": t["W_enc"], "b_enc": t["b_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
+    if cls == "AutoEncoderTopK":
+        k = int(state["k"])
+        if not 1 <= k <= F:
+            raise SAEFormatError(f"{w_path}: k={k} is not between 1 and dict_size {F}")
+        arch, extra = "topk", {"k": k, "rescale_acts_by_decoder_norm": False}
+    elif cls in ("BatchTopKSAE", "MatryoshkaBatchTopKSAE"):
+        theta = float(state["threshold"])
+        if theta < 0:
+            note = (f"saved threshold {theta:g} < 0 (the run stopped before its threshold was set): at inference "
+                    "it is a plain ReLU SAE, as in dictionary_learning")
+        arch, extra = "jumprelu", {}
+        tensors["threshold"] = torch.full((F,), max(theta, 0.0))
+    elif cls == "JumpReluAutoEncoder":
+        arch, extra = "jumprelu", {"apply_b_dec_to_input": False}
+        tensors["threshold"] = t["threshold"]
+
+    sub = str(trainer.get("submodule_name") or "")
+    m = _DL_HOOK.match(sub)
+    hook = hook or (f"blocks.{m[1]}.hook_resid_post" if m else hook_from_module_name(sub))
+    if hook is None:
+        raise SAEFormatError(f"{folder}: cannot tell which hook this dictionary_learning SAE reads from its "
+                             f"submodule_name {sub!r}; give it in the import_saes entry (hook: blocks.N.hook_resid_post)")
+    model = trainer.get("lm_name")
+    source: dict[str, Any] = {"format": "dictionary_learning", "dict_class": cls,
+                              "trainer_class": trainer.get("trainer_class")}
+    if note:
+        source["note"] = note
+    cfg = _base_cfg(arch, D, F, hook, model if isinstance(model, str) else None, source)
+    cfg.update(extra)
+    _write_saelens(out_dir, cfg, tensors)
+    return cfg
