@@ -16,12 +16,11 @@ cache alone is not enough offline.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
-from saeflow.artifacts import ArtifactError
+from saeflow.artifacts import ArtifactError, sha256_file
 
 __all__ = ["PublishedSAEError", "fetch_saelens_release", "model_matches", "hub_location"]
 
@@ -96,11 +95,7 @@ def _snapshot_files(repo_id: str, folder: str) -> tuple[str | None, dict[str, st
     files = {}
     for f in sorted((base / folder).rglob("*")) if (base / folder).is_dir() else []:
         if f.is_file():
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-            files[str(f.relative_to(base))] = h.hexdigest()
+            files[str(f.relative_to(base))] = sha256_file(f)
     return commit, files
 
 

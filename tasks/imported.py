@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from saeflow.artifacts import (ArtifactError, ArtifactRef, artifact_ref, begin, fingerprint, mark_complete, require_complete,
-                               write_json_atomic)
+                               sha256_file, write_json_atomic)
 from saeflow.config import ImportSAE, import_spec
 from saeflow.models import read_meta
 from saeflow.published import fetch_saelens_release, model_matches
@@ -95,7 +95,7 @@ def import_sae_task(out: ArtifactRef, entry: str | ImportSAE, acts: ArtifactRef,
             folder = Path(str(spec.path))
             files = checkpoint_files(folder, spec.format)
             source = {"kind": "folder", "format": spec.format, "path": str(folder.resolve()),
-                      "sha256": {f.name: _sha256(f) for f in files}}
+                      "sha256": {f.name: sha256_file(f) for f in files}}
             where = f"at {folder}"
             src = folder
             if spec.format != "saelens":  # converted once into the SAELens layout
@@ -119,10 +119,3 @@ def import_sae_task(out: ArtifactRef, entry: str | ImportSAE, acts: ArtifactRef,
     mark_complete(out, **meta)
     stage_logger().info("imported SAE %s (%s, width %d)", where, meta["architecture"], meta["width"])
 
-
-def _sha256(f: Path) -> str:
-    h = hashlib.sha256()
-    with open(f, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
