@@ -139,7 +139,7 @@ def site_task(profile: str, saes: list[ArtifactRef], browsers: list[ArtifactRef]
     if marker.is_file() and json.loads(marker.read_text()).get("inputs") == stamp:
         return str(folder / "index.html")
     sources = fact_sources(saes, evals)
-    site = [SiteSAE(key=site_key(i, s), title=read_sae_info(require_complete(s), i).description or site_key(i, s),
+    site = [SiteSAE(key=site_key(i, s), title=_title(read_sae_info(require_complete(s), i)) or site_key(i, s),
                     data_dir=require_complete(b), facts=join(src, i))
             for i, (s, b, src) in enumerate(zip(saes, browsers, sources))]
     with timed("browser site"):
@@ -148,3 +148,10 @@ def site_task(profile: str, saes: list[ArtifactRef], browsers: list[ArtifactRef]
     write_json_atomic(marker, {"inputs": stamp, "files": files, "bytes": size})
     stage_logger().info("latent browser: %s (%d files, %.1f MB)", index, files, size / 1e6)
     return str(index)
+
+
+def _title(info) -> str:
+    """A site page's SAE title: an imported SAE's name with its architecture and width
+    (``gemma-scope-2 L12 16k small (jumprelu, 16,384 latents)``), else the description
+    (``topk width=4096 k=32``)."""
+    return f"{info.name} ({info.architecture}, {info.width:,} latents)" if info.name else info.description

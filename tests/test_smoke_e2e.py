@@ -41,6 +41,7 @@ def check_browser(out) -> None:
         pages = site / site_key(i, sae_ref)
         assert (pages / "index.html").is_file() and (pages / "latent.html").is_file() and (pages / "data" / "0.js").is_file()
     assert "href='browser/index.html'" in Path(out.report).read_text()
+    assert f">{PUBLISHED.name} (jumprelu, 1,024 latents)<" in (site / "index.html").read_text()  # named by its source
     store = ActivationStore.open(out.refs.activations.dir)
     sae = load_sae(out.refs.saes[3].dir)
     with torch.no_grad():
