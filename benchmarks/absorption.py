@@ -90,7 +90,8 @@ def _sb_run(spec_path: Path) -> None:
 
 
 def profile_family(config: str, artifacts: str):
-    """``(config, artifacts root, model ref, SAE refs of the family)`` of a profile (project venv)."""
+    """``(config, artifacts root, model ref, SAE refs)`` of a profile (project venv): the family's
+    members, then its ``import_saes`` (published SAEs among them, issue #27), as the pipeline orders them."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from saeflow.config import load_config
     from tasks import activations as tacts
@@ -103,7 +104,10 @@ def profile_family(config: str, artifacts: str):
     m = tmodel.ref(cfg=cfg.model, root=root)
     c = tcorpus.ref(model=m, cfg=cfg.corpus, root=root, prepend_bos=cfg.model.prepend_bos)
     a = tacts.ref(model=m, model_cfg=cfg.model, corpus=c, cfg=cfg.activations, root=root)
-    return cfg, root, m, ttrain.family_refs(a, cfg.sae_configs(), cfg.train, root)
+    from tasks import imported as timported
+
+    return cfg, root, m, [*ttrain.family_refs(a, cfg.sae_configs(), cfg.train, root),
+                          *(timported.ref(e, acts=a, root=root) for e in cfg.import_saes)]
 
 
 def main(argv: list[str] | None = None) -> int:

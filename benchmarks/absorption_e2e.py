@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -171,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/quick-evals.yaml")
     ap.add_argument("--artifacts", default="artifacts")
-    ap.add_argument("--sae", default="topk-w4096-k32", help="family member as <arch>-w<width>-k<k>")
+    ap.add_argument("--sae", default="topk-w4096-k32", help="family member as <arch>-w<width>-k<k>, or an imported "
+                    "SAE by its name (e.g. 'gemma-scope-2 L12 16k small' with configs/gemma-scope-2.yaml)")
     ap.add_argument("--sb-epochs", type=int, default=3000, help="SAEBench L1 probe epochs (= Adam steps at <= 4096 words)")
     ap.add_argument("--same-split", action=argparse.BooleanOptionalAction, default=True,
                     help="SAEBench trains/tests on our train/test words (its own 80/20 shuffle otherwise)")
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in saes:
         if s.is_complete():
             i = sae_identity(s.path)
-            names[f"{i['architecture']}-w{i['width']}" + (f"-k{i['k']}" if i["k"] is not None else "")] = s
+            names[i.get("name") or f"{i['architecture']}-w{i['width']}" + (f"-k{i['k']}" if i["k"] is not None else "")] = s
     if args.sae not in names:
         print(f"error: no complete family member {args.sae!r} under {root} (have: {sorted(names)}); run the "
               f"pipeline with {args.config} first", file=sys.stderr)
@@ -310,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     words4 = int((pd.read_parquet(Path(data4.path) / "prompts.parquet")["kind"] == "probe").sum())
     md = f"""## Absorption end to end vs SAEBench on a live SAE (`benchmarks/absorption_e2e.py`)
 
-Command: `{prec_env}.venv/bin/python -m benchmarks.absorption_e2e --config {args.config} --artifacts {args.artifacts} --sae {args.sae} --sb-epochs {args.sb_epochs}{''.join(' --set ' + x for x in args.set)}`
+Command: `{prec_env}.venv/bin/python -m benchmarks.absorption_e2e --config {args.config} --artifacts {args.artifacts} --sae {shlex.quote(args.sae)} --sb-epochs {args.sb_epochs}{''.join(' --set ' + x for x in args.set)}`
 (model `{resolved.model.dtype}`, training `{resolved.train.precision}`)
 (SAE `{sae.path}`; {len(words)} words; ablation rate off). Machine: {machine()}.
 saeflow from the profile alone (stages as the pipeline runs them, cached ones reused: {ours_s:.0f} s; the {args.factor}x run

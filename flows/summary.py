@@ -40,7 +40,7 @@ class PipelineRefs(_Summary):
     train: list[ArtifactRef]
     """One per member of the family (one for a plain ``sae:`` profile), in ``sae_configs()`` order."""
     imported: list[ArtifactRef] = Field(default_factory=list)
-    """The ``import_saes`` folders copied in, in profile order."""
+    """The ``import_saes`` entries imported (folders, converted checkpoints, SAELens releases), in profile order."""
     extra_saes: list[ArtifactRef] = Field(default_factory=list)
     """SAE artifacts handed to the flow (``extra_saes=``, e.g. by ``flows.reevaluate``)."""
     metrics: list[ArtifactRef]
