@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="configs/quick.yaml")
     ap.add_argument("--artifacts", default=None)
     ap.add_argument("--variants", nargs="+", default=["float32", "bf16-train", "bf16"], choices=list(VARIANTS))
+    ap.add_argument("--from-tables", action="store_true",
+                    help="compare the variants' existing results tables (results/<profile>-<variant>/core_metrics.parquet) "
+                         "without running the pipeline, e.g. after a run whose tables were written but whose report failed")
     args = ap.parse_args(argv)
     from benchmarks._common import machine, write_section
     from flows.pipeline import pipeline
@@ -73,12 +76,19 @@ def main(argv: list[str] | None = None) -> int:
     for v in args.variants:
         name = base.name if v == "float32" else f"{base.name}-{v}"
         cfg = load_profile(args.config, {**VARIANTS[v], "name": name})
-        t0 = time.perf_counter()
-        summary = pipeline(cfg, root)
-        walls[v] = time.perf_counter() - t0
-        stage_times[v] = {k: (round(t.seconds), t.cached) for k, t in summary.timings.items()
-                          if k in ("activations", "train")}
-        tables[v] = pd.read_parquet(Path(root) / "results" / name / "core_metrics.parquet").set_index("sae")
+        table = Path(root) / "results" / name / "core_metrics.parquet"
+        if args.from_tables:
+            if not table.is_file():
+                print(f"error: --from-tables: {table} does not exist; run without --from-tables", file=sys.stderr)
+                return 1
+            walls[v], stage_times[v] = float("nan"), "not run (existing table)"
+        else:
+            t0 = time.perf_counter()
+            summary = pipeline(cfg, root)
+            walls[v] = time.perf_counter() - t0
+            stage_times[v] = {k: (round(t.seconds), t.cached) for k, t in summary.timings.items()
+                              if k in ("activations", "train")}
+        tables[v] = pd.read_parquet(table).set_index("sae")
         print(f"{v}: {walls[v]:.0f} s, stages {stage_times[v]}", flush=True)
 
     ref = tables["float32"] if "float32" in tables else None
@@ -123,13 +133,18 @@ def main(argv: list[str] | None = None) -> int:
     max_ce = float(others["d_ce"].abs().max()) if "d_ce" in others else float("nan")
     per = {v: (float(df.loc[df.variant == v, "d_ev"].abs().max()), float(df.loc[df.variant == v, "d_ce"].abs().max()))
            for v in tables if v != "float32" and "d_ev" in df}
+    if args.from_tables:
+        runs = ("Tables read from earlier runs' results (`--from-tables`, nothing run): "
+                + ", ".join(f"`results/{base.name if v == 'float32' else base.name + '-' + v}`" for v in tables) + ".")
+    else:
+        runs = ("Pipeline wall time per variant (cached stages reused; float32 was cached when `make run` had run): "
+                + ", ".join(f"{v} {walls[v]:.0f} s (activations, train: {stage_times[v]})" for v in tables) + ".")
     body = f"""
 ## Precision: float32 against bfloat16 on one profile (`benchmarks/precision.py`)
 
 Command: `.venv/bin/python -m benchmarks.precision {' '.join(sys.argv[1:])}`. Machine: {machine()}.
 Profile `{args.config}`; variants: float32 (model and training), bf16-train (float32 store, bf16 training), bf16 (model and
-training in bf16). Pipeline wall time per variant (cached stages reused; float32 was cached when `make run` had run):
-{', '.join(f'{v} {walls[v]:.0f} s (activations, train: {stage_times[v]})' for v in tables)}.
+training in bf16), bf16-seed1 (bf16 with training seed 1). {runs}
 
 {df.to_markdown(index=False, floatfmt=".4f")}
 
