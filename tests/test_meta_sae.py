@@ -325,3 +325,21 @@ def test_meta_sae_through_the_pipeline(tmp_path, one_thread):
     # a re-run is fully cached
     again = fp.pipeline(cfg, str(tmp_path))
     assert again.cached["meta_sae"] is True
+
+
+def test_meta_columns_equal_the_full_encoding_in_row_blocks(monkeypatch):
+    """The example page encodes every decoder row with the meta-SAE but keeps only the meta-latents it
+    shows: ``meta_columns`` (row blocks) equals ``meta.encode(rows)[:, cols]`` of the whole matrix."""
+    from saeflow.evals.meta_sae import examples
+    from saeflow.saes import SAEConfig
+
+    meta = BatchTopKSAE(SAEConfig(architecture="batchtopk", width=48, k=4), d_in=32, seed=0)
+    with torch.no_grad():
+        meta.topk_threshold.fill_(0.05)
+    rows = unit_rows(torch.randn(300, 32, generator=torch.Generator().manual_seed(0)))
+    monkeypatch.setattr(examples, "COSINE_CHUNK_ELEMENTS", 64 * 48)  # blocks of 64 rows: 5 blocks
+    cols = [3, 0, 47, 11]
+    got = examples.meta_columns(meta, rows, cols)
+    want = meta.encode(rows)[:, cols]
+    assert got.shape == (300, 4) and (want > 0).any()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

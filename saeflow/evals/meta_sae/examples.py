@@ -16,13 +16,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from saeflow.cosine import COSINE_CHUNK_ELEMENTS
 from saeflow.evals.meta_sae.config import MetaSAEConfig
 from saeflow.evals.meta_sae.training import unit_rows
 from saeflow.pages import render
 from saeflow.saes import BaseSAE
 
 __all__ = ["EXAMPLES_TEMPLATE", "Snippet", "Member", "MetaExample", "LatentExample", "ExamplesPage", "top_rows",
-           "snippet", "choose_latents", "example_page", "render_examples_page", "examples_json"]
+           "snippet", "choose_latents", "meta_columns", "example_page", "render_examples_page", "examples_json"]
 
 #: The page's template (in ``saeflow/templates/``).
 EXAMPLES_TEMPLATE = "meta_sae_examples.md.j2"
@@ -136,6 +137,17 @@ def _batches(x: torch.Tensor, size: int = 2048) -> Iterator[torch.Tensor]:
         yield x[s:s + size]
 
 
+@torch.no_grad()
+def meta_columns(meta: BaseSAE, rows: torch.Tensor, cols: list[int]) -> torch.Tensor:
+    """``meta.encode(rows)[:, cols]`` without the full ``[n, meta width]`` encoding: rows are encoded
+    in blocks of about :data:`saeflow.cosine.COSINE_CHUNK_ELEMENTS` activations (at least 64 rows)
+    and only the ``cols`` columns are kept (issue #27: a 262k-latent SAE's meta encoding is 64 GiB)."""
+    idx = torch.tensor(cols, dtype=torch.long, device=rows.device)
+    block = max(64, COSINE_CHUNK_ELEMENTS // max(1, meta.d_sae))
+    out = [meta.encode(rows[s:s + block]).index_select(1, idx) for s in range(0, rows.shape[0], block)]
+    return torch.cat(out) if out else rows.new_zeros(0, len(cols))
+
+
 def choose_latents(dec: pd.DataFrame, fired: np.ndarray, cfg: MetaSAEConfig) -> list[int]:
     """The latents shown: seeded, among the best-explained multi-meta-latent ones that fire in the
     sample (2..2k meta-latents: a latent spread over many weak meta-latents is rarely readable;
@@ -182,17 +194,23 @@ def example_page(base: BaseSAE, meta: BaseSAE, x: torch.Tensor, row_meta: dict[s
 
     fired = top_v[0] > 0 if top_v.size else np.zeros(len(dec), bool)
     chosen = choose_latents(dec, fired, cfg)
-    meta_acts = meta.encode(unit_rows(base.W_dec.detach()).to(dev))  # [n, M] threshold inference
+    metas_of = {}
+    for j in chosen:
+        row = dec[dec["latent"] == j].iloc[0]
+        metas_of[j] = [(int(row[f"meta_{t}"]), float(row[f"weight_{t}"])) for t in range(cfg.decomposition_top)
+                       if int(row[f"meta_{t}"]) >= 0]
+    need = sorted({mi for metas in metas_of.values() for mi, _ in metas})
+    # threshold-inference meta activations of every latent's decoder row, only in the meta-latents shown
+    meta_cols = meta_columns(meta, unit_rows(base.W_dec.detach()).to(dev), need)  # [n, len(need)]
+    col_of = {mi: c for c, mi in enumerate(need)}
     examples = []
     for j in chosen:
         row = dec[dec["latent"] == j].iloc[0]
-        metas = [(int(row[f"meta_{t}"]), float(row[f"weight_{t}"])) for t in range(cfg.decomposition_top)
-                 if int(row[f"meta_{t}"]) >= 0]
+        metas = metas_of[j]
         ex = LatentExample(latent=j, n_meta=int(row["n_meta"]), recon_cos=float(row["recon_cos"]),
                            top_token=top_token(j), snippets=snippets(top_v, top_r, j))
         if metas:
-            ids = torch.tensor([mi for mi, _ in metas], device=dev)
-            W = meta_acts[:, ids].clone()  # [n, P]: how strongly each latent uses each meta-latent
+            W = meta_cols[:, [col_of[mi] for mi, _ in metas]].clone()  # [n, P]: how strongly each latent uses each meta-latent
             W[j] = 0.0
             # each member's activation relative to its own sampled maximum, so no high-norm latent dominates
             Ws = W * torch.from_numpy(np.where(fired, 1.0 / np.where(fired, top_v[0], 1.0), 0.0)).to(W)[:, None]
