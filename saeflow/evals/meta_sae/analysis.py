@@ -64,11 +64,13 @@ def cluster_sizes(pairs: np.ndarray, width: int) -> np.ndarray:
     return np.bincount(pairs[:, 1], minlength=width).astype(np.int64) if len(pairs) else np.zeros(width, np.int64)
 
 
-def max_cosines(base_unit: torch.Tensor, meta_unit: torch.Tensor, chunk_rows: int = 4096) -> dict[str, np.ndarray]:
+def max_cosines(base_unit: torch.Tensor, meta_unit: torch.Tensor, chunk_rows: int | None = None) -> dict[str, np.ndarray]:
     """Max cosine similarity of each row to the other set (2x2: base/meta -> base/meta).
 
     ``base->base`` and ``meta->meta`` exclude the row itself. Inputs are unit rows
-    (:func:`saeflow.cosine.max_cosine` with ``normalize=False``, ``chunk_rows`` rows at a time).
+    (:func:`saeflow.cosine.max_cosine` with ``normalize=False``, ``chunk_rows`` rows at a time; the
+    default sizes chunks by element count, ~64 MB, so a 262k-latent base SAE does not build
+    ``[4096, 262144]`` similarity blocks; the values do not depend on the chunking).
     """
     def mc(a: torch.Tensor, b: torch.Tensor | None) -> np.ndarray:
         return max_cosine(a, b, chunk_rows=chunk_rows, normalize=False)[0].cpu().numpy()
