@@ -70,7 +70,7 @@ def max_cosines(base_unit: torch.Tensor, meta_unit: torch.Tensor, chunk_rows: in
     ``base->base`` and ``meta->meta`` exclude the row itself. Inputs are unit rows
     (:func:`saeflow.cosine.max_cosine` with ``normalize=False``, ``chunk_rows`` rows at a time; the
     default sizes chunks by element count, ~64 MB, so a 262k-latent base SAE does not build
-    ``[4096, 262144]`` similarity blocks; the values do not depend on the chunking).
+    ``[4096, 262144]`` similarity blocks; bitwise the same values as 4,096-row chunks on this project's CPU).
     """
     def mc(a: torch.Tensor, b: torch.Tensor | None) -> np.ndarray:
         return max_cosine(a, b, chunk_rows=chunk_rows, normalize=False)[0].cpu().numpy()
