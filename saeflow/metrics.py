@@ -123,6 +123,11 @@ def density_statistics(density: np.ndarray, dense_threshold: float = 0.1) -> dic
 # --------------------------------------------------------------------------------------------
 
 
+#: Latent activations materialised at once by :func:`reconstruction_metrics` (rows x latents):
+#: 128M float32 = 512 MiB, so a 4,096-row batch is one block up to 32k latents (issue #27).
+ENCODE_BLOCK_ELEMENTS = 1 << 27
+
+
 @torch.no_grad()
 def reconstruction_metrics(
     sae: torch.nn.Module,
@@ -161,14 +166,21 @@ def reconstruction_metrics(
             raise ValueError(f"expected activation batches of shape [N, {d_in}], got {tuple(x.shape)}")
         if x.shape[0] == 0:
             continue
-        f = sae.encode(x)
-        x_hat = sae.decode(f)
-
-        # sparsity (reductions over d_sae in the SAE dtype, cross-token sums in float64)
-        sums["l0"] += float((f != 0).sum())
-        sums["l1"] += float(f.sum(dim=1).double().sum())
-        fire_counts += (f > 0).sum(dim=0)
-        del f
+        # latents in row blocks of <= ENCODE_BLOCK_ELEMENTS activations (one block per batch up to 16k
+        # latents at 4,096 rows; a 262k-latent SAE never holds [4096, 262144]); per-row values as one block
+        x_hat = torch.empty_like(x)
+        row_l1, l0 = [], 0
+        step = max(1, min(x.shape[0], ENCODE_BLOCK_ELEMENTS // d_sae))
+        for s in range(0, x.shape[0], step):
+            f = sae.encode(x[s:s + step])
+            x_hat[s:s + step] = sae.decode(f)
+            # sparsity (reductions over d_sae in the SAE dtype, cross-token sums in float64)
+            l0 += int((f != 0).sum())
+            row_l1.append(f.sum(dim=1))
+            fire_counts += (f > 0).sum(dim=0)
+            del f
+        sums["l0"] += float(l0)
+        sums["l1"] += float(torch.cat(row_l1).double().sum())
 
         x64, xh64 = x.double(), x_hat.double()
         resid_sq = (x64 - xh64).pow(2).sum(dim=1)

@@ -401,3 +401,22 @@ def test_shared_reference_gives_the_same_numbers_for_every_sae(tiny_model, token
         assert shared == pytest.approx(fresh, rel=1e-9, abs=1e-12)
     with pytest.raises(ValueError, match="another hook"):
         ce_metrics(tiny_model, identity_sae(32), "blocks.0.hook_resid_pre", tokens, 4, {BOS, PAD}, reference=ref)
+
+
+def test_latents_in_row_blocks_give_the_one_block_numbers(monkeypatch):
+    """A batch whose latents would exceed ENCODE_BLOCK_ELEMENTS is encoded in row blocks (a 262k-latent
+    SAE never holds [4096, 262144]); every metric equals the one-block computation, the
+    batch-dependent legacy EV included (the batches are unchanged)."""
+    import saeflow.metrics as M
+
+    x = data(500, 8, seed=6, offset=1.5)
+    sae = random_sae(8, 24, seed=7)
+    whole = reconstruction_metrics(sae, batches_of(x, [250, 250]), "cpu")
+    monkeypatch.setattr(M, "ENCODE_BLOCK_ELEMENTS", 64 * 24)  # 64-row blocks: 4 per batch
+    blocked = reconstruction_metrics(sae, batches_of(x, [250, 250]), "cpu")
+    assert whole["l0"] > 0
+    for key, value in whole.items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(blocked[key], value, err_msg=key)
+        else:
+            np.testing.assert_allclose(blocked[key], value, rtol=1e-12, atol=0, err_msg=key)
