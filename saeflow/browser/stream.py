@@ -100,9 +100,32 @@ def hist_edges(bins: int, lo: float, hi: float) -> np.ndarray:
     return np.logspace(np.log10(lo), np.log10(hi), bins + 1)
 
 
+#: Latent activations materialised at once when a batch is encoded (rows x latents): 128M float32
+#: = 512 MiB, one block per 4,096-row batch up to 32k latents (issue #27: 262k latents).
+ENCODE_BLOCK_ELEMENTS = 1 << 27
+
+
+def _block_rows(width: int) -> int:
+    return max(1, ENCODE_BLOCK_ELEMENTS // max(1, width))
+
+
 def _encode(sae, x: torch.Tensor, device) -> torch.Tensor:
     with torch.no_grad():
         return sae.encode(x.to(device, torch.float32)).float().cpu()
+
+
+def _encode_nonzero(sae, x: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows, cols, vals)`` of the positive latent activations of ``x``, row-major (stream order),
+    encoding row blocks of at most :data:`ENCODE_BLOCK_ELEMENTS` activations."""
+    step = _block_rows(int(sae.W_dec.shape[0]))
+    parts = []
+    for s in range(0, x.shape[0], step):
+        f = _encode(sae, x[s:s + step], device)
+        r, c = (f > 0).nonzero(as_tuple=True)
+        parts.append((r + s, c, f[r, c]))
+    if not parts:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0)
+    return tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
 
 
 def scan(sae, store: ActivationStore, n_top: int, n_sample: int = 0, max_rows: int | None = None,
@@ -127,9 +150,7 @@ def scan(sae, store: ActivationStore, n_top: int, n_sample: int = 0, max_rows: i
     sample = RunningTop(width, max(n_sample, 1), {"row": torch.int64, "act": torch.float32})
     gen = torch.Generator().manual_seed(seed)
     for start in range(0, end, batch_size):
-        f = _encode(sae, torch.from_numpy(store.read(start, min(end, start + batch_size))), device)
-        rows, cols = (f > 0).nonzero(as_tuple=True)  # row-major: stream order
-        vals = f[rows, cols]
+        rows, cols, vals = _encode_nonzero(sae, torch.from_numpy(store.read(start, min(end, start + batch_size))), device)
         rows = rows + start
         count += torch.bincount(cols, minlength=width)
         total.index_add_(0, cols, vals.double())
@@ -213,9 +234,10 @@ def context_windows(sae, store: ActivationStore, rows: np.ndarray, left: int, ri
         ctxs = store.read_rows("context", s, e)[here - s]
         mine = np.flatnonzero((er >= s) & (er < e))
         pos = np.searchsorted(here, er[mine])
-        for b in range(0, here.size, batch_size):
-            f = _encode(sae, torch.from_numpy(acts[b:b + batch_size]), device).numpy()
-            sel = (pos >= b) & (pos < b + batch_size)
+        step = min(batch_size, _block_rows(width))
+        for b in range(0, here.size, step):
+            f = _encode(sae, torch.from_numpy(acts[b:b + step]), device).numpy()
+            sel = (pos >= b) & (pos < b + step)
             act.reshape(-1)[flat[mine[sel]]] = f[pos[sel] - b, el[mine[sel]]]
         token.reshape(-1)[flat[mine]] = toks[pos]
         context.reshape(-1)[flat[mine]] = ctxs[pos]
