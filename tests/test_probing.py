@@ -213,6 +213,31 @@ def test_sae_probe_finds_the_planted_latent():
     assert res[512] == "k=512 exceeds the SAE width 256"
 
 
+def test_sparse_encodings_give_the_dense_results(monkeypatch):
+    """A wide SAE's encodings stay sparse (CSR, issue #27): the latent ranking (column blocks) and
+    every probe equal the dense path's on the same values."""
+    import scipy.sparse as sps
+    import torch
+
+    from saeflow.evals.common import encode_rows, encode_rows_csr
+    from saeflow.saes import SAEConfig, build_sae
+
+    F, y = _planted_latents()
+    monkeypatch.setattr(P.probes, "RANK_COLUMN_BLOCK", 48)  # 6 column blocks over 256 latents
+    Fs = sps.csr_matrix(F)
+    np.testing.assert_array_equal(P.rank_latents(Fs, y), P.rank_latents(F, y))
+    np.testing.assert_array_equal(P.rank_latents(Fs, y, "none"), P.rank_latents(F, y, "none"))
+    sp = P.make_split("normal", None, y)
+    for binarize in (False, True):
+        dense = P.sae_probe(F[sp.train], sp.y_train, F[sp.test], sp.y_test, [1, 16], binarize=binarize)
+        sparse = P.sae_probe(Fs[sp.train], sp.y_train, Fs[sp.test], sp.y_test, [1, 16], binarize=binarize)
+        assert dense == sparse
+    sae = build_sae(SAEConfig(architecture="topk", width=96, k=6), d_in=16, seed=0)
+    x = torch.randn(300, 16, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr("saeflow.evals.common.DENSE_ELEMENTS", 64 * 96)  # 64-row blocks
+    np.testing.assert_array_equal(encode_rows_csr(sae, x, 100).toarray(), encode_rows(sae, x, 100).numpy())
+
+
 def test_agreement_with_reference_functions(ref_train):
     """Same arrays into both: logistic regression and the SAE top-k probe give the same test AUC."""
     rng = np.random.default_rng(1)

@@ -205,6 +205,29 @@ def encode_rows(sae: Any, x: Tensor | np.ndarray, batch_size: int) -> Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, sae.W_dec.shape[0])
 
 
+#: Dense latent activations an evaluation may hold at once (rows x latents): 128M float32 = 512 MiB.
+#: Above it, encodings are kept sparse (:func:`encode_rows_csr`; issue #27: 262k-latent SAEs).
+DENSE_ELEMENTS = 1 << 27
+
+
+@torch.no_grad()
+def encode_rows_csr(sae: Any, x: Tensor | np.ndarray, batch_size: int) -> "scipy.sparse.csr_matrix":
+    """:func:`encode_rows` kept sparse: a ``scipy.sparse`` CSR matrix ``[n, d_sae]`` (float32) of the
+    same values, encoding row blocks of at most ``batch_size`` rows and :data:`DENSE_ELEMENTS`
+    activations, so memory grows with the active latents, not with rows x width."""
+    import scipy.sparse as sp
+
+    width = int(sae.W_dec.shape[0])
+    step = max(1, min(batch_size, DENSE_ELEMENTS // max(1, width)))
+    dev = sae.W_dec.device
+    x = torch.as_tensor(x)
+    parts = []
+    for s in range(0, x.shape[0], step):
+        f = sae.encode(x[s:s + step].to(dev, torch.float32)).float().cpu().numpy()
+        parts.append(sp.csr_matrix(f))
+    return sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, width), dtype=np.float32)
+
+
 def sae_identity(sae_dir: str | Path) -> dict[str, Any]:
     """``{"architecture", "width", "k"}`` of an SAE folder (a results-table identity) from its
     :func:`read_sae_info`: ``k`` for a k-based architecture, else ``None``; plus ``name`` for an

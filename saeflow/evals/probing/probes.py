@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import random
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -259,15 +259,32 @@ def mean_act_normalize(F: torch.Tensor) -> torch.Tensor:
     return F / (scale + 1e-6)
 
 
-def rank_latents(F_train: np.ndarray | torch.Tensor, y_train: np.ndarray, normalization: str = "mean") -> np.ndarray:
-    """Latent indices by decreasing ``|mean(f | y=1) - mean(f | y=0)|`` on the train rows."""
+def _mean_difference(F_train: np.ndarray | torch.Tensor, yt: torch.Tensor, normalization: str) -> torch.Tensor:
     F = torch.as_tensor(F_train, dtype=torch.float32)
     if normalization == "mean":
         F = mean_act_normalize(F)
     elif normalization != "none":
         raise ProbingError(f"unknown mean-difference normalisation {normalization!r}: use mean or none")
+    return F[yt == 1].mean(dim=0) - F[yt == 0].mean(dim=0)
+
+
+#: Latents per dense column block when :func:`rank_latents` gets a sparse matrix.
+RANK_COLUMN_BLOCK = 8192
+
+
+def rank_latents(F_train: Any, y_train: np.ndarray, normalization: str = "mean") -> np.ndarray:
+    """Latent indices by decreasing ``|mean(f | y=1) - mean(f | y=0)|`` on the train rows.
+
+    ``F_train`` dense, or a ``scipy.sparse`` matrix (a wide SAE's encodings, issue #27): every
+    statistic is per latent, so the sparse matrix is densified :data:`RANK_COLUMN_BLOCK` columns
+    at a time and each block goes through the same computation."""
     yt = torch.as_tensor(np.asarray(y_train))
-    diff = F[yt == 1].mean(dim=0) - F[yt == 0].mean(dim=0)
+    if hasattr(F_train, "tocsc"):
+        F = F_train.tocsc()
+        diff = torch.cat([_mean_difference(F[:, c:c + RANK_COLUMN_BLOCK].toarray(), yt, normalization)
+                          for c in range(0, F.shape[1], RANK_COLUMN_BLOCK)])
+    else:
+        diff = _mean_difference(F_train, yt, normalization)
     return torch.argsort(diff.abs(), descending=True).numpy()
 
 
@@ -284,6 +301,8 @@ def sae_probe(F_train: np.ndarray, y_train: np.ndarray, F_test: np.ndarray, y_te
             continue
         cols = order[:k]
         a, b = F_train[:, cols], F_test[:, cols]
+        if hasattr(a, "toarray"):  # sparse encodings: only the k chosen latents become dense
+            a, b = a.toarray(), b.toarray()
         if binarize:
             a, b = (a != 0).astype(np.float64), (b != 0).astype(np.float64)
         try:

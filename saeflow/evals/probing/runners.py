@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from saeflow.evals.common import encode_rows
+from saeflow.evals.common import DENSE_ELEMENTS, encode_rows, encode_rows_csr
 from saeflow.evals.probing.datasets import ProbingError, load_acts
 from saeflow.evals.probing.probes import CONVERGENCE_COLUMNS, fit_baseline, sae_probe
 from saeflow.evals.probing.splits import SkipSetting, iter_splits, skip_reason
@@ -109,11 +109,14 @@ def sae_rows(spec: RunSpec) -> pd.DataFrame:
         X, y = load_acts(spec.acts_dir)
         if X.shape[1] != sae.d_in:
             raise ProbingError(f"SAE {spec.sae_dir} has d_in={sae.d_in} but the activations of {spec.dataset} are {X.shape[1]} wide")
-        F = encode_rows(sae, X, ENCODE_BATCH).numpy()
+        # dense as before up to DENSE_ELEMENTS activations; a wider SAE's encodings stay sparse (CSR)
+        encode = ((lambda Z: encode_rows(sae, Z, ENCODE_BATCH).numpy()) if X.shape[0] * sae.d_sae <= DENSE_ELEMENTS
+                  else (lambda Z: encode_rows_csr(sae, Z, ENCODE_BATCH)))
+        F = encode(X)
         F_ood, y_ood = None, None
         if spec.ood_dir:
             X_ood, y_ood = load_acts(spec.ood_dir)
-            F_ood = encode_rows(sae, X_ood, ENCODE_BATCH).numpy()
+            F_ood = encode(X_ood)
         rows = []
         for regime, setting, sp in iter_splits(spec.dataset, y, y_ood, spec.regimes, spec.settings, spec.seed):
             ks = spec.ks[regime]
