@@ -83,7 +83,14 @@ def test_pipeline_config_family_replaces_sae():
         PipelineConfig.model_validate({"sae": {"width": 64}, "family": {"widths": [64]}})
 
 
-@pytest.mark.parametrize("profile", ["quick.yaml", "quick-evals.yaml", "smoke.yaml", "paper-gemma-2-2b.yaml"])
+SHIPPED = sorted(p.name for p in (Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+def test_the_shipped_profiles_are_the_documented_ones():
+    assert {"quick.yaml", "quick-evals.yaml", "smoke.yaml", "paper-gemma-2-2b.yaml", "gemma-scope-2.yaml"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("profile", SHIPPED)
 def test_every_shipped_profile_loads(profile):
     """The profiles users run (README, prefect.yaml) parse and validate; quick-evals extends quick
     and shares its model, activations and family, so only the evaluations run after `make run`."""
