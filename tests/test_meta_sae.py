@@ -175,6 +175,22 @@ def test_sparse_code_finds_planted_combinations():
     np.testing.assert_allclose(sc["cos"][:, 0], (Y @ small.T).abs().max(dim=1).values.numpy(), atol=1e-5)
 
 
+def test_sparse_code_without_the_whole_gram_matrix_gives_the_same_code(monkeypatch):
+    """Above GRAM_ELEMENTS the atoms' Gram rows are computed only for the selected atoms (a 65k-atom
+    smaller SAE would need 16 GiB): the same atoms, coefficients and cosines."""
+    from saeflow.evals.meta_sae import analysis
+
+    g = torch.Generator().manual_seed(3)
+    small = unit_rows(torch.randn(96, 32, generator=g))
+    Y = unit_rows(torch.randn(150, 32, generator=g))
+    whole = sparse_code(Y, small, k=4, chunk=64)
+    monkeypatch.setattr(analysis, "GRAM_ELEMENTS", 0)
+    rows = sparse_code(Y, small, k=4, chunk=64)
+    np.testing.assert_array_equal(rows["idx"], whole["idx"])
+    np.testing.assert_allclose(rows["coef"], whole["coef"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rows["cos"], whole["cos"], rtol=1e-5, atol=1e-6)
+
+
 def test_max_cosines_exclude_self():
     U = unit_rows(torch.eye(4) + 0.01)
     mc = max_cosines(U, U)

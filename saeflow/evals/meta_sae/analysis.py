@@ -79,6 +79,10 @@ def max_cosines(base_unit: torch.Tensor, meta_unit: torch.Tensor, chunk_rows: in
             "meta->base": mc(meta_unit, base_unit), "meta->meta": mc(meta_unit, None)}
 
 
+#: Largest atoms' Gram matrix :func:`sparse_code` builds whole (n x n float32: 2^28 = 1 GiB, 16,384 atoms).
+GRAM_ELEMENTS = 1 << 28
+
+
 @torch.no_grad()
 def sparse_code(Y: torch.Tensor, D: torch.Tensor, k: int, chunk: int = 1024, ridge: float = 1e-6) -> dict[str, np.ndarray]:
     """Greedy orthogonal matching pursuit of each row of ``Y`` on the rows (atoms) of ``D``.
@@ -92,7 +96,9 @@ def sparse_code(Y: torch.Tensor, D: torch.Tensor, k: int, chunk: int = 1024, rid
     if Y.ndim != 2 or D.ndim != 2 or Y.shape[1] != D.shape[1]:
         raise MetaSAEInputError(f"sparse_code: shapes {tuple(Y.shape)} and {tuple(D.shape)} do not share a width")
     k = int(min(k, D.shape[0]))
-    G = D @ D.T
+    # the atoms' Gram matrix when it fits GRAM_ELEMENTS (the quick family's 16k: 1 GiB), else its rows
+    # for the selected atoms only, computed as they are selected (65k atoms: 16 GiB avoided; issue #27)
+    G = D @ D.T if D.shape[0] ** 2 <= GRAM_ELEMENTS else None
     eye = torch.eye(k, device=D.device, dtype=D.dtype)
     idx_all, coef_all, cos_all = [], [], []
     for s in range(0, Y.shape[0], chunk):
@@ -104,16 +110,22 @@ def sparse_code(Y: torch.Tensor, D: torch.Tensor, k: int, chunk: int = 1024, rid
         cos = torch.zeros(y.shape[0], k, device=D.device)
         c = C.new_zeros(y.shape[0], 0)
         rows = torch.arange(y.shape[0], device=D.device)
+        g_rows: list[torch.Tensor] = []
         for t in range(k):
             score = corr.abs()
             if t:
                 score[rows[:, None], idx[:, :t]] = -1.0
             idx[:, t] = score.argmax(dim=1)
             S = idx[:, :t + 1]
-            G_SS = G[S[:, :, None], S[:, None, :]] + ridge * eye[:t + 1, :t + 1]
+            if G is None:
+                g_rows.append(D[idx[:, t]] @ D.T)  # [b, n]: the new atom's Gram row
+                G_S = torch.stack(g_rows, dim=1)  # [b, t + 1, n]
+            else:
+                G_S = G[S]
+            G_SS = G_S.gather(2, S[:, None, :].expand(-1, t + 1, -1)) + ridge * eye[:t + 1, :t + 1]
             b_S = C.gather(1, S)
             c = torch.linalg.solve(G_SS, b_S.unsqueeze(-1)).squeeze(-1)
-            corr = C - torch.einsum("bt,btm->bm", c, G[S])
+            corr = C - torch.einsum("bt,btm->bm", c, G_S)
             cos[:, t] = (c * b_S).sum(dim=1).clamp(min=0).sqrt() / ynorm
         idx_all.append(idx.cpu())
         coef_all.append(c.cpu())
