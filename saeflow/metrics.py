@@ -52,6 +52,7 @@ import torch
 from torch import Tensor
 
 from saeflow.cosine import max_cosine
+from saeflow.saes.base import encode_block_rows
 
 if TYPE_CHECKING:  # transformer_lens is slow to import; only needed for the type
     from transformer_lens import HookedTransformer
@@ -123,11 +124,6 @@ def density_statistics(density: np.ndarray, dense_threshold: float = 0.1) -> dic
 # --------------------------------------------------------------------------------------------
 
 
-#: Latent activations materialised at once by :func:`reconstruction_metrics` (rows x latents):
-#: 128M float32 = 512 MiB, so a 4,096-row batch is one block up to 32k latents (issue #27).
-ENCODE_BLOCK_ELEMENTS = 1 << 27
-
-
 @torch.no_grad()
 def reconstruction_metrics(
     sae: torch.nn.Module,
@@ -166,11 +162,11 @@ def reconstruction_metrics(
             raise ValueError(f"expected activation batches of shape [N, {d_in}], got {tuple(x.shape)}")
         if x.shape[0] == 0:
             continue
-        # latents in row blocks of <= ENCODE_BLOCK_ELEMENTS activations (one block per batch up to 16k
-        # latents at 4,096 rows; a 262k-latent SAE never holds [4096, 262144]); per-row values as one block
+        # latents in row blocks (saeflow.saes.base.encode_block_rows: one block per 4,096-row batch up to
+        # 32k latents; a 262k-latent SAE never holds [4096, 262144]); per-row values as one block
         x_hat = torch.empty_like(x)
         row_l1, l0 = [], 0
-        step = max(1, min(x.shape[0], ENCODE_BLOCK_ELEMENTS // d_sae))
+        step = encode_block_rows(d_sae, x.shape[0])
         for s in range(0, x.shape[0], step):
             f = sae.encode(x[s:s + step])
             x_hat[s:s + step] = sae.decode(f)

@@ -57,6 +57,9 @@ def _offline_cause(exc: BaseException) -> str | None:
 
 
 def _hub_offline() -> bool:
+    """Whether huggingface_hub itself runs offline (its ``HF_HUB_OFFLINE`` constant, which governs its
+    requests; not saeflow.model_sources' check, which also reads ``TRANSFORMERS_OFFLINE`` from the
+    environment for loading models through transformers)."""
     try:
         from huggingface_hub import constants
 
@@ -161,7 +164,9 @@ def model_matches(sae_model_name: str | None, model_name: str, tl_name: str | No
     last path component, case-insensitively; an SAE that does not say matches (nothing to check)."""
     if not sae_model_name:
         return True
+
     def last(s: str) -> str:
         return s.rstrip("/").split("/")[-1].lower()
-    return last(sae_model_name) in {last(model_name), *( [last(tl_name)] if tl_name else [])}
+
+    return last(sae_model_name) in {last(n) for n in (model_name, tl_name) if n}
 

@@ -26,7 +26,7 @@ from saeflow.models import read_meta
 from saeflow.published import fetch_saelens_release, model_matches
 from saeflow.saes import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, load_sae
 from saeflow.saes.errors import SAEFormatError
-from saeflow.saes.foreign import FORMATS, checkpoint_files, convert
+from saeflow.saes.foreign import checkpoint_files, convert
 from saeflow.store import ActivationStore
 from tasks.common import stage_logger, stage_task
 from tasks.metrics import SAEMismatchError, check_sae_fits
@@ -40,12 +40,6 @@ def content_fingerprint(path: str | Path, fmt: str = "saelens") -> str:
     try:
         files = checkpoint_files(folder, fmt)
     except SAEFormatError as exc:
-        if fmt == "saelens":
-            raise ArtifactError(
-                f"import_saes: {folder} is not an SAE folder in SAELens layout (missing "
-                f"{', '.join(n for n in FORMATS[fmt] if not (folder / n).is_file())}); point import_saes at a folder "
-                "holding cfg.json and sae_weights.safetensors (or set format: sparsify / dictionary_learning)"
-            ) from None
         raise ArtifactError(f"import_saes: {exc}") from None
     h = hashlib.sha256()
     for f in files:

@@ -515,7 +515,7 @@ def test_unconverged_probe_is_a_logged_warning():
 
 
 def test_word_l0_with_sparse_encodings_equals_the_dense_count(monkeypatch):
-    """Above DENSE_ELEMENTS the probe words' L0 is counted from sparse encodings (issue #27): same value."""
+    """Above one encode block (ENCODE_BLOCK_ELEMENTS) the probe words' L0 is counted from sparse encodings (issue #27): same value."""
     import torch
 
     from saeflow.evals.absorption import evaluate as ev
@@ -524,5 +524,5 @@ def test_word_l0_with_sparse_encodings_equals_the_dense_count(monkeypatch):
     sae = build_sae(SAEConfig(architecture="relu", width=80), d_in=12, seed=0)
     acts = torch.randn(150, 12, generator=torch.Generator().manual_seed(1))
     dense = ev.word_l0(sae, acts)
-    monkeypatch.setattr(ev, "DENSE_ELEMENTS", 0)
+    monkeypatch.setattr("saeflow.saes.base.ENCODE_BLOCK_ELEMENTS", 0)
     assert 0 < dense < 80 and ev.word_l0(sae, acts) == pytest.approx(dense, rel=1e-6)

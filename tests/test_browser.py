@@ -382,17 +382,15 @@ def test_browse_command_prints_the_site_or_a_clear_error(tmp_path, capsys):
 
 
 def test_scan_and_windows_in_row_blocks_equal_one_block(tmp_path, monkeypatch):
-    """Batches whose latents would exceed ENCODE_BLOCK_ELEMENTS are encoded in row blocks (a
+    """Batches whose latents would exceed saeflow.saes.base.ENCODE_BLOCK_ELEMENTS are encoded in row blocks (a
     262k-latent SAE never holds [4096, 262144]): the same statistics, reservoir draws and windows."""
-    from saeflow.browser import stream
-
     d, width = 24, 96
     sae = make_sae(d, width)
     store = synthetic_store(tmp_path / "s", 700, d)
     one = scan(sae, store, 4, n_sample=5, batch_size=300, hist_bins=16)
     rows = one.top_row[:, :2]
     win_one = context_windows(sae, store, rows, left=3, right=1, batch_size=300)
-    monkeypatch.setattr(stream, "ENCODE_BLOCK_ELEMENTS", 64 * width)  # 64-row blocks
+    monkeypatch.setattr("saeflow.saes.base.ENCODE_BLOCK_ELEMENTS", 64 * width)  # 64-row blocks
     blocked = scan(sae, store, 4, n_sample=5, batch_size=300, hist_bins=16)
     win_blocked = context_windows(sae, store, rows, left=3, right=1, batch_size=300)
     for name in ("count", "sum", "max", "hist", "top_act", "top_row", "sample_act", "sample_row"):

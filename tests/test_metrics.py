@@ -407,12 +407,10 @@ def test_latents_in_row_blocks_give_the_one_block_numbers(monkeypatch):
     """A batch whose latents would exceed ENCODE_BLOCK_ELEMENTS is encoded in row blocks (a 262k-latent
     SAE never holds [4096, 262144]); every metric equals the one-block computation, the
     batch-dependent legacy EV included (the batches are unchanged)."""
-    import saeflow.metrics as M
-
     x = data(500, 8, seed=6, offset=1.5)
     sae = random_sae(8, 24, seed=7)
     whole = reconstruction_metrics(sae, batches_of(x, [250, 250]), "cpu")
-    monkeypatch.setattr(M, "ENCODE_BLOCK_ELEMENTS", 64 * 24)  # 64-row blocks: 4 per batch
+    monkeypatch.setattr("saeflow.saes.base.ENCODE_BLOCK_ELEMENTS", 64 * 24)  # 64-row blocks: 4 per batch
     blocked = reconstruction_metrics(sae, batches_of(x, [250, 250]), "cpu")
     assert whole["l0"] > 0
     for key, value in whole.items():

@@ -234,7 +234,7 @@ def test_sparse_encodings_give_the_dense_results(monkeypatch):
         assert dense == sparse
     sae = build_sae(SAEConfig(architecture="topk", width=96, k=6), d_in=16, seed=0)
     x = torch.randn(300, 16, generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr("saeflow.evals.common.DENSE_ELEMENTS", 64 * 96)  # 64-row blocks
+    monkeypatch.setattr("saeflow.saes.base.ENCODE_BLOCK_ELEMENTS", 64 * 96)  # 64-row blocks
     np.testing.assert_array_equal(encode_rows_csr(sae, x, 100).toarray(), encode_rows(sae, x, 100).numpy())
 
 

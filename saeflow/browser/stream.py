@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from saeflow.saes.base import encode_block_rows
 from saeflow.store import ActivationStore
 
 
@@ -100,15 +101,6 @@ def hist_edges(bins: int, lo: float, hi: float) -> np.ndarray:
     return np.logspace(np.log10(lo), np.log10(hi), bins + 1)
 
 
-#: Latent activations materialised at once when a batch is encoded (rows x latents): 128M float32
-#: = 512 MiB, one block per 4,096-row batch up to 32k latents (issue #27: 262k latents).
-ENCODE_BLOCK_ELEMENTS = 1 << 27
-
-
-def _block_rows(width: int) -> int:
-    return max(1, ENCODE_BLOCK_ELEMENTS // max(1, width))
-
-
 def _encode(sae, x: torch.Tensor, device) -> torch.Tensor:
     with torch.no_grad():
         return sae.encode(x.to(device, torch.float32)).float().cpu()
@@ -116,8 +108,8 @@ def _encode(sae, x: torch.Tensor, device) -> torch.Tensor:
 
 def _encode_nonzero(sae, x: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(rows, cols, vals)`` of the positive latent activations of ``x``, row-major (stream order),
-    encoding row blocks of at most :data:`ENCODE_BLOCK_ELEMENTS` activations."""
-    step = _block_rows(int(sae.W_dec.shape[0]))
+    encoding row blocks (:func:`saeflow.saes.base.encode_block_rows`)."""
+    step = encode_block_rows(int(sae.W_dec.shape[0]))
     parts = []
     for s in range(0, x.shape[0], step):
         f = _encode(sae, x[s:s + step], device)
@@ -234,7 +226,7 @@ def context_windows(sae, store: ActivationStore, rows: np.ndarray, left: int, ri
         ctxs = store.read_rows("context", s, e)[here - s]
         mine = np.flatnonzero((er >= s) & (er < e))
         pos = np.searchsorted(here, er[mine])
-        step = min(batch_size, _block_rows(width))
+        step = encode_block_rows(width, batch_size)
         for b in range(0, here.size, step):
             f = _encode(sae, torch.from_numpy(acts[b:b + step]), device).numpy()
             sel = (pos >= b) & (pos < b + step)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from saeflow.saes import K_ARCHITECTURES, REGISTRY, SAE_CFG_FILENAME, SAEConfig, describe_sae
+from saeflow.saes.base import encode_block_rows
 from saeflow.saes.saelens_format import FOREIGN_ARCHITECTURES
 from saeflow.store import ActivationStore
 
@@ -205,20 +206,16 @@ def encode_rows(sae: Any, x: Tensor | np.ndarray, batch_size: int) -> Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, sae.W_dec.shape[0])
 
 
-#: Dense latent activations an evaluation may hold at once (rows x latents): 128M float32 = 512 MiB.
-#: Above it, encodings are kept sparse (:func:`encode_rows_csr`; issue #27: 262k-latent SAEs).
-DENSE_ELEMENTS = 1 << 27
-
-
 @torch.no_grad()
 def encode_rows_csr(sae: Any, x: Tensor | np.ndarray, batch_size: int) -> "scipy.sparse.csr_matrix":
     """:func:`encode_rows` kept sparse: a ``scipy.sparse`` CSR matrix ``[n, d_sae]`` (float32) of the
-    same values, encoding row blocks of at most ``batch_size`` rows and :data:`DENSE_ELEMENTS`
-    activations, so memory grows with the active latents, not with rows x width."""
+    same values, encoding row blocks of at most ``batch_size`` rows
+    (:func:`saeflow.saes.base.encode_block_rows`), so memory grows with the active latents, not
+    with rows x width."""
     import scipy.sparse as sp
 
     width = int(sae.W_dec.shape[0])
-    step = max(1, min(batch_size, DENSE_ELEMENTS // max(1, width)))
+    step = encode_block_rows(width, batch_size)
     dev = sae.W_dec.device
     x = torch.as_tensor(x)
     parts = []

@@ -26,9 +26,28 @@ from saeflow.saes.config import SAEConfig
 from saeflow.saes.registry import REGISTRY
 from saeflow.saes.errors import SAEFormatError
 
-__all__ = ["BaseSAE", "SAEShape", "build_sae", "warm_up_coefficient", "dense_training_result", "TENSOR_NAMES"]
+__all__ = ["BaseSAE", "SAEShape", "build_sae", "warm_up_coefficient", "dense_training_result", "TENSOR_NAMES",
+           "ENCODE_BLOCK_ELEMENTS", "encode_block_rows", "fits_dense"]
 
 TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+#: Latent activations (rows x latents) materialised at once wherever rows are streamed through an
+#: SAE's ``encode`` (core metrics, the browser, the evaluations): 2^27 float32 = 512 MiB, so a
+#: 4,096-row batch is one block up to 32k latents and a 262k-latent SAE is encoded 512 rows at a
+#: time (issue #27). Above it, the evaluations keep encodings sparse (:func:`fits_dense`).
+ENCODE_BLOCK_ELEMENTS = 1 << 27
+
+
+def encode_block_rows(width: int, cap: int | None = None) -> int:
+    """Rows per encode block for an SAE of ``width`` latents (:data:`ENCODE_BLOCK_ELEMENTS`), at
+    least 1 and at most ``cap``."""
+    rows = max(1, ENCODE_BLOCK_ELEMENTS // max(1, int(width)))
+    return rows if cap is None else max(1, min(int(cap), rows))
+
+
+def fits_dense(rows: int, width: int) -> bool:
+    """Whether ``rows`` x ``width`` latent activations fit one encode block (else keep them sparse)."""
+    return int(rows) * int(width) <= ENCODE_BLOCK_ELEMENTS
 
 
 def warm_up_coefficient(value: float, warm_up_steps: int, step: int) -> float:

@@ -56,8 +56,9 @@ def checkpoint_files(folder: str | Path, fmt: str) -> list[Path]:
     files = [folder / n for n in FORMATS[fmt]]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
-        raise SAEFormatError(f"{folder} is not a {fmt} checkpoint folder (missing {', '.join(missing)}); point "
-                             f"import_saes at a folder holding {' and '.join(FORMATS[fmt])}")
+        raise SAEFormatError(f"{folder} is not an SAE folder in {fmt} layout (missing {', '.join(missing)}); point "
+                             f"import_saes at a folder holding {' and '.join(FORMATS[fmt])} (or set format: "
+                             f"{' / '.join(f for f in FORMATS if f != fmt)})")
     return files
 
 

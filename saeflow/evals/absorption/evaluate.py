@@ -16,7 +16,8 @@ from torch import Tensor
 from saeflow.evals.absorption.probes import CONVERGENCE_TOL, Convergence, feature_splits, k_sparse_probing, train_linear_probe
 from saeflow.evals.absorption.projection import EPS, ProjectionThresholds, projection_absorption
 from saeflow.evals.absorption.prompts import LETTERS
-from saeflow.evals.common import DENSE_ELEMENTS, encode_rows, encode_rows_csr
+from saeflow.evals.common import encode_rows, encode_rows_csr
+from saeflow.saes.base import fits_dense
 
 #: Rows per SAE encoding batch.
 ENCODE_BATCH = 4096
@@ -147,8 +148,8 @@ def evaluate_sae(sae: Any, probe_w: Tensor, probe_b: Tensor, passing: Sequence[i
 
 def word_l0(sae: Any, acts: Tensor) -> float:
     """Mean number of active latents on the rows of ``acts`` (the probe words' L0); above
-    ``DENSE_ELEMENTS`` activations the latents are kept sparse (issue #27)."""
-    if acts.shape[0] * int(sae.W_dec.shape[0]) > DENSE_ELEMENTS:
+    one encode block (:func:`saeflow.saes.base.fits_dense`) the latents are kept sparse (issue #27)."""
+    if not fits_dense(acts.shape[0], int(sae.W_dec.shape[0])):
         f = encode_rows_csr(sae, acts, ENCODE_BATCH)
         return float(torch.from_numpy(np.diff(f.indptr)).float().mean()) if f.shape[0] else float("nan")
     return float((encode_rows(sae, acts, ENCODE_BATCH) > 0).float().sum(-1).mean())
