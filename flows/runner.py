@@ -122,8 +122,9 @@ CPU_STAGES = ("model", "vocab", "corpus", "imported", "results")
 
 
 class StageRunner:
-    """Runs a flow's stages through :func:`tasks.common.run_stage` and records their states and
-    wall times (the ``stage`` callable handed to the evaluations as ``EvalContext.stage``).
+    """Runs a flow's stages through :func:`tasks.common.run_stage` and records their states, wall
+    times and, with the local runner, peak resident memory (the ``stage`` callable handed to the
+    evaluations as ``EvalContext.stage``).
 
     With the local runner each stage runs in the flow's process, one after another (Prefect's
     default). With Dask every stage is submitted to the cluster (GPU stages annotated when the
@@ -146,12 +147,16 @@ class StageRunner:
         stage_logger().info(STAGE_START, name)
         return artifacts_complete(ref_fn, {"root": self.root, **kw})
 
-    def _record(self, name: str, state, t0: float, reused: bool = False):
+    def _record(self, name: str, state, t0: float, reused: bool = False, peak_exact: bool = False):
         import time
+
+        from saeflow.hostmem import peak_rss_bytes
 
         self.states[name] = state
         cached = state.name == "Cached" or (reused and state.is_completed())
-        self.timings[name] = {"seconds": round(time.perf_counter() - t0, 3), "cached": cached}
+        peak = peak_rss_bytes() if peak_exact else None
+        self.timings[name] = {"seconds": round(time.perf_counter() - t0, 3), "cached": cached,
+                              "peak_rss_mib": None if peak is None else round(peak / 2**20, 1)}
         try:
             return state.result()
         except OSError as exc:
@@ -176,8 +181,11 @@ class StageRunner:
 
         t0 = time.perf_counter()
         reused = self._complete(name, ref_fn, kw)
-        if not self.parallel:
-            return self._record(name, run_stage(task, ref_fn, root=self.root, **kw), t0, reused)
+        if not self.parallel:  # one stage at a time in this process: its own peak RSS
+            from saeflow.hostmem import reset_peak_rss
+
+            exact = reset_peak_rss()
+            return self._record(name, run_stage(task, ref_fn, root=self.root, **kw), t0, reused, exact)
         fut = self._submit(name, ref_fn, task, kw)
         fut.wait()
         return self._record(name, fut.state, t0, reused)

@@ -70,10 +70,14 @@ class MemberSummary(_Summary):
 
 
 class StageTiming(_Summary):
-    """Wall time of one stage as the flow saw it."""
+    """Wall time and peak memory of one stage as the flow saw it."""
 
     seconds: float
     cached: bool
+    peak_rss_mib: float | None = None
+    """Peak resident memory of the flow's process while the stage ran (MiB; the process's memory
+    before the stage included): recorded with the local runner on Linux, ``None`` elsewhere (Dask
+    workers, ``total``)."""
 
 
 class PipelineSummary(_Summary):

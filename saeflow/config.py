@@ -211,6 +211,13 @@ class MetricsConfig(Frozen):
     dense_threshold: float = 0.1
     """A latent is dense when its firing frequency exceeds this."""
 
+    cosine_rows: int | None = Field(16_384, ge=2)
+    """Decoder (and encoder) rows whose max cosine to every other row is averaged
+    (``average_max_*_cosine_sim``): every row of an SAE up to this width, exact; above it a seeded
+    sample of this many rows, each against all rows (an estimate, its standard error in
+    ``*_cosine_sim_se``). ``None`` = every row: ~ width^2 x d_in work, about 15 minutes at 262,144
+    latents on the 2-core CPU of docs/benchmarks.md."""
+
 
 class BrowserConfig(Frozen):
     """The latent browser (``saeflow/browser``): per-latent statistics, contexts and logit effects

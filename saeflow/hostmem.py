@@ -13,6 +13,9 @@ freed block is handed to the next allocation of the same size without a page fau
 defaults come back and ``malloc_trim(0)`` returns the free memory to the system. It changes where
 memory comes from, never a computed value. Elsewhere than Linux with glibc it does nothing;
 ``SAEFLOW_HOST_MALLOC=default`` turns it off.
+
+:func:`reset_peak_rss` and :func:`peak_rss_bytes` measure the peak resident memory of a stretch
+of work in this process (the flow records each stage's, see ``flows.runner.StageRunner``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["reuse_freed_memory"]
+__all__ = ["reuse_freed_memory", "reset_peak_rss", "peak_rss_bytes"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -72,3 +75,39 @@ def reuse_freed_memory() -> Iterator[bool]:
                 libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
                 libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM)
                 libc.malloc_trim(0)
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS measurement of this process: return freed heap to the system
+    (``malloc_trim``, glibc) and reset the kernel's high-water mark to the current resident size
+    (``/proc/self/clear_refs`` ``5``, Linux >= 4.0). Returns whether the mark was reset; where it
+    cannot be (other systems, a kernel that refuses), :func:`peak_rss_bytes` is the process's peak
+    since it started."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int | None:
+    """The peak resident memory of this process in bytes since the last successful
+    :func:`reset_peak_rss` (``VmHWM`` of ``/proc/self/status``), or since it started where that
+    file does not exist (``getrusage``); ``None`` where neither is available."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux

@@ -43,6 +43,8 @@ CE / KL (see :func:`ce_metrics` for the token mask): ``ce_loss_score = (ce_abl -
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -52,7 +54,7 @@ import torch
 from torch import Tensor
 
 from saeflow.cosine import max_cosine
-from saeflow.saes.base import encode_block_rows
+from saeflow.saes.base import encode_block_rows, reconstruct_in_blocks
 
 if TYPE_CHECKING:  # transformer_lens is slow to import; only needed for the type
     from transformer_lens import HookedTransformer
@@ -78,7 +80,7 @@ def _nan_div(num: float, den: float) -> float:
 
 
 def _sae_dtype(sae: torch.nn.Module) -> torch.dtype:
-    return sae.W_enc.dtype
+    return sae.W_dec.dtype
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,13 +88,34 @@ def _sae_dtype(sae: torch.nn.Module) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 
 
-def max_cosine_similarity(vectors: Tensor, chunk_rows: int | None = None) -> Tensor:
-    """For each row of ``vectors`` [n, d], the max cosine similarity to any *other* row.
+def max_cosine_similarity(vectors: Tensor, chunk_rows: int | None = None, subset: Tensor | None = None) -> Tensor:
+    """For each row of ``vectors`` [n, d] (of the rows ``subset`` when given), the max cosine
+    similarity to any *other* row.
 
     :func:`saeflow.cosine.max_cosine` of the rows against themselves: memory ``O(chunk_rows * n)``,
-    zero rows have cosine 0 with everything; float32 [n] on ``vectors.device``; NaN when n == 1.
+    zero rows have cosine 0 with everything; float32 on ``vectors.device``; NaN when n == 1.
     """
-    return max_cosine(vectors, chunk_rows=chunk_rows)[0]
+    return max_cosine(vectors, chunk_rows=chunk_rows, subset=subset)[0]
+
+
+def average_max_cosine(vectors: Tensor, max_rows: int | None = None, seed: int = 0) -> dict[str, float]:
+    """Mean over the rows of ``vectors`` [n, d] of each row's max cosine to any other row
+    (:func:`max_cosine_similarity`), with ``rows`` (how many rows it averages) and ``se``.
+
+    ``max_rows=None`` or ``n <= max_rows``: every row, exact, ``se`` 0. Else a seeded uniform sample
+    of ``max_rows`` rows (without replacement), each still compared with all ``n`` rows: an unbiased
+    estimate of the mean whose standard error ``se`` is the sample's standard deviation / sqrt(rows)
+    times the finite-population factor sqrt(1 - rows / n). Cost ~ ``rows x n x d``: all rows of a
+    262,144 x 640 matrix is 44 TFLOP, 16,384 sampled rows 2.7 TFLOP."""
+    n = int(vectors.shape[0])
+    if max_rows is None or n <= max_rows:
+        v = max_cosine_similarity(vectors).double()
+        return {"mean": float(v.mean()), "rows": n, "se": 0.0}
+    gen = torch.Generator().manual_seed(int(seed))
+    subset = torch.randperm(n, generator=gen)[:max_rows].sort().values
+    v = max_cosine_similarity(vectors, subset=subset.to(vectors.device)).double()
+    se = float(v.std() / math.sqrt(max_rows) * math.sqrt(1.0 - max_rows / n))
+    return {"mean": float(v.mean()), "rows": int(max_rows), "se": se}
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,6 +153,9 @@ def reconstruction_metrics(
     batches: Iterable[Tensor],
     device: str | torch.device,
     dense_threshold: float = 0.1,
+    *,
+    geometry: bool = True,
+    cosine_rows: int | None = None,
 ) -> dict[str, Any]:
     """Sparsity / reconstruction / density metrics of ``sae`` over activation rows.
 
@@ -144,6 +170,11 @@ def reconstruction_metrics(
     freq_over_10_percent, normalized_freq_over_1_percent, normalized_freq_over_10_percent,
     average_max_decoder_cosine_sim, average_max_encoder_cosine_sim``, plus numpy arrays
     ``density`` [d_sae], ``density_hist_counts`` and ``density_hist_edges``.
+
+    The two cosine metrics (:func:`average_max_cosine`) come with ``cosine_rows`` (rows averaged)
+    and ``*_se`` (their standard error: 0 when every row is averaged); ``cosine_rows=None`` averages
+    every row, a number samples that many rows of a wider SAE. ``geometry=False`` leaves the cosine
+    metrics out (callers that do not keep them: their cost grows with width squared).
     """
     device = torch.device(device)
     sae.to(device)
@@ -227,8 +258,12 @@ def reconstruction_metrics(
         "density": density,
     }
     out.update(density_statistics(density, dense_threshold))
-    out["average_max_decoder_cosine_sim"] = float(max_cosine_similarity(sae.W_dec).double().mean())
-    out["average_max_encoder_cosine_sim"] = float(max_cosine_similarity(sae.W_enc.T).double().mean())
+    if geometry:
+        dec = average_max_cosine(sae.W_dec, cosine_rows)
+        enc = average_max_cosine(sae.W_enc.T, cosine_rows)
+        out.update(average_max_decoder_cosine_sim=dec["mean"], average_max_encoder_cosine_sim=enc["mean"],
+                   cosine_rows=dec["rows"], average_max_decoder_cosine_sim_se=dec["se"],
+                   average_max_encoder_cosine_sim_se=enc["se"])
     return out
 
 
@@ -388,7 +423,7 @@ def ce_metrics(
 
         def splice_hook(act: Tensor, hook: Any, splice: Tensor = splice) -> Tensor:  # noqa: ARG001
             flat = _flat(act, str(hook), d_in)
-            recon = sae.decode(sae.encode(flat[splice].to(sae_dtype))).to(act.dtype)
+            recon = reconstruct_in_blocks(sae, flat[splice].to(sae_dtype)).to(act.dtype)
             out = flat.clone()
             out[splice] = recon
             return out.reshape(act.shape)

@@ -281,7 +281,8 @@ def report_page(results_dir: str | Path, config: dict[str, Any], timings: dict[s
                 tables: dict[str, pd.DataFrame] | None = None) -> ReportPage:
     """What the report of ``results_dir`` shows (reads the tables and plots; writes nothing).
 
-    ``config`` is the profile as JSON-able data, ``timings`` stage -> ``{"seconds", "cached"}``,
+    ``config`` is the profile as JSON-able data, ``timings`` stage -> ``{"seconds", "cached",
+    "peak_rss_mib"}``,
     ``run_info`` extra facts (flow run id, ...), ``vers`` the package versions (default:
     :func:`versions`). Every ``*.png`` must be a valid PNG (else :class:`ReportError`).
     """
@@ -292,10 +293,10 @@ def report_page(results_dir: str | Path, config: dict[str, Any], timings: dict[s
             "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **(run_info or {})}
     timings_html = timings_md = None
     if timings:
-        tdf = pd.DataFrame([{"stage": k, "seconds": v.get("seconds"), "cached": v.get("cached")}
-                            for k, v in timings.items()])
-        timings_html = tdf.to_html(index=False, border=0, float_format=lambda x: f"{x:.2f}", escape=True)
-        timings_md = tdf.to_markdown(index=False, floatfmt=".2f")
+        tdf = pd.DataFrame([{"stage": k, "seconds": v.get("seconds"), "cached": v.get("cached"),
+                             "peak RSS (MiB)": v.get("peak_rss_mib")} for k, v in timings.items()])
+        timings_html = tdf.to_html(index=False, border=0, float_format=lambda x: f"{x:.2f}", escape=True, na_rep="")
+        timings_md = tdf.astype(object).where(tdf.notna(), None).to_markdown(index=False, floatfmt=".2f", missingval="")
     core = tables.get(CORE_TABLE)
     card = report_card(core, tables.get("probing/probing_summary")) if core is not None and len(core) else None
     legend = [(c.label, "higher" if c.headline.higher_is_better else "lower", c.headline.meaning)

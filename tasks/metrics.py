@@ -78,7 +78,8 @@ def metrics_task(out: ArtifactRef, model: ArtifactRef, model_cfg: ModelConfig, c
     if end <= start:
         raise SAEMismatchError(f"activation store at {store.root} has no held-out rows; raise corpus.eval_contexts")
     with timed("reconstruction metrics"):
-        rec = reconstruction_metrics(sae_model, store.iter_rows(start, end, 4096), dev, cfg.dense_threshold)
+        rec = reconstruction_metrics(sae_model, store.iter_rows(start, end, 4096), dev, cfg.dense_threshold,
+                                     cosine_rows=cfg.cosine_rows)
     result = {k: v for k, v in rec.items() if not isinstance(v, (np.ndarray, list))}
     if cfg.ce_batches > 0:
         tokens = load_tokens(corpus)

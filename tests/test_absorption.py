@@ -526,3 +526,38 @@ def test_word_l0_with_sparse_encodings_equals_the_dense_count(monkeypatch):
     dense = ev.word_l0(sae, acts)
     monkeypatch.setattr("saeflow.saes.base.ENCODE_BLOCK_ELEMENTS", 0)
     assert 0 < dense < 80 and ev.word_l0(sae, acts) == pytest.approx(dense, rel=1e-6)
+
+
+def test_l1_probe_on_sparse_latents_equals_the_dense_fit():
+    """A wide SAE's latents reach the probe as a scipy sparse matrix (issue #27): the same objective,
+    the same fit as on the dense matrix, with either solver."""
+    import scipy.sparse as sp
+
+    f, labels, planted = _planted_latents(n_words=800, n_latents=128)
+    y = torch.as_tensor(labels)
+    for solver, steps in (("fista", 3000), ("adam", 200)):
+        kw = dict(steps=steps, solver=solver, batch_size=256, lr=1e-2, weight_decay=1e-6, l1=0.01, seed=3)
+        dense = ab.train_linear_probe(f, y, **kw)
+        sparse = ab.train_linear_probe(sp.csr_matrix(f.numpy()), y, **kw)
+        assert sparse.convergence.steps == dense.convergence.steps, solver
+        assert sparse.convergence.final_loss == pytest.approx(dense.convergence.final_loss, rel=1e-4), solver
+        torch.testing.assert_close(sparse.weight, dense.weight, atol=2e-4, rtol=1e-3)
+        assert sparse.weight.argmax(1).tolist() == dense.weight.argmax(1).tolist()
+    assert dense.weight.argmax(1).tolist() == planted.tolist() or solver == "adam"
+
+
+def test_absorption_with_sparse_latents_equals_the_dense_evaluation(monkeypatch):
+    """Above one encode block the evaluation keeps the latents sparse (CSR; issue #27): every table
+    of the planted-absorption case is the same as with dense latents."""
+    x, labels, _child, sae, parents = _planted({0, 3, 4, 7})
+    monkeypatch.setattr("saeflow.evals.absorption.evaluate.ENCODE_BATCH", 1)  # the sparse path's row blocks:
+    dense = _evaluate(x, labels, sae, parents)  # the same float rounding of every latent
+    monkeypatch.setattr("saeflow.saes.base.ENCODE_BLOCK_ELEMENTS", 0)
+    from saeflow.evals.common import encode_latents
+
+    assert hasattr(encode_latents(sae, x, 64), "tocsr")
+    sparse = _evaluate(x, labels, sae, parents)
+    for name in ("letters", "k_sparse", "prompts"):
+        pd.testing.assert_frame_equal(getattr(sparse, name), getattr(dense, name), check_exact=False, rtol=1e-4, atol=1e-6,
+                                      obj=name)
+    assert sparse.summary == pytest.approx(dense.summary, rel=1e-4, nan_ok=True)

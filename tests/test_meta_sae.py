@@ -157,6 +157,26 @@ def test_variance_explained_matches_the_formula():
     assert got["l0"] == pytest.approx(4.0)  # k * rows kept per batch (when that many are positive)
 
 
+@pytest.mark.parametrize("mode", ["batch_topk", "threshold"])
+def test_variance_explained_of_a_wide_meta_sae_in_row_blocks(monkeypatch, mode):
+    """Above one encode block (a 262k-latent SAE's 65k-latent meta-SAE, issue #27) the batch-top-k
+    selection and the reconstruction run in row blocks: the same FVE, MSE and L0."""
+    D, _, _ = planted_decoder(n=300)
+    U = unit_rows(D)
+    from saeflow.evals.meta_sae import meta_sae_config
+
+    meta = BatchTopKSAE(meta_sae_config(300, MetaSAEConfig(width_ratio=0.1)), 32, seed=0)
+    with torch.no_grad():
+        meta.W_enc.normal_(generator=torch.Generator().manual_seed(0))
+        meta.b_dec.copy_(U.mean(0))
+        meta.topk_threshold.fill_(0.5)
+    whole = decoder_variance_explained(meta, U, eval_batch_size=128, mode=mode)
+    monkeypatch.setattr("saeflow.saes.base.ENCODE_BLOCK_ELEMENTS", 9 * meta.d_sae)  # 9-row blocks
+    blocked = decoder_variance_explained(meta, U, eval_batch_size=128, mode=mode)
+    assert blocked == pytest.approx(whole, rel=1e-5)
+    assert whole["l0"] > 0
+
+
 def test_sparse_code_finds_planted_combinations():
     g = torch.Generator().manual_seed(0)
     small = unit_rows(torch.randn(64, 48, generator=g))
@@ -196,6 +216,20 @@ def test_max_cosines_exclude_self():
     mc = max_cosines(U, U)
     assert mc["base->meta"] == pytest.approx(np.ones(4), abs=1e-6)
     assert (mc["base->base"] < 0.99).all()
+
+
+def test_max_cosines_of_a_wide_sae_sample_rows():
+    """Above ``cosine_rows`` each distribution is a seeded sample of rows (issue #27): those rows'
+    exact values, against every row of the other set."""
+    g = torch.Generator().manual_seed(4)
+    base, meta = unit_rows(torch.randn(300, 16, generator=g)), unit_rows(torch.randn(40, 16, generator=g))
+    full = max_cosines(base, meta)
+    part = max_cosines(base, meta, max_rows=50, seed=7)
+    rows = torch.randperm(300, generator=torch.Generator().manual_seed(7))[:50].sort().values.numpy()
+    np.testing.assert_allclose(part["base->base"], full["base->base"][rows], rtol=1e-6)
+    np.testing.assert_allclose(part["base->meta"], full["base->meta"][rows], rtol=1e-6)
+    np.testing.assert_array_equal(part["meta->meta"], full["meta->meta"])  # 40 rows: all of them
+    np.testing.assert_array_equal(part["meta->base"], full["meta->base"])
 
 
 def test_bad_decoders_are_refused():

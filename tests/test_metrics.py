@@ -418,3 +418,35 @@ def test_latents_in_row_blocks_give_the_one_block_numbers(monkeypatch):
             np.testing.assert_array_equal(blocked[key], value, err_msg=key)
         else:
             np.testing.assert_allclose(blocked[key], value, rtol=1e-12, atol=0, err_msg=key)
+
+
+def test_average_max_cosine_samples_rows_of_a_wide_sae():
+    """Above ``cosine_rows`` rows the average max cosine is a seeded sample of rows, each against every
+    row (issue #27: all rows of a 262k x 640 decoder is 44 TFLOP): the sampled rows' values are the
+    exact ones, the estimate lies within 4 standard errors of the exact mean; at or below it, exact."""
+    from saeflow.metrics import average_max_cosine
+
+    g = torch.Generator().manual_seed(11)
+    v = torch.randn(3000, 16, generator=g)
+    v[:300] += 3 * v[300:600]  # some near-duplicates, so the max cosines spread out
+    exact = max_cosine_similarity(v).double()
+    sub = torch.tensor([0, 5, 299, 2999])
+    torch.testing.assert_close(max_cosine_similarity(v, subset=sub), exact[sub].float())
+    whole = average_max_cosine(v, None)
+    assert whole == {"mean": pytest.approx(float(exact.mean()), rel=1e-12), "rows": 3000, "se": 0.0}
+    assert average_max_cosine(v, 3000) == whole
+    est = average_max_cosine(v, 500, seed=1)
+    assert est["rows"] == 500 and 0 < est["se"] < 0.02
+    assert abs(est["mean"] - float(exact.mean())) < 4 * est["se"], (est, float(exact.mean()))
+    assert average_max_cosine(v, 500, seed=1) == est  # seeded
+
+
+def test_reconstruction_metrics_cosine_options(monkeypatch):
+    x = data(300, 8, seed=2)
+    sae = random_sae(8, 40, seed=3)
+    full = reconstruction_metrics(sae, [x], "cpu")
+    assert full["cosine_rows"] == 40 and full["average_max_decoder_cosine_sim_se"] == 0.0
+    sampled = reconstruction_metrics(sae, [x], "cpu", cosine_rows=10)
+    assert sampled["cosine_rows"] == 10 and sampled["average_max_encoder_cosine_sim_se"] > 0
+    bare = reconstruction_metrics(sae, [x], "cpu", geometry=False)
+    assert "average_max_decoder_cosine_sim" not in bare and bare["mse"] == full["mse"]

@@ -289,6 +289,23 @@ def test_stage_graph_lists_the_stages_the_pipeline_reports(first_run):
     assert stage_of_timing <= set(names)
 
 
+def test_each_stage_records_its_peak_memory(first_run):
+    """With the local runner every stage records the process's peak resident memory while it ran
+    (the kernel's high-water mark, reset before the stage; Linux): positive, below the machine's
+    memory, and each stage's own (not one lifetime peak repeated)."""
+    import sys
+
+    _, out = first_run
+    stages = {k: t for k, t in out.timings.items() if k != "total"}
+    assert out.timings["total"].peak_rss_mib is None
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the per-stage high-water mark is read from /proc (Linux)")
+    total_mib = int(Path("/proc/meminfo").read_text().split()[1]) / 1024
+    for name, t in stages.items():
+        assert t.peak_rss_mib is not None and 0 < t.peak_rss_mib < total_mib, (name, t)
+    assert len({t.peak_rss_mib for t in stages.values()}) > 1, stages
+
+
 def test_stage_graph_edges_are_the_artifacts_each_stage_reads():
     """A stage's upstream edges are the artifacts its ``ref`` function takes (its cache inputs)."""
     import inspect

@@ -170,7 +170,7 @@ def test_gemma_scope_2_profile_names_real_releases_at_its_hook():
     from saeflow.published import hub_location
 
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "gemma-scope-2.yaml")
-    assert cfg.activations.hook == "blocks.12.hook_resid_post" and len(cfg.import_saes) == 6
+    assert cfg.activations.hook == "blocks.12.hook_resid_post" and len(cfg.import_saes) == 7
     widths = {"16k": 16384, "65k": 65536, "262k": 262144}
     sizes = [w.width for w in cfg.sae_configs()]
     for entry in cfg.import_saes:

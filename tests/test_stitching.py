@@ -577,3 +577,25 @@ def test_run_refuses_saes_without_pairs(tmp_path):
     ctx.config = PipelineConfig(stitching=StitchingConfig(pairs=[[0, 1]]))
     with pytest.raises(StitchingError, match="not more than"):
         evaluation.flow(ctx)
+
+
+def test_wide_sae_row_blocks_give_the_one_block_numbers(monkeypatch):
+    """A pair whose latents exceed ENCODE_BLOCK_ELEMENTS per batch is encoded in row blocks (a
+    262k-latent L never holds [4096, 262144], issue #27): ΔMSE, firings, the event curve and the
+    stitched SAE's latents equal the one-block computation."""
+    x, S, L = _topk_pair(seed=5)
+    ins = insertion_delta_mse(S, L, [x[:300], x[300:]])
+    classes = classify(ins["delta_mse"], ins["fires"])
+    s, m = (a.numpy() for a in decoder_cosines(S, L))
+    events = interpolation_events(classes, ins["delta_mse"], s, m, S.d_sae)
+    fine = event_mse_curve(S, L, x, events)
+    keep, incl = np.ones(S.d_sae, bool), np.zeros(L.d_sae, bool)
+    keep[:3], incl[[2, 5]] = False, True
+    f = stitched_sae(S, L, keep, incl).encode(x)
+    monkeypatch.setattr("saeflow.saes.base.ENCODE_BLOCK_ELEMENTS", 37 * L.d_sae)  # 37-row blocks
+    blocked = insertion_delta_mse(S, L, [x[:300], x[300:]])
+    np.testing.assert_array_equal(blocked["fires"], ins["fires"])
+    np.testing.assert_allclose(blocked["delta_mse"], ins["delta_mse"], rtol=1e-5, atol=1e-7 * ins["mse_small"])
+    assert blocked["mse_small"] == pytest.approx(ins["mse_small"], rel=1e-9)
+    np.testing.assert_allclose(event_mse_curve(S, L, x, events), fine, rtol=1e-9)
+    torch.testing.assert_close(stitched_sae(S, L, keep, incl).encode(x), f)

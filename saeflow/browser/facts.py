@@ -114,13 +114,15 @@ def meta_sae_facts(folder: Path, me: int, n_members: int = 8) -> Facts:
         for m, w in zip(ms, ws):
             if m >= 0:
                 members[int(m)].append((float(w), int(j)))
+    ranked = {m: [o for _, o in sorted(v, reverse=True)] for m, v in members.items()}  # once per meta-latent
     out: Facts = {}
     for j, ms, ws, cos in zip(latents, meta, weight, dec["recon_cos"].to_numpy()):
         facts = []
         for m, w in sorted(((int(m), float(w)) for m, w in zip(ms, ws) if m >= 0), key=lambda p: -p[1]):
-            others = [o for _, o in sorted(members[m], reverse=True) if o != j]
-            facts.append(Fact("meta_sae", f"meta-latent M{m} (weight {w:.2f}; {len(others)} other member(s))",
-                              f"M{m}", tuple((me, o) for o in others[:n_members])))
+            first = [o for o in ranked[m][:n_members + 1] if o != j][:n_members]  # j is a member once
+            n_others = len(ranked[m]) - 1
+            facts.append(Fact("meta_sae", f"meta-latent M{m} (weight {w:.2f}; {n_others} other member(s))",
+                              f"M{m}", tuple((me, o) for o in first)))
         if facts:
             facts.insert(0, Fact("meta_sae", f"decomposed into {len(facts)} meta-latent(s), "
                                              f"reconstruction cosine {cos:.2f}", f"meta:{len(facts)}"))

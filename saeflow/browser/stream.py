@@ -193,7 +193,7 @@ class Windows:
     """Token windows around chosen rows: ``[width, slots, left + 1 + right]``."""
 
     token: np.ndarray
-    """Token id at each window position (-1 outside the row's context or the store)."""
+    """Token id at each window position (-1 outside the row's context or the store), int32."""
     act: np.ndarray
     """The latent's activation on each window token (0 where there is no token)."""
     center: int
@@ -201,42 +201,58 @@ class Windows:
 
 
 def context_windows(sae, store: ActivationStore, rows: np.ndarray, left: int, right: int,
-                    batch_size: int = 4096, device: str | torch.device = "cpu") -> Windows:
+                    batch_size: int = 4096, device: str | torch.device = "cpu", latent_block: int = 8192) -> Windows:
     """For ``rows[j, s]`` (a store row chosen for latent ``j``; -1 = none) the tokens from ``left``
     before to ``right`` after it in the same context, with latent ``j``'s activation on each, by
-    re-encoding only the rows those windows cover (each once)."""
+    re-encoding only the rows those windows cover (each once, kept sparse). The windows' bookkeeping
+    runs ``latent_block`` latents at a time, so besides the ``[width, slots, span]`` output memory
+    grows with the rows re-encoded and their active latents, not with width x slots x span indices
+    (issue #27)."""
+    import scipy.sparse as sp
+
     width, slots = rows.shape
     span = left + 1 + right
     offsets = np.arange(-left, right + 1)
-    entry_row = rows[:, :, None] + offsets[None, None, :]
-    used = (rows[:, :, None] >= 0) & (entry_row >= 0) & (entry_row < store.n_rows)
-    latent = np.broadcast_to(np.arange(width)[:, None, None], entry_row.shape)
-    token = np.full(entry_row.shape, -1, dtype=np.int64)
-    context = np.full(entry_row.shape, -1, dtype=np.int64)
-    act = np.zeros(entry_row.shape, dtype=np.float32)
-    flat = np.flatnonzero(used)
-    er, el = entry_row.reshape(-1)[flat], latent.reshape(-1)[flat]
-    needed = np.unique(er)
+
+    def entries(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Store row of every window position of latents ``lo..hi`` and whether it is one."""
+        er = rows[lo:hi, :, None] + offsets[None, None, :]
+        return er, (rows[lo:hi, :, None] >= 0) & (er >= 0) & (er < store.n_rows)
+
+    blocks = [(lo, min(lo + latent_block, width)) for lo in range(0, width, latent_block)]
+    needed = np.zeros(0, dtype=np.int64)
+    for lo, hi in blocks:
+        er, used = entries(lo, hi)
+        needed = np.union1d(needed, er[used])
     chunk = store.chunk_rows
+    step = encode_block_rows(width, batch_size)
+    latents, toks, ctxs = [], [], []
     for block in np.unique(needed // chunk):
         s, e = int(block * chunk), int(min(store.n_rows, (block + 1) * chunk))
         here = needed[(needed >= s) & (needed < e)]
         acts = store.read(s, e)[here - s]
-        toks = store.read_rows("token_ids", s, e)[here - s]
-        ctxs = store.read_rows("context", s, e)[here - s]
-        mine = np.flatnonzero((er >= s) & (er < e))
-        pos = np.searchsorted(here, er[mine])
-        step = encode_block_rows(width, batch_size)
+        toks.append(store.read_rows("token_ids", s, e)[here - s])
+        ctxs.append(store.read_rows("context", s, e)[here - s])
         for b in range(0, here.size, step):
-            f = _encode(sae, torch.from_numpy(acts[b:b + step]), device).numpy()
-            sel = (pos >= b) & (pos < b + step)
-            act.reshape(-1)[flat[mine[sel]]] = f[pos[sel] - b, el[mine[sel]]]
-        token.reshape(-1)[flat[mine]] = toks[pos]
-        context.reshape(-1)[flat[mine]] = ctxs[pos]
-    same = (context == context[:, :, left:left + 1]) & used
-    token = np.where(same, token, -1)
-    act = np.where(same, act, 0.0).astype(np.float32)
-    return Windows(token=token.reshape(width, slots, span), act=act.reshape(width, slots, span), center=left)
+            latents.append(sp.csr_matrix(_encode(sae, torch.from_numpy(acts[b:b + step]), device).numpy()))
+    f = sp.vstack(latents, format="csr") if latents else sp.csr_matrix((0, width), dtype=np.float32)
+    tok_of = np.concatenate(toks) if toks else np.zeros(0, dtype=np.int64)  # row i of f is store row needed[i]
+    ctx_of = np.concatenate(ctxs) if ctxs else np.zeros(0, dtype=np.int64)
+    token = np.full((width, slots, span), -1, dtype=np.int32)  # as saved (save_browser_data)
+    act = np.zeros((width, slots, span), dtype=np.float32)
+    for lo, hi in blocks:
+        er, used = entries(lo, hi)
+        pos = np.searchsorted(needed, er[used])
+        lat = np.broadcast_to(np.arange(lo, hi)[:, None, None], er.shape)[used]
+        tk = np.full(er.shape, -1, dtype=np.int64)
+        cx = np.full(er.shape, -1, dtype=np.int64)
+        a = np.zeros(er.shape, dtype=np.float32)
+        tk[used], cx[used] = tok_of[pos], ctx_of[pos]
+        a[used] = np.asarray(f[pos, lat]).reshape(-1) if pos.size else 0.0
+        same = (cx == cx[:, :, left:left + 1]) & used
+        token[lo:hi] = np.where(same, tk, -1)
+        act[lo:hi] = np.where(same, a, 0.0)
+    return Windows(token=token, act=act, center=left)
 
 
 def logit_effects(W_dec: torch.Tensor, W_U: torch.Tensor, n: int, block: int = 256,

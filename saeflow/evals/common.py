@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from saeflow.saes import K_ARCHITECTURES, REGISTRY, SAE_CFG_FILENAME, SAEConfig, describe_sae
-from saeflow.saes.base import encode_block_rows
+from saeflow.saes.base import encode_block_rows, fits_dense
 from saeflow.saes.saelens_format import FOREIGN_ARCHITECTURES
 from saeflow.store import ActivationStore
 
@@ -223,6 +223,32 @@ def encode_rows_csr(sae: Any, x: Tensor | np.ndarray, batch_size: int) -> "scipy
         f = sae.encode(x[s:s + step].to(dev, torch.float32)).float().cpu().numpy()
         parts.append(sp.csr_matrix(f))
     return sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, width), dtype=np.float32)
+
+
+def encode_latents(sae: Any, x: Tensor | np.ndarray, batch_size: int) -> Any:
+    """The latents of the rows ``x``: :func:`encode_rows` (a dense float32 tensor) while they fit one
+    encode block (:func:`saeflow.saes.base.fits_dense`), else :func:`encode_rows_csr` (a
+    ``scipy.sparse`` CSR matrix: a wide SAE's encodings, issue #27). Read them with
+    :func:`latent_rows` / :func:`latent_columns`, which take either."""
+    if fits_dense(int(x.shape[0]), int(sae.W_dec.shape[0])):
+        return encode_rows(sae, x, batch_size)
+    return encode_rows_csr(sae, x, batch_size)
+
+
+def latent_rows(f: Any, rows: Any) -> Tensor:
+    """Rows ``rows`` of latents from :func:`encode_latents` as a dense float32 tensor ``[len(rows), width]``."""
+    idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if hasattr(f, "tocsr"):
+        return torch.from_numpy(np.asarray(f[idx].toarray(), dtype=np.float32))
+    return f[torch.from_numpy(idx)]
+
+
+def latent_columns(f: Any, cols: Any) -> np.ndarray:
+    """Columns ``cols`` (latents) of latents from :func:`encode_latents` as a dense float64 array ``[rows, len(cols)]``."""
+    idx = np.asarray(cols, dtype=np.int64).reshape(-1)
+    if hasattr(f, "tocsr"):
+        return np.asarray(f[:, idx].toarray(), dtype=np.float64)
+    return f[:, torch.from_numpy(idx)].numpy().astype(np.float64)
 
 
 def sae_identity(sae_dir: str | Path) -> dict[str, Any]:

@@ -17,6 +17,9 @@ always works on raw activations.
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -27,7 +30,7 @@ from saeflow.saes.registry import REGISTRY
 from saeflow.saes.errors import SAEFormatError
 
 __all__ = ["BaseSAE", "SAEShape", "build_sae", "warm_up_coefficient", "dense_training_result", "TENSOR_NAMES",
-           "ENCODE_BLOCK_ELEMENTS", "encode_block_rows", "fits_dense"]
+           "ENCODE_BLOCK_ELEMENTS", "encode_block_rows", "fits_dense", "reconstruct_in_blocks", "without_init"]
 
 TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 
@@ -38,11 +41,37 @@ TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 ENCODE_BLOCK_ELEMENTS = 1 << 27
 
 
+_INIT = threading.local()
+
+
+@contextmanager
+def without_init() -> Iterator[None]:
+    """SAEs built inside the block skip the random initialisation of ``W_enc`` / ``W_dec`` (left
+    uninitialised, so their memory is never touched): for SAEs whose weights are loaded right after
+    (:meth:`BaseSAE.load_inference_tensors` with ``take=True``). Per thread."""
+    before = getattr(_INIT, "skip", False)
+    _INIT.skip = True
+    try:
+        yield
+    finally:
+        _INIT.skip = before
+
+
 def encode_block_rows(width: int, cap: int | None = None) -> int:
     """Rows per encode block for an SAE of ``width`` latents (:data:`ENCODE_BLOCK_ELEMENTS`), at
     least 1 and at most ``cap``."""
     rows = max(1, ENCODE_BLOCK_ELEMENTS // max(1, int(width)))
     return rows if cap is None else max(1, min(int(cap), rows))
+
+
+@torch.no_grad()
+def reconstruct_in_blocks(sae: Any, x: torch.Tensor) -> torch.Tensor:
+    """``sae.decode(sae.encode(x))`` for rows ``x`` [N, d_in], encoded in row blocks of
+    :func:`encode_block_rows` (one block up to 32k latents at 4,096 rows)."""
+    step = encode_block_rows(int(sae.W_dec.shape[0]), x.shape[0])
+    if step >= x.shape[0]:
+        return sae.decode(sae.encode(x))
+    return torch.cat([sae.decode(sae.encode(x[s:s + step])) for s in range(0, x.shape[0], step)])
 
 
 def fits_dense(rows: int, width: int) -> bool:
@@ -114,6 +143,12 @@ class BaseSAE(SAEShape, nn.Module):
             raise ValueError(f"d_in must be >= 1, got {d_in}")
         self.cfg = cfg
         d_sae = cfg.width
+        if getattr(_INIT, "skip", False):  # weights about to be replaced (without_init): allocate, never touch
+            self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
+            self.b_enc = nn.Parameter(torch.zeros(d_sae))
+            self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
+            self.b_dec = nn.Parameter(torch.zeros(d_in))
+            return
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
         w_dec = torch.empty(d_sae, d_in, dtype=torch.float32)
         nn.init.kaiming_uniform_(w_dec, generator=gen)
@@ -215,10 +250,16 @@ class BaseSAE(SAEShape, nn.Module):
         return shapes
 
     @torch.no_grad()
-    def load_inference_tensors(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy saved tensors (already checked against :meth:`inference_tensor_shapes`) into the SAE."""
+    def load_inference_tensors(self, state: dict[str, torch.Tensor], take: bool = False) -> None:
+        """Copy saved tensors (already checked against :meth:`inference_tensor_shapes`) into the SAE.
+        ``take``: the float32 weight tensors become the SAE's parameters without a copy (the caller
+        hands them over; with :func:`without_init`, loading a 262k-latent SAE holds its weights once)."""
         for name in TENSOR_NAMES:
-            getattr(self, name).copy_(state[name].to(torch.float32))
+            if take:
+                old = getattr(self, name)
+                setattr(self, name, nn.Parameter(state[name].to(torch.float32).contiguous(), requires_grad=old.requires_grad))
+            else:
+                getattr(self, name).copy_(state[name].to(torch.float32))
         if self.saved_architecture == "jumprelu":
             self.load_jumprelu_threshold(state["threshold"])
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from saeflow.artifacts import COMPLETE_MARKER, sha256_file, write_atomic, write_json_atomic
-from saeflow.saes.base import BaseSAE
+from saeflow.saes.base import BaseSAE, without_init
 from saeflow.saes.config import SAEConfig
 from saeflow.saes.errors import SAEFormatError
 from saeflow.saes.registry import REGISTRY
@@ -234,9 +234,10 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> BaseSAE:
             )
     if fold_b_dec:
         state["b_enc"] = fold_b_dec_into_b_enc(state["W_enc"], state["b_enc"], state["b_dec"])
-    sae = cls(sae_cfg, d_in, seed=0)
+    with without_init():  # the weights are the file's: no random draw, held once
+        sae = cls(sae_cfg, d_in, seed=0)
     try:
-        sae.load_inference_tensors(state)
+        sae.load_inference_tensors(state, take=True)
     except ValueError as exc:
         raise SAEFormatError(f"{w_path}: {exc}; {hint}") from exc
     return sae.to(device)

@@ -16,8 +16,7 @@ from torch import Tensor
 from saeflow.evals.absorption.probes import CONVERGENCE_TOL, Convergence, feature_splits, k_sparse_probing, train_linear_probe
 from saeflow.evals.absorption.projection import EPS, ProjectionThresholds, projection_absorption
 from saeflow.evals.absorption.prompts import LETTERS
-from saeflow.evals.common import encode_rows, encode_rows_csr
-from saeflow.saes.base import fits_dense
+from saeflow.evals.common import encode_latents, latent_columns, latent_rows
 
 #: Rows per SAE encoding batch.
 ENCODE_BATCH = 4096
@@ -62,9 +61,10 @@ def evaluate_sae(sae: Any, probe_w: Tensor, probe_b: Tensor, passing: Sequence[i
     """
     say = log or (lambda _m: None)
     passing = list(passing)
-    f_train = encode_rows(sae, train_acts, ENCODE_BATCH)
-    f_test = encode_rows(sae, test_acts, ENCODE_BATCH)
-    f_abs = encode_rows(sae, absorb_acts, ENCODE_BATCH)
+    # dense while the rows fit one encode block, else sparse (a wide SAE, issue #27; common.encode_latents)
+    f_train = encode_latents(sae, train_acts, ENCODE_BATCH)
+    f_test = encode_latents(sae, test_acts, ENCODE_BATCH)
+    f_abs = encode_latents(sae, absorb_acts, ENCODE_BATCH)
     say(f"L1 probe on {f_train.shape[1]} latents ({f_train.shape[0]} train words, {sparse_solver}, "
         f"{sparse_steps} steps at most)")
     fit = train_linear_probe(f_train, torch.as_tensor(train_y), steps=sparse_steps, solver=sparse_solver,
@@ -75,7 +75,7 @@ def evaluate_sae(sae: Any, probe_w: Tensor, probe_b: Tensor, passing: Sequence[i
     splits = feature_splits(ks, jump).set_index("label")
     probe_scores_test = (test_acts.float() @ probe_w.T + probe_b).numpy()
     W_dec = sae.W_dec.detach().float().cpu()
-    cos_all = F.normalize(W_dec, dim=-1) @ F.normalize(probe_w.float(), dim=-1).T  # [d_sae, 26]
+    unit_dec = F.normalize(W_dec, dim=-1)  # the decoder directions, once for every letter
     letter_rows, prompt_frames, abl_frames = [], [], []
     rng = random.Random(seed)
     for li in passing:
@@ -84,12 +84,13 @@ def evaluate_sae(sae: Any, probe_w: Tensor, probe_b: Tensor, passing: Sequence[i
         tp = np.flatnonzero((test_y == li) & (probe_scores_test[:, li] > 0))
         js = np.flatnonzero(np.isin(absorb_test_index, tp))  # absorption prompts of the true positives
         n_tp = len(js)
-        res = projection_absorption(absorb_acts[js], f_abs[js], probe_w[li], W_dec, feats, th)
+        fa = latent_rows(f_abs, js)  # the letter's absorption prompts, dense
+        res = projection_absorption(absorb_acts[js], fa, probe_w[li], W_dec, feats, th, unit_dec)
         res.insert(0, "letter", LETTERS[li])
         res.insert(1, "word", [absorb_words[j] for j in js])
         res.insert(2, "absorb_row", js)
         res["main_latents"] = [feats] * len(res)
-        res["main_acts"] = [[float(f_abs[j, i]) for i in feats] for j in js]
+        res["main_acts"] = [[float(fa[r, i]) for i in feats] for r in range(len(js))]
         prompt_frames.append(res)
         row = {"letter": LETTERS[li], "num_probe_true_positives": n_tp, "split_feats": feats,
                "num_split_feats": len(feats), "split_f1": float(split["split_f1"]),
@@ -98,10 +99,11 @@ def evaluate_sae(sae: Any, probe_w: Tensor, probe_b: Tensor, passing: Sequence[i
                "absorption_rate": float("nan"), "ablation_candidates": 0, "ablation_sampled": 0, "ablation_absorbed": 0}
         if ablation is not None and n_tp:
             coef = np.asarray(split["k_coef"], dtype=np.float64)
-            k_score = f_test[:, feats].numpy().astype(np.float64) @ coef + float(split["k_bias"])
+            k_score = latent_columns(f_test, feats) @ coef + float(split["k_bias"])
             fn = set(np.flatnonzero((test_y == li) & (probe_scores_test[:, li] > 0) & (k_score <= 0)).tolist())
             cand = [j for j in js if int(absorb_test_index[j]) in fn]
-            cand = [j for j in cand if float(f_abs[j, feats].sum()) < EPS]  # main latents already firing: no absorption
+            at = {int(j): r for r, j in enumerate(js)}
+            cand = [j for j in cand if float(fa[at[int(j)], feats].sum()) < EPS]  # main latents already firing: no absorption
             portion = 1.0
             if len(cand) > max_ablation_prompts:
                 portion = max_ablation_prompts / len(cand)
@@ -121,7 +123,7 @@ def evaluate_sae(sae: Any, probe_w: Tensor, probe_b: Tensor, passing: Sequence[i
     if ablation is not None and abl_frames:
         # one IG pass over every letter's sampled candidates (few large batches, not one per letter)
         allc = pd.concat(abl_frames, ignore_index=True)
-        abl = ablation(allc, f_abs[allc["absorb_row"].tolist()])
+        abl = ablation(allc, latent_rows(f_abs, allc["absorb_row"].to_numpy()))
         for row in letter_rows:
             hits = abl[abl["letter"] == row["letter"]]
             if len(hits):
@@ -149,10 +151,10 @@ def evaluate_sae(sae: Any, probe_w: Tensor, probe_b: Tensor, passing: Sequence[i
 def word_l0(sae: Any, acts: Tensor) -> float:
     """Mean number of active latents on the rows of ``acts`` (the probe words' L0); above
     one encode block (:func:`saeflow.saes.base.fits_dense`) the latents are kept sparse (issue #27)."""
-    if not fits_dense(acts.shape[0], int(sae.W_dec.shape[0])):
-        f = encode_rows_csr(sae, acts, ENCODE_BATCH)
+    f = encode_latents(sae, acts, ENCODE_BATCH)
+    if hasattr(f, "indptr"):
         return float(torch.from_numpy(np.diff(f.indptr)).float().mean()) if f.shape[0] else float("nan")
-    return float((encode_rows(sae, acts, ENCODE_BATCH) > 0).float().sum(-1).mean())
+    return float((f > 0).float().sum(-1).mean())
 
 
 def example_absorptions(prompts: pd.DataFrame, ablation: pd.DataFrame, n: int = 30) -> pd.DataFrame:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from saeflow.evals.absorption.prompts import LETTERS, AbsorptionError
-from saeflow.evals.common import FitLog, convergence_record, step_at_90pct
+from saeflow.evals.common import FitLog, convergence_record, latent_columns, step_at_90pct
 
 #: Default relative tolerance of the convergence check (objective change over the last 10% of steps).
 CONVERGENCE_TOL = 1e-4
@@ -121,13 +121,36 @@ def _targets(x: Tensor, y: Tensor) -> Tensor:
     y = y.float()
     if x.shape[0] != y.shape[0]:
         raise AbsorptionError(f"probe data has {x.shape[0]} rows but {y.shape[0]} labels")
-    if not torch.isfinite(x).all():
+    if not torch.isfinite(x.values() if x.is_sparse else x).all():
         raise AbsorptionError("probe data holds NaN or infinite values: check the activations / SAE encodings "
                               "it was built from (re-run the stage that wrote them)")
     return y
 
 
-def train_linear_probe(x: Tensor, y: Tensor, *, steps: int, solver: str = "adam", batch_size: int = 64,
+def _probe_input(x: Any) -> Tensor:
+    """``x`` as a tensor: a ``scipy.sparse`` matrix (a wide SAE's latents,
+    :func:`saeflow.evals.common.encode_latents`) becomes a coalesced float32 sparse COO tensor."""
+    if not hasattr(x, "tocoo"):
+        return x
+    c = x.tocoo()
+    idx = torch.from_numpy(np.vstack([c.row, c.col]).astype(np.int64))
+    return torch.sparse_coo_tensor(idx, torch.from_numpy(np.asarray(c.data, dtype=np.float32)), c.shape, check_invariants=False).coalesce()
+
+
+def _scaled_by_rms(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x / scale, scale)``: each feature divided by its RMS over the rows (1 where it is 0);
+    a sparse ``x`` stays sparse."""
+    if not x.is_sparse:
+        scale = x.pow(2).mean(0).sqrt()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return x / scale, scale
+    col, v = x.indices()[1], x.values()
+    scale = torch.zeros(x.shape[1], device=v.device).index_add_(0, col, v * v).div_(x.shape[0]).sqrt_()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.sparse_coo_tensor(x.indices(), v / scale[col], x.shape, check_invariants=False).coalesce(), scale
+
+
+def train_linear_probe(x: Any, y: Tensor, *, steps: int, solver: str = "adam", batch_size: int = 64,
                        lr: float = 1e-2, end_lr: float = 1e-5, weight_decay: float = 1e-4, l1: float = 0.0,
                        seed: int = 0, tol: float = CONVERGENCE_TOL,
                        device: torch.device | str = "cpu") -> ProbeFit:
@@ -137,13 +160,15 @@ def train_linear_probe(x: Tensor, y: Tensor, *, steps: int, solver: str = "adam"
     exponentially from ``lr`` to ``end_lr`` over the steps) or at most ``steps`` iterations
     (``"fista"``, deterministic; ``batch_size`` / ``lr`` / ``seed`` unused but the initial weights).
 
-    ``y`` is ``[n]`` class ids or ``[n, n_classes]`` multi-hot.
+    ``y`` is ``[n]`` class ids or ``[n, n_classes]`` multi-hot. ``x`` is a dense ``[n, dim]``
+    tensor or a ``scipy.sparse`` matrix (kept sparse throughout: a wide SAE's latents, issue #27).
     """
     if solver not in SOLVERS:
         raise AbsorptionError(f"unknown probe solver {solver!r}: use one of {', '.join(SOLVERS)}")
     if steps < 1:
         raise AbsorptionError(f"probe steps must be >= 1, got {steps}")
     dev = torch.device(device)
+    x = _probe_input(x)
     y = _targets(x, y).to(dev)
     x = x.to(dev, torch.float32)
     n, n_cls = y.shape
@@ -159,9 +184,8 @@ def train_linear_probe(x: Tensor, y: Tensor, *, steps: int, solver: str = "adam"
         w, b, conv = _adam(obj, w0, b0, steps=steps, batch_size=min(batch_size, n), lr=lr, end_lr=end_lr, gen=gen,
                            tol=tol)
     else:
-        scale = x.pow(2).mean(0).sqrt()
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        obj = _Objective(x / scale, y, pos_weight, scale, l1, weight_decay)
+        z, scale = _scaled_by_rms(x)
+        obj = _Objective(z, y, pos_weight, scale, l1, weight_decay)
         u, b, conv = _fista(obj, w0 * scale, b0, max_steps=steps, tol=tol)
         w = u / scale
     return ProbeFit(weight=w.detach().cpu(), bias=b.detach().cpu(), convergence=conv)
@@ -196,7 +220,7 @@ def _adam(obj: _Objective, w: Tensor, b: Tensor, *, steps: int, batch_size: int,
             perm, cursor = torch.randperm(n, generator=gen), 0
         idx = perm[cursor:cursor + batch_size].to(obj.z.device)
         cursor += batch_size
-        loss = loss_fn(obj.z[idx] @ w.T + b, obj.y[idx])
+        loss = loss_fn(obj.z.index_select(0, idx) @ w.T + b, obj.y[idx])
         if obj.l1:
             loss = loss + obj.l1 * w.abs().sum(-1).mean()
         opt.zero_grad(set_to_none=True)
@@ -325,7 +349,7 @@ def k_sparse_probing(f_train: Tensor, y_train: np.ndarray, f_test: Tensor, y_tes
         truth = y_test == li
         for k in range(1, max_k + 1):
             ids = torch.topk(l1_weights[li], k).indices.numpy()
-            xtr = f_train[:, ids].numpy().astype(np.float64)
+            xtr = latent_columns(f_train, ids)
             n_iter, converged = 0, True
             if yt.min() == yt.max():
                 coef, icpt = np.zeros(k), -1.0
@@ -334,7 +358,7 @@ def k_sparse_probing(f_train: Tensor, y_train: np.ndarray, f_test: Tensor, y_tes
                 lr = fits.fit(LogisticRegression(max_iter=REFIT_MAX_ITER, class_weight="balanced"), xtr, yt)
                 coef, icpt = lr.coef_[0], float(lr.intercept_[0])
                 n_iter, converged = int(fits.n_iter), fits.n_not_converged == 0
-            score = f_test[:, ids].numpy().astype(np.float64) @ coef + icpt
+            score = latent_columns(f_test, ids) @ coef + icpt
             rows.append({"letter": LETTERS[li], "label": li, "k": k, "feats": ids.tolist(), "coef": coef.tolist(),
                          "bias": icpt, "refit_n_iter": n_iter, "refit_converged": converged,
                          **binary_scores(score > 0, truth)})

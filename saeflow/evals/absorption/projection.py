@@ -27,7 +27,7 @@ class ProjectionThresholds:
 
 @torch.no_grad()
 def projection_absorption(acts: Tensor, f: Tensor, probe_w: Tensor, W_dec: Tensor, split_feats: Sequence[int],
-                          th: ProjectionThresholds = ProjectionThresholds()) -> pd.DataFrame:
+                          th: ProjectionThresholds = ProjectionThresholds(), unit_dec: Tensor | None = None) -> pd.DataFrame:
     """Absorption fraction and full absorption per prompt of one letter (SPEC 1.5).
 
     ``acts [n, d]`` raw activations, ``f [n, d_sae]`` their SAE latents, ``probe_w [d]`` the
@@ -35,9 +35,11 @@ def projection_absorption(acts: Tensor, f: Tensor, probe_w: Tensor, W_dec: Tenso
     ``is_full_absorption``, ``probe_projection`` (A), ``main_projection`` (M), ``absorbing``
     (the up-to-3 candidate latents of T, by projection), ``absorbing_proj`` / ``absorbing_cos``,
     ``top_latent`` / ``top_proj`` / ``top_cos`` (the largest projection over all latents).
+    ``unit_dec``: ``F.normalize(W_dec.float(), dim=-1)`` when the caller has it already (one per SAE,
+    not one per letter).
     """
     p = probe_w.float() / probe_w.float().norm().clamp(min=EPS)
-    cos = F.normalize(W_dec.float(), dim=-1) @ p  # [d_sae]
+    cos = (F.normalize(W_dec.float(), dim=-1) if unit_dec is None else unit_dec) @ p  # [d_sae]
     proj = f.float() * cos  # [n, d_sae]
     A = acts.float() @ p
     split = torch.as_tensor(list(split_feats), dtype=torch.long)

@@ -15,6 +15,7 @@ from saeflow.cosine import max_cosine, unit_rows
 from saeflow.evals.meta_sae.config import MetaSAEConfig
 from saeflow.evals.meta_sae.training import MetaSAEInputError, decoder_variance_explained
 from saeflow.saes import BatchTopKSAE
+from saeflow.saes.base import encode_block_rows
 
 __all__ = ["decompose", "cluster_sizes", "max_cosines", "sparse_code",
            "evaluate_meta_sae", "cross_size", "CONVERGENCE_FIELDS"]
@@ -41,6 +42,7 @@ def decompose(meta: BatchTopKSAE, decoder: torch.Tensor, top: int = 8, batch: in
     n_active = np.zeros(n, dtype=np.int64)
     cos = np.zeros(n, dtype=np.float32)
     pairs: list[np.ndarray] = []
+    batch = encode_block_rows(width, batch)  # per-row inference: fewer rows per block for a wide meta-SAE
     for s in range(0, n, batch):
         b = D[s:s + batch]
         f = meta.encode(b)
@@ -64,16 +66,26 @@ def cluster_sizes(pairs: np.ndarray, width: int) -> np.ndarray:
     return np.bincount(pairs[:, 1], minlength=width).astype(np.int64) if len(pairs) else np.zeros(width, np.int64)
 
 
-def max_cosines(base_unit: torch.Tensor, meta_unit: torch.Tensor, chunk_rows: int | None = None) -> dict[str, np.ndarray]:
+def max_cosines(base_unit: torch.Tensor, meta_unit: torch.Tensor, chunk_rows: int | None = None,
+                max_rows: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     """Max cosine similarity of each row to the other set (2x2: base/meta -> base/meta).
 
     ``base->base`` and ``meta->meta`` exclude the row itself. Inputs are unit rows
     (:func:`saeflow.cosine.max_cosine` with ``normalize=False``, ``chunk_rows`` rows at a time; the
     default sizes chunks by element count, ~64 MB, so a 262k-latent base SAE does not build
     ``[4096, 262144]`` similarity blocks; bitwise the same values as 4,096-row chunks on this project's CPU).
+    ``max_rows``: a set with more rows contributes a seeded sample of that many (sorted row order),
+    each still against every row of the other set (``None``: every row).
     """
     def mc(a: torch.Tensor, b: torch.Tensor | None) -> np.ndarray:
-        return max_cosine(a, b, chunk_rows=chunk_rows, normalize=False)[0].cpu().numpy()
+        subset = None
+        if max_rows is not None and a.shape[0] > max_rows:
+            subset = torch.randperm(a.shape[0], generator=torch.Generator().manual_seed(int(seed)))[:max_rows].sort().values
+        if subset is not None and b is not None:
+            a = a[subset.to(a.device)]
+            subset = None
+        return max_cosine(a, b, chunk_rows=chunk_rows, normalize=False,
+                          subset=None if subset is None else subset.to(a.device))[0].cpu().numpy()
 
     return {"base->base": mc(base_unit, None), "base->meta": mc(base_unit, meta_unit),
             "meta->base": mc(meta_unit, base_unit), "meta->meta": mc(meta_unit, None)}
@@ -149,7 +161,7 @@ def evaluate_meta_sae(meta: BatchTopKSAE, decoder: torch.Tensor, cfg: MetaSAECon
     th = decoder_variance_explained(meta, decoder, cfg.eval_batch_size, "threshold")
     dec = decompose(meta, decoder, cfg.decomposition_top)
     sizes = cluster_sizes(dec["pairs"], meta.d_sae)
-    mc = max_cosines(decoder, unit_rows(meta.W_dec))
+    mc = max_cosines(decoder, unit_rows(meta.W_dec), max_rows=cfg.cosine_rows, seed=cfg.seed)
     table = pd.DataFrame({"latent": np.arange(decoder.shape[0]), "n_meta": dec["n_active"],
                           "recon_cos": dec["recon_cos"]})
     for j in range(cfg.decomposition_top):

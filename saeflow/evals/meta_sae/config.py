@@ -48,6 +48,12 @@ class MetaSAEConfig(Frozen):
     decomposition_top: int = Field(8, ge=1)
     """Meta-latents kept per latent in the decomposition table (largest weights first)."""
 
+    cosine_rows: int | None = Field(16_384, ge=2)
+    """Rows of each max-cosine distribution (base -> base, base -> meta, meta -> base, meta -> meta):
+    every row of a set up to this many, else a seeded sample of this many rows, each against every
+    row of the other set (``None`` = all: a 262,144-latent base SAE's base -> base alone is ~44
+    TFLOP). The histograms and the mean max cosines are then estimates from the sample."""
+
     cross_size_k: int = Field(4, ge=1)
     """Cross-size check: atoms of the smaller SAE's decoder per larger-SAE latent (greedy
     orthogonal matching pursuit)."""

@@ -17,6 +17,7 @@ from saeflow.config import TrainConfig
 from saeflow.evals.common import EvalInputError, convergence_record, step_at_90pct
 from saeflow.evals.meta_sae.config import MetaSAEConfig
 from saeflow.saes import BatchTopKSAE, SAEConfig, load_sae
+from saeflow.saes.base import encode_block_rows, fits_dense
 from saeflow.training import train_sae
 
 __all__ = ["MetaSAEInputError", "RowSampler", "unit_rows", "meta_width", "meta_sae_config", "meta_train_config",
@@ -153,14 +154,46 @@ def decoder_variance_explained(meta: BatchTopKSAE, decoder: torch.Tensor, eval_b
     active = 0
     for s in range(0, D.shape[0], eval_batch_size):
         b = D[s:s + eval_batch_size]
-        f = meta.encode_batch_topk(b) if mode == "batch_topk" else meta.encode(b)
-        rec = meta.decode(f)
+        if not fits_dense(b.shape[0], meta.d_sae):  # a wide meta-SAE (issue #27): no dense [rows, width]
+            rec, n_on = _reconstruct_blocked(meta, b, mode)
+        else:
+            f = meta.encode_batch_topk(b) if mode == "batch_topk" else meta.encode(b)
+            rec, n_on = meta.decode(f), int((f > 0).sum())
         resid += float((b - rec).double().pow(2).sum())
         total += float((b - mean).double().pow(2).sum())
-        active += int((f > 0).sum())
+        active += n_on
     mse = resid / D.numel()
     fve = 0.0 if total == 0 else 1.0 - resid / total
     return {"fve": fve, "mse": mse, "l0": active / D.shape[0]}
+
+
+@torch.no_grad()
+def _reconstruct_blocked(meta: BatchTopKSAE, b: torch.Tensor, mode: str) -> tuple[torch.Tensor, int]:
+    """``(reconstruction, active count)`` of the rows ``b`` as :func:`decoder_variance_explained`
+    computes them densely, with the pre-activations in row blocks
+    (:func:`saeflow.saes.base.encode_block_rows`) and the activations kept as (value, row, latent)
+    triples. ``batch_topk``: each block's ``k * rows`` largest candidates, merged, are the batch's
+    ``k * rows`` largest (the same selection as :meth:`BatchTopKSAE.encode_batch_topk`, ties aside)."""
+    width = meta.d_sae
+    step = encode_block_rows(width, b.shape[0])
+    vals, flat = torch.zeros(0, device=b.device), torch.zeros(0, dtype=torch.long, device=b.device)
+    n_keep = meta._n_keep(b.shape[0])
+    for s in range(0, b.shape[0], step):
+        if mode == "batch_topk":
+            h = meta._pre_acts(b[s:s + step]).relu().flatten()
+            v, i = h.topk(min(n_keep, h.numel()), sorted=False)
+            v, i = torch.cat([vals, v]), torch.cat([flat, i + s * width])
+            keep = v.topk(min(n_keep, v.numel()), sorted=False).indices
+            vals, flat = v[keep], i[keep]
+        else:
+            f = meta.encode(b[s:s + step])
+            r, c = f.nonzero(as_tuple=True)
+            vals, flat = torch.cat([vals, f[r, c]]), torch.cat([flat, (r + s) * width + c])
+    rows, cols = flat // width, flat % width
+    coef = vals / meta.W_dec[cols].norm(dim=-1) if getattr(meta, "rescale", False) else vals
+    rec = meta.b_dec.detach().expand(b.shape[0], -1).clone()
+    rec.index_add_(0, rows, coef[:, None] * meta.W_dec.detach()[cols])
+    return rec, int((vals > 0).sum())
 
 
 def trajectory_steps(total_steps: int) -> list[int]:

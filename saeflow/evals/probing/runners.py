@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from saeflow.evals.common import encode_rows, encode_rows_csr
+from saeflow.evals.common import encode_latents
 from saeflow.evals.probing.datasets import ProbingError, load_acts
 from saeflow.evals.probing.probes import CONVERGENCE_COLUMNS, fit_baseline, sae_probe
 from saeflow.evals.probing.splits import SkipSetting, iter_splits, skip_reason
@@ -100,7 +100,6 @@ def sae_rows(spec: RunSpec) -> pd.DataFrame:
     """The SAE's top-k probes on every configured (regime, setting) of one dataset; the dataset (and
     its OOD file) is encoded once and every split indexes the encoded rows."""
     from saeflow.saes import load_sae
-    from saeflow.saes.base import fits_dense
 
     if spec.sae_dir is None or spec.ks is None:
         raise ProbingError("sae_rows needs sae_dir and ks")
@@ -110,9 +109,10 @@ def sae_rows(spec: RunSpec) -> pd.DataFrame:
         X, y = load_acts(spec.acts_dir)
         if X.shape[1] != sae.d_in:
             raise ProbingError(f"SAE {spec.sae_dir} has d_in={sae.d_in} but the activations of {spec.dataset} are {X.shape[1]} wide")
-        # dense as before while they fit one encode block; a wider SAE's encodings stay sparse (CSR)
-        encode = ((lambda Z: encode_rows(sae, Z, ENCODE_BATCH).numpy()) if fits_dense(X.shape[0], sae.d_sae)
-                  else (lambda Z: encode_rows_csr(sae, Z, ENCODE_BATCH)))
+        def encode(Z: np.ndarray) -> Any:  # dense while they fit one encode block, else sparse (CSR)
+            f = encode_latents(sae, Z, ENCODE_BATCH)
+            return f if hasattr(f, "tocsr") else f.numpy()
+
         F = encode(X)
         F_ood, y_ood = None, None
         if spec.ood_dir:

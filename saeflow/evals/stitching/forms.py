@@ -12,6 +12,7 @@ from torch import Tensor
 
 from saeflow.evals.stitching.pairing import StitchingError
 from saeflow.saes import BaseSAE, BatchTopKSAE, JumpReLUSAE, SAEConfig, StandardSAE, TopKSAE
+from saeflow.saes.base import encode_block_rows, without_init
 
 __all__ = ["NEVER", "make_jumprelu", "jumprelu_parts", "topk_thresholds", "to_jumprelu", "unit_decoder", "unit_acts",
            "inserted_acts", "StitchedSAE", "stitched_sae"]
@@ -21,7 +22,9 @@ NEVER = 1e30
 
 
 def make_jumprelu(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, threshold: Tensor) -> JumpReLUSAE:
-    """A :class:`JumpReLUSAE` (from the one registry) holding exactly these tensors."""
+    """A :class:`JumpReLUSAE` (from the one registry) holding exactly these tensors: ``W_enc`` and
+    ``W_dec`` become its parameters without a copy (a 262k-latent form is held once), so pass
+    tensors nothing else changes."""
     d_in, n = W_enc.shape
     if W_dec.shape != (n, d_in) or b_enc.shape != (n,) or b_dec.shape != (d_in,) or threshold.shape != (n,):
         raise StitchingError(f"inconsistent JumpReLU tensors: W_enc {tuple(W_enc.shape)}, b_enc {tuple(b_enc.shape)}, "
@@ -29,8 +32,10 @@ def make_jumprelu(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, th
     if n == 0:
         raise StitchingError("a stitched SAE needs at least one latent")
     cfg = SAEConfig(architecture="jumprelu", width=int(n), normalize_activations="none")
-    sae = JumpReLUSAE(cfg, int(d_in), seed=0).to(W_enc.device)
-    sae.load_inference_tensors({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "threshold": threshold})
+    with without_init():
+        sae = JumpReLUSAE(cfg, int(d_in), seed=0).to(W_enc.device)
+    sae.load_inference_tensors({"W_enc": W_enc, "b_enc": b_enc.clone(), "W_dec": W_dec, "b_dec": b_dec.clone(),
+                                "threshold": threshold}, take=True)
     return sae
 
 
@@ -59,7 +64,7 @@ def jumprelu_parts(sae: BaseSAE) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def topk_thresholds(sae: TopKSAE, calibration: Tensor, mode: str = "per_latent", latent_chunk: int = 512,
-                    row_chunk: int = 2048) -> Tensor:
+                    row_chunk: int = 2048, parts: dict[str, Tensor] | None = None) -> Tensor:
     """Thresholds (in :func:`jumprelu_parts` units) under which the JumpReLU form of a TopK SAE
     fires like the TopK SAE on the ``calibration`` rows [N, d_in].
 
@@ -69,6 +74,7 @@ def topk_thresholds(sae: TopKSAE, calibration: Tensor, mode: str = "per_latent",
     fires under TopK (dead) gets θ = :data:`NEVER`, so it stays dead (its pre-activation on an
     outlier row could exceed any finite calibration value). ``global``: one θ, the (T + 1)-th largest positive pre-activation over all
     (row, latent) entries, T = total TopK firings: the mean L0 matches, densities may shift.
+    ``parts``: :func:`jumprelu_parts` of ``sae`` when the caller has them (not built twice).
     """
     if type(sae) is not TopKSAE:
         raise StitchingError(f"topk_thresholds needs a TopK SAE, got {type(sae).__name__}")
@@ -81,9 +87,10 @@ def topk_thresholds(sae: TopKSAE, calibration: Tensor, mode: str = "per_latent",
         raise StitchingError("calibration activations hold NaN/inf values")
     N = x.shape[0]
     counts = torch.zeros(sae.d_sae, dtype=torch.int64, device=x.device)
-    for s in range(0, N, row_chunk):
-        counts += (sae.encode(x[s:s + row_chunk]) > 0).sum(dim=0)
-    p = jumprelu_parts(sae)
+    step = encode_block_rows(sae.d_sae, row_chunk)
+    for s in range(0, N, step):
+        counts += (sae.encode(x[s:s + step]) > 0).sum(dim=0)
+    p = jumprelu_parts(sae) if parts is None else parts
     xc = x - p["b_dec"]
     if mode == "per_latent":
         theta = torch.empty(sae.d_sae, device=x.device)
@@ -123,16 +130,23 @@ def to_jumprelu(sae: BaseSAE, calibration: Tensor | None = None, topk_mode: str 
     if "threshold" not in p:
         if calibration is None:
             raise StitchingError("a TopK SAE needs calibration activations to get JumpReLU thresholds")
-        p["threshold"] = topk_thresholds(sae, calibration, topk_mode)  # type: ignore[arg-type]
+        p["threshold"] = topk_thresholds(sae, calibration, topk_mode, parts=p)  # type: ignore[arg-type]
     m = p["W_dec"].norm(dim=-1).clamp_min(1e-8)
-    return make_jumprelu(p["W_enc"] * m, p["b_enc"] * m, p["W_dec"] / m[:, None], p["b_dec"], p["threshold"] * m)
+    W_enc = p.pop("W_enc") * m  # popped: a rescaled copy is freed before the next one is made
+    W_dec = p.pop("W_dec") / m[:, None]
+    return make_jumprelu(W_enc, p["b_enc"] * m, W_dec, p["b_dec"], p["threshold"] * m)
 
 
 @torch.no_grad()
 def unit_decoder(sae: BaseSAE) -> tuple[Tensor, Tensor]:
     """``(U, m)``: the SAE's effective decoder rows at unit norm and their norms, so that its
     reconstruction is ``sum_j (f_j m_j) U_j + b_dec`` (TopK rescaling included)."""
-    D = jumprelu_parts(sae)["W_dec"]
+    if isinstance(sae, TopKSAE):  # jumprelu_parts' decoder alone (no rescaled encoder copy of a wide SAE)
+        D = sae.W_dec.detach().float()
+        if sae.rescale:
+            D = D / D.norm(dim=-1).clamp_min(1e-8)[:, None]
+    else:
+        D = jumprelu_parts(sae)["W_dec"]
     m = D.norm(dim=-1).clamp_min(1e-8)
     return D / m[:, None], m
 
@@ -159,8 +173,8 @@ def inserted_acts(small: BaseSAE, large: BaseSAE, x: Tensor, adjust_encoder_bias
 class StitchedSAE(torch.nn.Module):
     """S's kept latents and L's included latents, each with the activation it has in its own SAE
     (TopK selection and all), decoded with unit-norm rows and S's ``b_dec``: the stitched SAE of the
-    ``native`` form. Offers what the metrics code needs (``encode``, ``decode``, ``W_enc``,
-    ``W_dec``, ``d_in``, ``d_sae``)."""
+    ``native`` form. Offers what the metrics code needs (``encode``, ``decode``, ``W_enc`` (built on
+    request), ``W_dec``, ``d_in``, ``d_sae``)."""
 
     def __init__(self, small: BaseSAE, large: BaseSAE, keep_small: np.ndarray, include_large: np.ndarray,
                  adjust_encoder_bias: bool = True) -> None:
@@ -174,19 +188,28 @@ class StitchedSAE(torch.nn.Module):
         il = torch.as_tensor(np.flatnonzero(include_large), device=dev)
         if ks.numel() + il.numel() == 0:
             raise StitchingError("a stitched SAE needs at least one latent")
-        ps, pl = jumprelu_parts(small), jumprelu_parts(large)
         self.register_buffer("keep_idx", ks)
         self.register_buffer("incl_idx", il)
         self.register_buffer("m_small", ms[ks])
         self.register_buffer("m_large", ml[il])
         self.register_buffer("W_dec", torch.cat([us[ks], ul[il]]))
-        self.register_buffer("W_enc", torch.cat([ps["W_enc"][:, ks] * ms[ks], pl["W_enc"][:, il] * ml[il]], dim=1))
+        del us, ul
         self.register_buffer("b_dec", small.b_dec.detach().float().clone())
         shift = torch.zeros_like(self.b_dec) if adjust_encoder_bias else large.b_dec.detach().float() - self.b_dec
         self.register_buffer("shift", shift)
         self.d_sae, self.d_in = (int(n) for n in self.W_dec.shape)  # fixed: the buffers are never replaced
 
+    @property
+    def W_enc(self) -> Tensor:
+        """The latents' encoder columns in unit-decoder units, built on request (not held: the
+        encoding is S's and L's own)."""
+        ps, pl = jumprelu_parts(self.small), jumprelu_parts(self.large)
+        return torch.cat([ps["W_enc"][:, self.keep_idx] * self.m_small, pl["W_enc"][:, self.incl_idx] * self.m_large], dim=1)
+
     def encode(self, x: Tensor) -> Tensor:
+        step = encode_block_rows(max(self.small.d_sae, self.large.d_sae), x.shape[0])  # S and L encode all their latents
+        if x.ndim == 2 and step < x.shape[0]:
+            return torch.cat([self.encode(x[s:s + step]) for s in range(0, x.shape[0], step)])
         fs = self.small.encode(x).index_select(-1, self.keep_idx) * self.m_small
         fl = self.large.encode(x + self.shift.to(x.dtype)).index_select(-1, self.incl_idx) * self.m_large
         return torch.cat([fs, fl], dim=-1)

@@ -18,6 +18,7 @@ from saeflow.evals.stitching.forms import inserted_acts, stitched_sae, unit_acts
 from saeflow.evals.stitching.latents import NOVEL
 from saeflow.evals.stitching.pairing import StitchingError
 from saeflow.saes import BaseSAE
+from saeflow.saes.base import encode_block_rows
 
 __all__ = ["Event", "interpolation_events", "event_states", "event_mse_curve", "curve_points", "changing_events",
            "count_violations", "evaluate_curve"]
@@ -129,7 +130,9 @@ class _Columns:
 def event_mse_curve(small: BaseSAE, large: BaseSAE, x: Tensor, events: Sequence[Event],
                     adjust_encoder_bias: bool = True, row_chunk: int = 4096) -> np.ndarray:
     """Exact MSE (``mean_t ||x_t - x̂_t||²``) of the stitched SAE before any event and after each,
-    by sparse rank-1 updates of a float64 residual (cost ~ the number of firings moved)."""
+    by sparse rank-1 updates of a float64 residual (cost ~ the number of firings moved). The rows
+    are encoded ``row_chunk`` at a time, fewer for SAEs above 32k latents
+    (:func:`saeflow.saes.base.encode_block_rows`); the latents are kept by column, sparse."""
     S, L = small, large
     dev = S.W_dec.device
     x = x.to(dev, torch.float32)
@@ -139,21 +142,22 @@ def event_mse_curve(small: BaseSAE, large: BaseSAE, x: Tensor, events: Sequence[
     UL, ml = unit_decoder(L)
     cs, cl = _Columns(S.d_sae, dev), _Columns(L.d_sae, dev)
     resid = torch.empty(N, S.d_in, dtype=torch.float64, device=dev)
-    for lo in range(0, N, row_chunk):
-        xb = x[lo:lo + row_chunk]
+    step = encode_block_rows(max(S.d_sae, L.d_sae), row_chunk)  # row_chunk rows up to 32k latents
+    for lo in range(0, N, step):
+        xb = x[lo:lo + step]
         cs.add(unit_acts(S, xb, ms), lo)
         cl.add(inserted_acts(S, L, xb, adjust_encoder_bias, ml), lo)
-        resid[lo:lo + row_chunk] = (xb - S(xb)).double()
+        resid[lo:lo + step] = (xb - S(xb)).double()
     cs.finish()
     cl.finish()
-    DS, DL = US.double(), UL.double()
+    # decoder rows in float64 as each event needs them (a float64 copy of a 262k decoder is 1.3 GB)
     se = float(resid.pow(2).sum())
     out = [se / N]
     for e in events:
         if e.kind == "finish":
             se = 0.0
-            for lo in range(0, N, row_chunk):
-                xb = x[lo:lo + row_chunk]
+            for lo in range(0, N, step):
+                xb = x[lo:lo + step]
                 se += float((xb - L(xb)).double().pow(2).sum())
             out.append(se / N)
             continue
@@ -166,10 +170,10 @@ def event_mse_curve(small: BaseSAE, large: BaseSAE, x: Tensor, events: Sequence[
         before = float(resid[rows_all].pow(2).sum())
         for j in e.add:
             rows, vals = cl.column(j)
-            resid.index_add_(0, rows, -vals[:, None] * DL[j][None, :])
+            resid.index_add_(0, rows, -vals[:, None] * UL[j].double()[None, :])
         for i in e.remove:
             rows, vals = cs.column(i)
-            resid.index_add_(0, rows, vals[:, None] * DS[i][None, :])
+            resid.index_add_(0, rows, vals[:, None] * US[i].double()[None, :])
         se += float(resid[rows_all].pow(2).sum()) - before
         out.append(se / N)
     return np.asarray(out)

@@ -16,6 +16,7 @@ from saeflow.cosine import max_cosine, unit_rows
 from saeflow.evals.stitching.forms import inserted_acts, unit_decoder
 from saeflow.evals.stitching.pairing import StitchingError
 from saeflow.saes import BaseSAE
+from saeflow.saes.base import encode_block_rows
 
 __all__ = ["NOVEL", "RECONSTRUCTION", "INACTIVE", "decoder_cosines", "cosine_edges", "insertion_delta_mse", "classify",
            "proxy_auc", "tau_sweep"]
@@ -53,7 +54,8 @@ def insertion_delta_mse(small: BaseSAE, large: BaseSAE, rows: Iterable[Tensor], 
                         latent_chunk: int = 4096) -> dict[str, Any]:
     """Single-insertion ΔMSE of every L latent into S, batched (:mod:`saeflow.evals.stitching`, step 3).
 
-    ``rows`` yields [B, d_in] activation batches. Works for any pair of registry SAEs: each latent
+    ``rows`` yields [B, d_in] activation batches, each encoded by L in row blocks
+    (:func:`saeflow.saes.base.encode_block_rows`). Works for any pair of registry SAEs: each latent
     keeps the activation it has in its own SAE (:func:`inserted_acts`). Returns ``delta_mse`` [n_L]
     (float64 numpy, in the units of :func:`saeflow.metrics.reconstruction_metrics`' ``mse``: mean
     over tokens of the summed squared error), ``fires`` [n_L] (rows on which the inserted latent is
@@ -74,15 +76,18 @@ def insertion_delta_mse(small: BaseSAE, large: BaseSAE, rows: Iterable[Tensor], 
             raise StitchingError(f"activation rows must be [B, {S.d_in}], got {tuple(x.shape)}")
         if not torch.isfinite(x).all():
             raise StitchingError("activation rows hold NaN/inf values")
-        r = x - S(x)
-        se_small += float(r.double().pow(2).sum())
-        f_all = inserted_acts(S, L, x, adjust_encoder_bias, ml)  # [B, n_L]
-        for lo in range(0, L.d_sae, latent_chunk):
-            hi = min(lo + latent_chunk, L.d_sae)
-            f = f_all[:, lo:hi]
-            proj = r @ UL[lo:hi].T  # [B, c]; ||U_j|| = 1
-            dse[lo:hi] += -2.0 * (f * proj).sum(dim=0).double() + f.pow(2).sum(dim=0).double()
-            fires[lo:hi] += (f != 0).sum(dim=0)
+        step = encode_block_rows(max(S.d_sae, L.d_sae), x.shape[0])  # the whole batch up to 32k latents
+        for s in range(0, x.shape[0], step):
+            r = x[s:s + step] - S(x[s:s + step])
+            se_small += float(r.double().pow(2).sum())
+            f_all = inserted_acts(S, L, x[s:s + step], adjust_encoder_bias, ml)  # [rows, n_L]
+            for lo in range(0, L.d_sae, latent_chunk):
+                hi = min(lo + latent_chunk, L.d_sae)
+                f = f_all[:, lo:hi]
+                proj = r @ UL[lo:hi].T  # [rows, c]; ||U_j|| = 1
+                dse[lo:hi] += -2.0 * (f * proj).sum(dim=0).double() + f.pow(2).sum(dim=0).double()
+                fires[lo:hi] += (f != 0).sum(dim=0)
+            del f_all
         n += x.shape[0]
     if n == 0:
         raise StitchingError("insertion_delta_mse got no activation rows")

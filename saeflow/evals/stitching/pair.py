@@ -86,7 +86,7 @@ class PairResult:
 
 
 def _point_metrics(sae: torch.nn.Module, rows: Callable[[], Any], device: Any, ce: CESetup | None) -> dict[str, float]:
-    rec = reconstruction_metrics(sae, rows(), device)
+    rec = reconstruction_metrics(sae, rows(), device, geometry=False)  # no decoder cosines: not kept
     res = {k: rec[k] for k in POINT_METRICS}
     res["fvu"] = 1.0 - rec["explained_variance"]
     if ce is not None:
@@ -186,8 +186,8 @@ def jumprelu_form(sae: BaseSAE, store: ActivationStore, cfg: StitchingConfig, de
             raise StitchingError(f"activation store at {store.root} has no training rows to fit TopK thresholds on")
         calib = torch.from_numpy(store.read(c0, store.train_rows))
     form = to_jumprelu(sae, calib, cfg.topk_threshold)
-    orig = reconstruction_metrics(sae, store.iter_rows(start, end, row_batch), device)
-    new = reconstruction_metrics(form, store.iter_rows(start, end, row_batch), device)
+    orig = reconstruction_metrics(sae, store.iter_rows(start, end, row_batch), device, geometry=False)
+    new = reconstruction_metrics(form, store.iter_rows(start, end, row_batch), device, geometry=False)
     return form, {"threshold_mode": cfg.topk_threshold if calib is not None else "native",
                   "calibration_rows": int(store.train_rows - c0), "heldout_rows": int(end - start),
                   "original": {k: float(orig[k]) for k in FORM_METRICS},
