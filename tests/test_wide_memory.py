@@ -2,20 +2,22 @@
 width of Gemma Scope 2's 262k SAEs for the default model) within a stated peak-RSS bound.
 
 The profile: the seeded random ``HookedTransformer`` at d_model 640, a trained 256-latent TopK SAE,
-and two synthetic TopK SAEs imported from SAELens folders (16,384 and 262,144 latents, k 64: a
-stitching pair and a meta-SAE cross-size pair), every evaluation on, at row counts where a dense
-``[rows, 262144]`` float32 encoding would take 1.5-8 GiB (absorption: the tiny vocabulary's 1,500
-words; probing: 1,500 rows; stitching: 4,096 tokens; the browser: 8,192 store rows). The meta-SAE
-is 2% of the width (5,243 latents; SAEBench: 25%): its cost is the full decoder through the
-meta-SAE at every trajectory point, ~width x meta width, minutes per point at 25% on this CPU; a
-wide meta-SAE's row blocks are checked against the dense computation in tests/test_meta_sae.py.
+and two synthetic TopK SAEs imported from SAELens folders (4,096 and 262,144 latents, k 64: a
+stitching pair and a meta-SAE cross-size pair), every evaluation on, at row counts where one dense
+``[rows, 262144]`` float32 encoding takes 1.2-4 GiB (absorption: the tiny vocabulary's 1,500 words;
+probing: 1,500 rows; stitching: 2,048 tokens; the browser: 4,096 store rows). Sized for CI time:
+the metrics' and the meta-SAE's max cosines sample 4,096 rows, and the meta-SAE is 0.5% of the width
+(1,310 latents; SAEBench: 25%, whose cost is the whole decoder through the meta-SAE at every
+trajectory point; its row blocks are checked against the dense computation in tests/test_meta_sae.py).
 
 The flow runs in its own process with the local runner, which records each stage's peak resident
 memory (``peak_rss_mib`` of the run's timings: ``flows.runner.StageRunner``, the kernel's high-water
-mark reset before each stage). The bound of every stage: the 262k SAE's float32 weights twice
-(loading: the safetensors file and the module) plus a fixed :data:`OVERHEAD_MIB` for the rest of
-the process (Python, torch, Prefect, the model, the row-sized arrays). A dense ``[rows, width]``
-float32 encoding of the rows above does not fit in it.
+mark reset before each stage). The bound of every stage, :data:`BOUND_MIB`: the 262k SAE's float32
+weights (1,280 MiB) three times (the SAE, one derived copy such as its unit-norm decoder or JumpReLU
+form, and the encode blocks and other transients) plus 1 GiB for the rest of the process (Python,
+torch, Prefect, the model). The largest stage measured on this machine was 4,461 MiB (the stitching
+pair: docs/published.md); one more dense ``[rows, 262144]`` encoding of the rows above would not
+fit beside it.
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-D_IN, WIDE, MID, K = 640, 262_144, 16_384, 64
+D_IN, WIDE, MID, K = 640, 262_144, 4_096, 64
 HOOK = "blocks.0.hook_resid_post"
 WEIGHTS_MIB = 2 * WIDE * D_IN * 4 / 2**20  # W_enc + W_dec, float32: 1,280 MiB
-OVERHEAD_MIB = 1536
-BOUND_MIB = 2 * WEIGHTS_MIB + OVERHEAD_MIB
+OVERHEAD_MIB = 1024
+BOUND_MIB = 3 * WEIGHTS_MIB + OVERHEAD_MIB  # 4,864 MiB
 
 
 def profile(sae_dirs: dict[str, Path]) -> dict:
@@ -51,7 +53,8 @@ def profile(sae_dirs: dict[str, Path]) -> dict:
         "absorption": {"max_words": 1500, "min_letters": 1, "min_probe_f1": 0.0, "probe_steps": 50,
                        "sparse_probe_steps": 50, "max_ablation_prompts": 2, "max_k": 5},
         "stitching": {"n_tokens": 2048, "calibration_tokens": 1024, "n_steps": 2, "ce_batch_size": 4},
-        "meta_sae": {"width_ratio": 0.005, "train_steps": 50, "batch_size": 1024, "n_examples": 2, "example_rows": 2048},
+        "meta_sae": {"width_ratio": 0.005, "train_steps": 50, "batch_size": 1024, "n_examples": 2, "example_rows": 2048,
+                     "cosine_rows": 4096},
         "probing": {"datasets": ["5_hist_fig_ismale"], "max_rows": 1500, "regimes": ["normal"],
                     "methods": ["logreg"], "ks_normal": [16], "quiver_ks": [16], "n_jobs": 1},
         "browser": {"max_rows": 4096},
@@ -70,7 +73,7 @@ def write_synthetic_sae(out: Path, width: int, seed: int) -> Path:
 
 def run_wide_profile(tmp: Path, timeout: int = 3000) -> dict:
     """Write the SAEs and the profile under ``tmp``, run the flow in a subprocess; its timings."""
-    saes = {"synthetic 16k": write_synthetic_sae(tmp / "sae-16k", MID, 1),
+    saes = {"synthetic 4k": write_synthetic_sae(tmp / "sae-4k", MID, 1),
             "synthetic 262k": write_synthetic_sae(tmp / "sae-262k", WIDE, 2)}
     cfg = tmp / "wide.yaml"
     cfg.write_text(yaml.safe_dump(profile(saes)))
