@@ -139,15 +139,20 @@ def test_row_sampler_draws_with_replacement_and_replays():
     assert torch.equal(next(iter(t)), first[3])
 
 
-def test_variance_explained_matches_the_formula():
-    D, _, _ = planted_decoder(n=300)
-    U = unit_rows(D)
+def _random_meta_of_planted_decoder() -> tuple[torch.Tensor, BatchTopKSAE]:
+    """Unit rows of a 300-row planted decoder and a random 30-latent meta-SAE centred on them."""
     from saeflow.evals.meta_sae import meta_sae_config
 
+    U = unit_rows(planted_decoder(n=300)[0])
     meta = BatchTopKSAE(meta_sae_config(300, MetaSAEConfig(width_ratio=0.1)), 32, seed=0)
     with torch.no_grad():
         meta.W_enc.normal_(generator=torch.Generator().manual_seed(0))
         meta.b_dec.copy_(U.mean(0))
+    return U, meta
+
+
+def test_variance_explained_matches_the_formula():
+    U, meta = _random_meta_of_planted_decoder()
     got = decoder_variance_explained(meta, U, eval_batch_size=128)
     with torch.no_grad():
         recon = torch.cat([meta.decode(meta.encode_batch_topk(U[s:s + 128])) for s in range(0, 300, 128)])
@@ -161,14 +166,8 @@ def test_variance_explained_matches_the_formula():
 def test_variance_explained_of_a_wide_meta_sae_in_row_blocks(monkeypatch, mode):
     """Above one encode block (a 262k-latent SAE's 65k-latent meta-SAE, issue #27) the batch-top-k
     selection and the reconstruction run in row blocks: the same FVE, MSE and L0."""
-    D, _, _ = planted_decoder(n=300)
-    U = unit_rows(D)
-    from saeflow.evals.meta_sae import meta_sae_config
-
-    meta = BatchTopKSAE(meta_sae_config(300, MetaSAEConfig(width_ratio=0.1)), 32, seed=0)
+    U, meta = _random_meta_of_planted_decoder()
     with torch.no_grad():
-        meta.W_enc.normal_(generator=torch.Generator().manual_seed(0))
-        meta.b_dec.copy_(U.mean(0))
         meta.topk_threshold.fill_(0.5)
     whole = decoder_variance_explained(meta, U, eval_batch_size=128, mode=mode)
     monkeypatch.setattr("saeflow.saes.base.ENCODE_BLOCK_ELEMENTS", 9 * meta.d_sae)  # 9-row blocks
