@@ -9,6 +9,12 @@ from torch import Tensor
 COSINE_CHUNK_ELEMENTS = 16 * 1024 * 1024
 
 
+def sample_rows(n: int, max_rows: int, seed: int) -> Tensor:
+    """A seeded uniform sample of ``max_rows`` of ``n`` row indices (without replacement), sorted: the
+    rows a max-cosine average or distribution of a wide SAE is estimated from."""
+    return torch.randperm(int(n), generator=torch.Generator().manual_seed(int(seed)))[:max_rows].sort().values
+
+
 def unit_rows(x: Tensor) -> Tensor:
     """Rows of ``x`` (float32) scaled to unit norm; zero rows stay zero (cosine 0 with everything)."""
     v = x.detach().float()

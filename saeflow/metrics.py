@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saeflow.cosine import max_cosine
+from saeflow.cosine import max_cosine, sample_rows
 from saeflow.saes.base import encode_block_rows, reconstruct_in_blocks
 
 if TYPE_CHECKING:  # transformer_lens is slow to import; only needed for the type
@@ -111,8 +111,7 @@ def average_max_cosine(vectors: Tensor, max_rows: int | None = None, seed: int =
     if max_rows is None or n <= max_rows:
         v = max_cosine_similarity(vectors).double()
         return {"mean": float(v.mean()), "rows": n, "se": 0.0}
-    gen = torch.Generator().manual_seed(int(seed))
-    subset = torch.randperm(n, generator=gen)[:max_rows].sort().values
+    subset = sample_rows(n, max_rows, seed)
     v = max_cosine_similarity(vectors, subset=subset.to(vectors.device)).double()
     se = float(v.std() / math.sqrt(max_rows) * math.sqrt(1.0 - max_rows / n))
     return {"mean": float(v.mean()), "rows": int(max_rows), "se": se}

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from saeflow.cosine import max_cosine, unit_rows
+from saeflow.cosine import max_cosine, sample_rows, unit_rows
 from saeflow.evals.meta_sae.config import MetaSAEConfig
 from saeflow.evals.meta_sae.training import MetaSAEInputError, decoder_variance_explained
 from saeflow.saes import BatchTopKSAE
@@ -80,7 +80,7 @@ def max_cosines(base_unit: torch.Tensor, meta_unit: torch.Tensor, chunk_rows: in
     def mc(a: torch.Tensor, b: torch.Tensor | None) -> np.ndarray:
         subset = None
         if max_rows is not None and a.shape[0] > max_rows:
-            subset = torch.randperm(a.shape[0], generator=torch.Generator().manual_seed(int(seed)))[:max_rows].sort().values
+            subset = sample_rows(a.shape[0], max_rows, seed)
         if subset is not None and b is not None:
             a = a[subset.to(a.device)]
             subset = None
