@@ -103,7 +103,9 @@ def pipeline(config: PipelineConfig, artifacts: str | None = None,
               evals={name: out for name, (out, _) in evals.items()})
     if config.browser is not None:
         stage_logger().info(STAGE_START, "site")
-        browser.site_task(config.name, s + ext, br, {name: out for name, (out, _) in evals.items()}, root)
+        outs = {name: out for name, (out, _) in evals.items()}
+        stage.step("site", browser.site_task, reused=browser.site_current(config.name, br, outs, root),
+                   profile=config.name, saes=s + ext, browsers=br, evals=outs, root=root)
     hit = {name: stage.cached(name) for name in states}
     cached = {name: hit[name] for name in ("model", "vocab", "corpus", "activations", "train")}
     cached["metrics"] = all(hit[f"metrics-{i}"] for i in range(len(mt)))

@@ -206,6 +206,22 @@ class StageRunner:
             out.append(self._record(name, fut.state, t0, reused))
         return out
 
+    def step(self, name: str, fn, *, reused: bool, **kw):
+        """``fn(**kw)``, a flow step that is not a cached stage (the latent browser's site, written
+        into the results folder), in this process: its wall time and peak RSS recorded as a stage's
+        (``reused``: it found its output current and wrote nothing)."""
+        import time
+
+        from saeflow.hostmem import peak_rss_bytes, reset_peak_rss
+
+        t0 = time.perf_counter()
+        exact = reset_peak_rss()
+        out = fn(**kw)
+        peak = peak_rss_bytes() if exact else None
+        self.timings[name] = {"seconds": round(time.perf_counter() - t0, 3), "cached": reused,
+                              "peak_rss_mib": None if peak is None else round(peak / 2**20, 1)}
+        return out
+
     def cached(self, name: str) -> bool:
         """The stage computed nothing: a Prefect cache hit, or its artifacts were complete already."""
         return self.timings[name]["cached"]

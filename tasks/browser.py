@@ -25,6 +25,7 @@ from saeflow.browser import (
     FactSources,
     SiteSAE,
     context_windows,
+    gc_paused,
     join,
     logit_effects,
     lower_quantile_rows,
@@ -124,6 +125,20 @@ def site_dir(root: str, profile: str) -> Path:
     return Path(root) / "results" / profile / SITE
 
 
+def _site_stamp(browsers: list[ArtifactRef], evals: dict[str, EvalOutput]) -> dict:
+    """What the site is made from: the browser artifacts, the evaluations' outputs, code and templates."""
+    return {"browsers": [b.fingerprint for b in browsers],
+            "evals": {n: [r.fingerprint for r in (o.per_sae + o.refs) if r is not None] for n, o in sorted(evals.items())},
+            "code": code_version("saeflow.browser.site", "saeflow.browser.facts"), "templates": [template_version(f"browser/{n}") for n in
+                                           ("browser.css", "browser.js", "index.html.j2", "sae.html.j2", "latent.html.j2")]}
+
+
+def site_current(profile: str, browsers: list[ArtifactRef], evals: dict[str, EvalOutput], root: str) -> bool:
+    """The profile's site exists and was written from these inputs (:func:`site_task` keeps it)."""
+    marker = site_dir(root, profile) / SITE_JSON
+    return marker.is_file() and json.loads(marker.read_text()).get("inputs") == _site_stamp(browsers, evals)
+
+
 @task(name="browser-site")
 def site_task(profile: str, saes: list[ArtifactRef], browsers: list[ArtifactRef], evals: dict[str, EvalOutput],
               root: str) -> str:
@@ -131,21 +146,16 @@ def site_task(profile: str, saes: list[ArtifactRef], browsers: list[ArtifactRef]
     if len(saes) != len(browsers):
         raise BrowserInputError(f"{len(saes)} SAEs but {len(browsers)} browser artifacts")
     folder = site_dir(root, profile)
-    stamp = {"browsers": [b.fingerprint for b in browsers],
-             "evals": {n: [r.fingerprint for r in (o.per_sae + o.refs) if r is not None] for n, o in sorted(evals.items())},
-             "code": code_version("saeflow.browser.site", "saeflow.browser.facts"), "templates": [template_version(f"browser/{n}") for n in
-                                            ("browser.css", "browser.js", "index.html.j2", "sae.html.j2", "latent.html.j2")]}
-    marker = folder / SITE_JSON
-    if marker.is_file() and json.loads(marker.read_text()).get("inputs") == stamp:
+    if site_current(profile, browsers, evals, root):
         return str(folder / "index.html")
     sources = fact_sources(saes, evals)
-    site = [SiteSAE(key=site_key(i, s), title=_title(read_sae_info(require_complete(s), i)) or site_key(i, s),
-                    data_dir=require_complete(b), facts=join(src, i))
-            for i, (s, b, src) in enumerate(zip(saes, browsers, sources))]
-    with timed("browser site"):
+    with timed("browser site"), gc_paused():
+        site = [SiteSAE(key=site_key(i, s), title=_title(read_sae_info(require_complete(s), i)) or site_key(i, s),
+                        data_dir=require_complete(b), facts=join(src, i))
+                for i, (s, b, src) in enumerate(zip(saes, browsers, sources))]
         index = write_site(folder, site, f"saeflow latent browser: {profile}", sorted(evals))
     files, size = site_size(folder)
-    write_json_atomic(marker, {"inputs": stamp, "files": files, "bytes": size})
+    write_json_atomic(folder / SITE_JSON, {"inputs": _site_stamp(browsers, evals), "files": files, "bytes": size})
     stage_logger().info("latent browser: %s (%d files, %.1f MB)", index, files, size / 1e6)
     return str(index)
 

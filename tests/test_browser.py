@@ -290,7 +290,7 @@ def test_site_files_and_table(tmp_path):
     assert "&lt;t" in page  # token text is escaped
     shard = (site / "sae0-topk-w40-k4" / "data" / "0.js").read_text()
     data = json.loads(shard[shard.index("(0, ") + 4:shard.rindex(");")])
-    assert data["latents"]["7"]["facts"][0]["l"] == [["latent.html#3", "#3"]]
+    assert data["latents"]["7"]["facts"][0]["l"] == [[0, 3]] and data["keys"] == ["sae0-topk-w40-k4"] and data["me"] == 0
     assert [data["latents"][str(j)]["count"] for j in range(40)] == count.tolist()
 
 
@@ -347,8 +347,12 @@ def test_pipeline_browser_in_headless_chromium(tmp_path):
     tokens = re.findall(r"<span class=\"tok( center)?\" style=\"background: rgba\(230,97,0,([0-9.]+)\)\"", page)
     assert tokens and any(c for c, _ in tokens) and max(float(a) for _, a in tokens) > 0
     assert "meta_sae</span>: decomposed into" in page and "stitching</span>:" in page
+    small_key = sae_links[0].split("/")[0]  # the stitching fact links the best match in the smaller SAE
+    assert re.search(rf'stitching</span>: [^<]*<a href="\.\./{small_key}/latent\.html#\d+">{small_key} #\d+</a>', page)
+    site = out.timings["site"]  # the site is timed (and its peak memory recorded) like a stage
+    assert site.cached is False and site.seconds > 0 and site.peak_rss_mib > 0
     again = pipeline(cfg, str(tmp_path))
-    assert again.cached["browser"] is True
+    assert again.cached["browser"] is True and again.timings["site"].cached is True
 
 
 def test_browse_command_prints_the_site_or_a_clear_error(tmp_path, capsys):

@@ -33,7 +33,7 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-D_IN, WIDE, MID, K = 640, 262_144, 4_096, 64
+D_IN, WIDE, MID, K = 640, 262_144, 2_048, 64
 HOOK = "blocks.0.hook_resid_post"
 WEIGHTS_MIB = 2 * WIDE * D_IN * 4 / 2**20  # W_enc + W_dec, float32: 1,280 MiB
 OVERHEAD_MIB = 1024
@@ -48,13 +48,13 @@ def profile(sae_dirs: dict[str, Path]) -> dict:
         "activations": {"hook": HOOK, "batch_size": 16, "chunk_rows": 1024},
         "sae": {"architecture": "topk", "width": 256, "k": 8},
         "train": {"training_tokens": 512 * 10, "batch_size": 512, "checkpoint_every": 5, "log_every": 5},
-        "metrics": {"n_variance_tokens": 2048, "ce_batches": 1, "ce_batch_size": 4, "cosine_rows": 4096},
+        "metrics": {"n_variance_tokens": 2048, "ce_batches": 1, "ce_batch_size": 4, "cosine_rows": 1024},
         "import_saes": [{"path": str(p), "name": name} for name, p in sae_dirs.items()],
         "absorption": {"max_words": 1500, "min_letters": 1, "min_probe_f1": 0.0, "probe_steps": 50,
                        "sparse_probe_steps": 50, "max_ablation_prompts": 2, "max_k": 5},
         "stitching": {"n_tokens": 2048, "calibration_tokens": 1024, "n_steps": 2, "ce_batch_size": 4},
-        "meta_sae": {"width_ratio": 0.005, "train_steps": 50, "batch_size": 1024, "n_examples": 2, "example_rows": 2048,
-                     "cosine_rows": 4096},
+        "meta_sae": {"width_ratio": 0.002, "train_steps": 50, "batch_size": 1024, "n_examples": 2, "example_rows": 2048,
+                     "cosine_rows": 1024},
         "probing": {"datasets": ["5_hist_fig_ismale"], "max_rows": 1500, "regimes": ["normal"],
                     "methods": ["logreg"], "ks_normal": [16], "quiver_ks": [16], "n_jobs": 1},
         "browser": {"max_rows": 4096},

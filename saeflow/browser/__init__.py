@@ -10,7 +10,7 @@ docs/browser.md describes what the pages show and what the stage costs.
 """
 
 from saeflow.browser.facts import Fact, FactSources, join
-from saeflow.browser.site import SiteSAE, site_size, write_site
+from saeflow.browser.site import SiteSAE, gc_paused, site_size, write_site
 from saeflow.browser.stream import (
     DATA_FILE,
     TOKENS_FILE,
@@ -26,5 +26,5 @@ from saeflow.browser.stream import (
 )
 
 __all__ = ["DATA_FILE", "TOKENS_FILE", "BrowserInputError", "Fact", "FactSources", "LatentStats", "RunningTop", "SiteSAE", "Windows",
-           "context_windows", "join", "logit_effects", "lower_quantile_rows", "save_browser_data", "scan",
+           "context_windows", "gc_paused", "join", "logit_effects", "lower_quantile_rows", "save_browser_data", "scan",
            "site_size", "write_site"]

@@ -15,9 +15,12 @@ written by :func:`saeflow.browser.stream.save_browser_data`) and from :mod:`saef
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,20 @@ class SiteSAE:
     facts: Facts
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused (and restored after). A wide SAE's facts and shard
+    data are millions of small lists and dicts, which every automatic collection walks again: at
+    262,144 latents that doubled the site's time. Nothing built here forms reference cycles."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _r(x: float, digits: int = 3) -> float | int | None:
     """``x`` to ``digits`` significant digits for the JSON data (an integral value as an int: ``0``, not ``0.0``)."""
     if x is None or not math.isfinite(float(x)):
@@ -51,12 +68,11 @@ def _r(x: float, digits: int = 3) -> float | int | None:
     return int(v) if v.is_integer() and abs(v) < 1e15 else v
 
 
-def _fact_json(f: Fact, keys: list[str], me: int) -> dict[str, Any]:
-    links = []
-    for sae, j in f.links:
-        href = f"latent.html#{j}" if sae == me else f"../{keys[sae]}/latent.html#{j}"
-        links.append([href, f"{'' if sae == me else keys[sae] + ' '}#{j}"])
-    return {"e": f.evaluation, "t": f.text, "l": links}
+def _fact_json(f: Fact) -> dict[str, Any]:
+    """A fact as shard data; its links stay ``[sae index, latent]`` pairs, which the latent page turns
+    into hrefs with the shard's ``keys`` and ``me`` (a 262k SAE's meta-SAE facts hold ~10M links:
+    as href strings they were most of its 1.1 GB site)."""
+    return {"e": f.evaluation, "t": f.text, "l": f.links}
 
 
 def _latent_rows(d: Any, facts: Facts, text: dict[str, str]) -> list[dict[str, Any]]:
@@ -71,36 +87,45 @@ def _latent_rows(d: Any, facts: Facts, text: dict[str, str]) -> list[dict[str, A
 
 
 def _shard(d: Any, facts: Facts, keys: list[str], me: int, lo: int, hi: int, text: dict[str, str]) -> dict[str, Any]:
+    """The data of latents ``lo:hi`` of SAE number ``me``: token strings (by index), the latents and
+    the site's SAE folder ``keys`` (for the facts' links)."""
     strings: dict[str, int] = {}
+    ids: dict[int, int] = {}  # token id -> index into strings
 
     def sid(token: int) -> int:
-        s = text.get(str(int(token)), "?")
-        return strings.setdefault(s, len(strings))
+        i = ids.get(token)
+        if i is None:
+            i = ids[token] = strings.setdefault(text.get(str(token), "?"), len(strings))
+        return i
 
     count, rows = d["count"], int(d["rows_scanned"])
     center = int(d["window_center"])
+    n_top = d["top_act"].shape[1]
+    block = {name: d[name][lo:hi].tolist() for name in ("logit_top_ids", "logit_top_vals", "logit_bottom_ids",
+                                                         "logit_bottom_vals", "top_act", "top_row", "quantile_act",
+                                                         "quantile_row")}
     latents = {}
-    for j in range(lo, hi):
+    for i, j in enumerate(range(lo, hi)):
         ctx = []
-        for kind, acts, rs, slot0 in (("top", d["top_act"][j], d["top_row"][j], 0),
-                                       ("sample", d["quantile_act"][j], d["quantile_row"][j], d["top_act"].shape[1])):
+        for kind, acts, rs, slot0 in (("top", block["top_act"][i], block["top_row"][i], 0),
+                                       ("sample", block["quantile_act"][i], block["quantile_row"][i], n_top)):
             for s, (a, r) in enumerate(zip(acts, rs)):
                 if r < 0:
                     continue
                 toks, vals = d["window_token"][j, slot0 + s], d["window_act"][j, slot0 + s]
                 keep = toks >= 0
-                ctx.append({"k": kind, "a": _r(a), "row": int(r), "c": int(keep[:center].sum()),
-                            "t": [sid(t) for t in toks[keep]], "v": [_r(v) for v in vals[keep]]})
+                ctx.append({"k": kind, "a": _r(a), "row": r, "c": int(keep[:center].sum()),
+                            "t": [sid(t) for t in toks[keep].tolist()], "v": [_r(v) for v in vals[keep].tolist()]})
         h = d["hist"][j]
         nz = np.flatnonzero(h)
         latents[j] = {
             "count": int(count[j]), "freq": _r(count[j] / max(rows, 1)), "mean": _r(d["sum"][j] / max(count[j], 1)),
             "max": _r(d["max"][j]), "h0": int(nz[0]) if nz.size else 0,
             "h": h[nz[0]:nz[-1] + 1].tolist() if nz.size else [],
-            "up": [[sid(t), _r(v)] for t, v in zip(d["logit_top_ids"][j], d["logit_top_vals"][j])],
-            "down": [[sid(t), _r(v)] for t, v in zip(d["logit_bottom_ids"][j], d["logit_bottom_vals"][j])],
-            "ctx": ctx, "facts": [_fact_json(f, keys, me) for f in facts.get(j, [])]}
-    return {"strings": list(strings), "latents": latents}
+            "up": [[sid(t), _r(v)] for t, v in zip(block["logit_top_ids"][i], block["logit_top_vals"][i])],
+            "down": [[sid(t), _r(v)] for t, v in zip(block["logit_bottom_ids"][i], block["logit_bottom_vals"][i])],
+            "ctx": ctx, "facts": [_fact_json(f) for f in facts.get(j, [])]}
+    return {"strings": list(strings), "keys": keys, "me": me, "latents": latents}
 
 
 def write_site(folder: str | Path, saes: list[SiteSAE], title: str, evaluations: list[str]) -> Path:

@@ -60,6 +60,8 @@ function saeflowLatent(shardSize, edges) {
     el("stats").innerHTML = `<tr><td>fired on</td><td>${L.count} rows (frequency ${L.freq})</td></tr>` +
       `<tr><td>mean / max activation</td><td>${L.mean} / ${L.max}</td></tr>`;
     el("hist").innerHTML = histogram(L.h0, L.h);
+    const link = ([s, j]) => s === data.me ? ` <a href='latent.html#${j}'>#${j}</a>`
+      : ` <a href='../${esc(data.keys[s])}/latent.html#${j}'>${esc(data.keys[s])} #${j}</a>`;
     const toks = list => list.map(([s, v]) => `<span class='tag'>${esc(S[s])}</span> ${v}`).join("<br>");
     el("up").innerHTML = toks(L.up); el("down").innerHTML = toks(L.down);
     const peak = Math.max(L.max || 0, 1e-9);
@@ -69,7 +71,7 @@ function saeflowLatent(shardSize, edges) {
       return `<div class='ctx'><span class='act'>${c.a}</span>${spans}</div>`; }).join("") || "<p class='muted'>none</p>";
     el("top").innerHTML = ctx("top"); el("sample").innerHTML = ctx("sample");
     el("facts").innerHTML = L.facts.length ? L.facts.map(f => `<li><span class='eval'>${esc(f.e)}</span>: ${esc(f.t)}` +
-      f.l.map(([h, t]) => ` <a href='${h}'>${esc(t)}</a>`).join("") + "</li>").join("")
+      f.l.map(link).join("") + "</li>").join("")
       : "<li class='muted'>no evaluation singled this latent out</li>";
     el("prev").href = "#" + Math.max(0, j - 1); el("next").href = "#" + (j + 1);
   }
