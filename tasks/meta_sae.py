@@ -69,7 +69,7 @@ PREFIX = "meta_sae_"
 #: Config fields the trained meta-SAE and its per-SAE outputs depend on (the others only change the
 #: cross-size check, the example page or logging, so changing them does not retrain).
 TRAIN_FIELDS = ("seed", "width_ratio", "k", "train_steps", "batch_size", "lr", "dead_feature_window",
-                "convergence_tol", "eval_batch_size", "decomposition_top", "cosine_rows")
+                "convergence_tol", "trajectory_points", "eval_batch_size", "decomposition_top", "cosine_rows")
 CROSS_FIELDS = ("cross_size_k", "cross_size_threshold")
 #: Bumped when the example page's content changes (it is part of the page's fingerprint; 3: rendered
 #: from a Jinja2 template, autoescaped).

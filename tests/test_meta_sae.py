@@ -100,6 +100,40 @@ def test_convergence_check_of_the_meta_sae_training(tmp_path, one_thread):
     assert train_meta_sae(D, strict, tmp_path / "strict")[1]["convergence"]["converged"] is False
 
 
+def test_fewer_trajectory_points_give_the_same_convergence_check(tmp_path, one_thread):
+    """``trajectory_points: 2`` measures the loss at the start, at 90% and at the end only (a wide
+    meta-SAE's cost): the same check and the same points as the default's at those steps."""
+    from saeflow.evals.meta_sae import trajectory_steps
+
+    assert trajectory_steps(100) == list(range(0, 101, 10)) and trajectory_steps(100, 2) == [0, 90, 100]
+    assert trajectory_steps(100, 5) == [0, 25, 50, 75, 90, 100]
+    with pytest.raises(ValueError, match="at least 2 points"):
+        trajectory_steps(100, 1)
+    D, _, _ = planted_decoder(n=256)
+    cfg = MetaSAEConfig(width_ratio=0.125, k=4, train_steps=40, batch_size=64, lr=1e-3)
+    _, every = train_meta_sae(D, cfg, tmp_path / "every")
+    _, few = train_meta_sae(D, cfg.model_copy(update={"trajectory_points": 2}), tmp_path / "few")
+    assert [p["step"] for p in few["convergence"]["trajectory"]] == [0, 36, 40]
+    assert few["convergence"]["trajectory"] == [p for p in every["convergence"]["trajectory"] if p["step"] in (0, 36, 40)]
+    assert {k: v for k, v in few["convergence"].items() if k != "trajectory"} == \
+        {k: v for k, v in every["convergence"].items() if k != "trajectory"}
+
+
+def test_largest_entries_by_a_row_wise_bound_equal_a_full_topk():
+    from saeflow.evals.meta_sae.training import _largest
+
+    g = torch.Generator().manual_seed(0)
+    for h, n in ((torch.randn(64, 500, generator=g).relu(), 256),   # a bound > 0: filtered
+                 (torch.randn(8, 40, generator=g).relu(), 300),      # zeros among the n largest: plain topk
+                 (torch.rand(3, 7, generator=g), 50)):               # n above the entries: all of them
+        v, i = _largest(h, n)
+        ref = h.flatten().topk(min(n, h.numel()))
+        assert torch.equal(v.sort().values, ref.values.sort().values)
+        assert torch.equal(h.flatten()[i], v) and len(set(i.tolist())) == len(i)
+        if (ref.values > 0).all():
+            assert set(i.tolist()) == set(ref.indices.tolist())
+
+
 def test_finished_meta_sae_is_not_retrained_and_resume_is_exact(tmp_path, one_thread):
     D, _, _ = planted_decoder(n=256)
     cfg = MetaSAEConfig(width_ratio=0.125, k=4, train_steps=40, batch_size=64, lr=1e-3, checkpoint_every=10)

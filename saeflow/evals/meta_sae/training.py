@@ -167,6 +167,22 @@ def decoder_variance_explained(meta: BatchTopKSAE, decoder: torch.Tensor, eval_b
     return {"fve": fve, "mse": mse, "l0": active / D.shape[0]}
 
 
+def _largest(h: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, flat indices)`` of the ``n`` largest entries of the 2-D ``h`` (unordered): the
+    selection of ``h.flatten().topk(n)``, ties aside, ~3x faster on a CPU for a [2048, 65536] block.
+    Each row's ``ceil(2n / rows)`` largest values hold at least ``n`` values, so the ``n``-th largest
+    of those is a lower bound of the ``n``-th largest of ``h``: only the entries at or above it are ranked."""
+    flat = h.flatten()
+    n = min(n, flat.numel())
+    m = min(h.shape[1], -(-2 * n // h.shape[0]))
+    bound = h.topk(m, dim=1, sorted=False).values.flatten().topk(n, sorted=False).values.min()
+    if not bound > 0:  # ReLU'd zeros among the n largest: no filtering to gain
+        return flat.topk(n, sorted=False)
+    idx = (flat >= bound).nonzero().squeeze(1)
+    keep = flat[idx].topk(n, sorted=False).indices
+    return flat[idx[keep]], idx[keep]
+
+
 @torch.no_grad()
 def _reconstruct_blocked(meta: BatchTopKSAE, b: torch.Tensor, mode: str) -> tuple[torch.Tensor, int]:
     """``(reconstruction, active count)`` of the rows ``b`` as :func:`decoder_variance_explained`
@@ -180,8 +196,7 @@ def _reconstruct_blocked(meta: BatchTopKSAE, b: torch.Tensor, mode: str) -> tupl
     n_keep = meta._n_keep(b.shape[0])
     for s in range(0, b.shape[0], step):
         if mode == "batch_topk":
-            h = meta._pre_acts(b[s:s + step]).relu().flatten()
-            v, i = h.topk(min(n_keep, h.numel()), sorted=False)
+            v, i = _largest(meta._pre_acts(b[s:s + step]).relu(), n_keep)
             v, i = torch.cat([vals, v]), torch.cat([flat, i + s * width])
             keep = v.topk(min(n_keep, v.numel()), sorted=False).indices
             vals, flat = v[keep], i[keep]
@@ -196,10 +211,12 @@ def _reconstruct_blocked(meta: BatchTopKSAE, b: torch.Tensor, mode: str) -> tupl
     return rec, int((vals > 0).sum())
 
 
-def trajectory_steps(total_steps: int) -> list[int]:
-    """Steps at which the loss trajectory is measured: every 10% of ``total_steps`` (0 and the end
-    included) and :func:`~saeflow.evals.common.step_at_90pct`."""
-    return sorted({(j * total_steps) // 10 for j in range(11)} | {step_at_90pct(total_steps)})
+def trajectory_steps(total_steps: int, points: int = 11) -> list[int]:
+    """Steps at which the loss trajectory is measured: ``points`` evenly spaced steps from 0 to
+    ``total_steps`` (the default 11: every 10%) and :func:`~saeflow.evals.common.step_at_90pct`."""
+    if points < 2:
+        raise ValueError(f"a loss trajectory needs at least 2 points (start and end), got {points}")
+    return sorted({(j * total_steps) // (points - 1) for j in range(points)} | {step_at_90pct(total_steps)})
 
 
 def train_meta_sae(decoder: torch.Tensor | np.ndarray, cfg: MetaSAEConfig, out_dir: str | Path,
@@ -218,7 +235,7 @@ def train_meta_sae(decoder: torch.Tensor | np.ndarray, cfg: MetaSAEConfig, out_d
     batch is a random draw): the reconstruction MSE of ALL decoder rows with the batch-level top-k
     forward in batches of ``cfg.eval_batch_size`` rows (:func:`decoder_variance_explained`),
     which is deterministic. It is measured on the training model at :func:`trajectory_steps`
-    (every 10% of the steps) and kept in ``out_dir/loss_trajectory.json``, written before the next
+    (``cfg.trajectory_points`` steps, by default every 10%) and kept in ``out_dir/loss_trajectory.json``, written before the next
     checkpoint, so a resumed run keeps the points measured before the kill.
     """
     D = unit_rows(decoder)
@@ -226,7 +243,7 @@ def train_meta_sae(decoder: torch.Tensor | np.ndarray, cfg: MetaSAEConfig, out_d
     loader = RowSampler(D, cfg.batch_size, cfg.seed)
     out_dir = Path(out_dir)
     path = out_dir / TRAJECTORY_FILE
-    at = set(trajectory_steps(cfg.train_steps))
+    at = set(trajectory_steps(cfg.train_steps, cfg.trajectory_points))
     points = {int(p["step"]): float(p["mse"]) for p in json.loads(path.read_text())} if path.is_file() else {}
     D_dev = D.to(device)
 
