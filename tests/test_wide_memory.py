@@ -2,22 +2,24 @@
 width of Gemma Scope 2's 262k SAEs for the default model) within a stated peak-RSS bound.
 
 The profile: the seeded random ``HookedTransformer`` at d_model 640, a trained 256-latent TopK SAE,
-and two synthetic TopK SAEs imported from SAELens folders (4,096 and 262,144 latents, k 64: a
+and two synthetic TopK SAEs imported from SAELens folders (2,048 and 262,144 latents, k 64: a
 stitching pair and a meta-SAE cross-size pair), every evaluation on, at row counts where one dense
-``[rows, 262144]`` float32 encoding takes 1.2-4 GiB (absorption: the tiny vocabulary's 1,500 words;
+``[rows, 262144]`` float32 encoding takes 1.5-4 GiB (absorption: the tiny vocabulary's 1,500 words;
 probing: 1,500 rows; stitching: 2,048 tokens; the browser: 4,096 store rows). Sized for CI time:
-the metrics' and the meta-SAE's max cosines sample 4,096 rows, and the meta-SAE is 0.5% of the width
-(1,310 latents; SAEBench: 25%, whose cost is the whole decoder through the meta-SAE at every
-trajectory point; its row blocks are checked against the dense computation in tests/test_meta_sae.py).
+the metrics' and the meta-SAE's max cosines sample 1,024 rows, the meta-SAE is 0.2% of the width
+(525 latents; SAEBench: 25%, whose cost is the whole decoder through the meta-SAE at every
+trajectory point; its row blocks are checked against the dense computation in tests/test_meta_sae.py)
+and measures its loss trajectory at 2 points.
 
 The flow runs in its own process with the local runner, which records each stage's peak resident
 memory (``peak_rss_mib`` of the run's timings: ``flows.runner.StageRunner``, the kernel's high-water
-mark reset before each stage). The bound of every stage, :data:`BOUND_MIB`: the 262k SAE's float32
-weights (1,280 MiB) five times plus 1 GiB for the rest of the process (Python, torch, Prefect, the
-model) = 7,424 MiB. Measured on this machine (docs/published.md) the largest stages were the
-meta-SAE examples (6,313 MiB) and the stitching JumpReLU form of the 262k SAE (5,893 MiB), most
-others 3.3-4.5 GiB; before this change the meta-SAE training alone reached 16.9 GB. The bound is
-what holds today, not a target: those two stages still hold several copies of the weights.
+mark reset before each stage; the browser site too). The bound of every stage, :data:`BOUND_MIB`:
+the 262k SAE's float32 weights (1,280 MiB) five times plus 1 GiB for the rest of the process
+(Python, torch, Prefect, the model) = 7,424 MiB. Measured on this machine (docs/published.md, commit
+bfe6c58, nothing else running: 710 s) the largest stages were the meta-SAE examples (6,520 MiB), the
+stitching JumpReLU form of the 262k SAE (6,118 MiB) and the site (5,687 MiB), the others 2.8-5.1
+GiB; before issue #27's changes the meta-SAE training alone reached 16.9 GB. The bound is what holds
+today, not a target: those stages still hold several copies of the weights.
 """
 
 from __future__ import annotations
