@@ -55,10 +55,17 @@ def test_gemma_scope_release_imports_as_saelens_loads_it(gemma_scope_hub, tmp_pa
     x = torch.randn(256, 640, generator=g) * 2.0
     with torch.no_grad():
         f_ours, f_ref = ours.encode(x), reference.encode(x)
-        fires_differ = int(((f_ours > 0) != (f_ref > 0)).sum())
         assert (f_ref > 0).float().mean() > 0.01  # the check is not vacuous: latents fire
-        # b_dec folded into b_enc (apply_b_dec_to_input=false): float32 rounding only, stated bound 1e-4
-        assert float((f_ours - f_ref).abs().max()) < 1e-4 and fires_differ == 0
+        # b_dec folded into b_enc (apply_b_dec_to_input=false): float32 rounding only, stated bound 1e-4.
+        # A latent may fire on one side only where its exact (float64) pre-activation lies within that
+        # rounding of its threshold (173 of the 4.2M entries here; which of them flip depends on the
+        # CPU's float32 kernels: 1 on an Intel Xeon here, none on an AMD EPYC)
+        exact = x.double() @ tensors["w_enc"].double() + tensors["b_enc"].double()
+        near = (exact - tensors["threshold"].double()).abs() < 1e-4
+        differ = (f_ours > 0) != (f_ref > 0)
+        assert not (differ & ~near).any() and near.float().mean() < 1e-4, (int(differ.sum()), int(near.sum()))
+        both = (f_ours > 0) & (f_ref > 0)
+        assert float((f_ours - f_ref)[both].abs().max()) < 1e-4
         torch.testing.assert_close(ours.decode(f_ref), reference.decode(f_ref), rtol=0, atol=1e-5)
 
 

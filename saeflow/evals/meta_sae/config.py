@@ -44,9 +44,9 @@ class MetaSAEConfig(Frozen):
     trajectory_points: int = Field(11, ge=2)
     """Loss-trajectory points: the convergence loss (every decoder row through the meta-SAE) is
     measured at this many evenly spaced steps from 0 to the end (11: every 10%) plus the 90% step
-    of the convergence check. Each point costs the whole decoder through the meta-SAE: ~5 minutes
+    of the convergence check. Each point costs the whole decoder through the meta-SAE: ~4 minutes
     for a 262,144-latent SAE's 65,536-wide meta-SAE on a 2-core CPU, so 2 (start, 90% and end)
-    saves most of an hour there; the convergence check is the same."""
+    saves over half an hour there; the convergence check is the same."""
 
     eval_batch_size: int = Field(4096, ge=1)
     """Rows per batch when measuring decoder variance explained with the batch-level top-k forward

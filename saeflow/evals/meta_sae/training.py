@@ -235,8 +235,9 @@ def train_meta_sae(decoder: torch.Tensor | np.ndarray, cfg: MetaSAEConfig, out_d
     batch is a random draw): the reconstruction MSE of ALL decoder rows with the batch-level top-k
     forward in batches of ``cfg.eval_batch_size`` rows (:func:`decoder_variance_explained`),
     which is deterministic. It is measured on the training model at :func:`trajectory_steps`
-    (``cfg.trajectory_points`` steps, by default every 10%) and kept in ``out_dir/loss_trajectory.json``, written before the next
-    checkpoint, so a resumed run keeps the points measured before the kill.
+    (``cfg.trajectory_points`` steps, by default every 10%) and kept in
+    ``out_dir/loss_trajectory.json``, written before the next checkpoint, so a resumed run keeps
+    the points measured before the kill.
     """
     D = unit_rows(decoder)
     sae_cfg = meta_sae_config(D.shape[0], cfg)
