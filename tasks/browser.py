@@ -133,10 +133,14 @@ def _site_stamp(browsers: list[ArtifactRef], evals: dict[str, EvalOutput]) -> di
                                            ("browser.css", "browser.js", "index.html.j2", "sae.html.j2", "latent.html.j2")]}
 
 
+def _written_from(folder: Path, stamp: dict) -> bool:
+    marker = folder / SITE_JSON
+    return marker.is_file() and json.loads(marker.read_text()).get("inputs") == stamp
+
+
 def site_current(profile: str, browsers: list[ArtifactRef], evals: dict[str, EvalOutput], root: str) -> bool:
     """The profile's site exists and was written from these inputs (:func:`site_task` keeps it)."""
-    marker = site_dir(root, profile) / SITE_JSON
-    return marker.is_file() and json.loads(marker.read_text()).get("inputs") == _site_stamp(browsers, evals)
+    return _written_from(site_dir(root, profile), _site_stamp(browsers, evals))
 
 
 @task(name="browser-site")
@@ -146,7 +150,8 @@ def site_task(profile: str, saes: list[ArtifactRef], browsers: list[ArtifactRef]
     if len(saes) != len(browsers):
         raise BrowserInputError(f"{len(saes)} SAEs but {len(browsers)} browser artifacts")
     folder = site_dir(root, profile)
-    if site_current(profile, browsers, evals, root):
+    stamp = _site_stamp(browsers, evals)
+    if _written_from(folder, stamp):
         return str(folder / "index.html")
     sources = fact_sources(saes, evals)
     with timed("browser site"), gc_paused():
@@ -155,7 +160,7 @@ def site_task(profile: str, saes: list[ArtifactRef], browsers: list[ArtifactRef]
                 for i, (s, b, src) in enumerate(zip(saes, browsers, sources))]
         index = write_site(folder, site, f"saeflow latent browser: {profile}", sorted(evals))
     files, size = site_size(folder)
-    write_json_atomic(folder / SITE_JSON, {"inputs": _site_stamp(browsers, evals), "files": files, "bytes": size})
+    write_json_atomic(folder / SITE_JSON, {"inputs": stamp, "files": files, "bytes": size})
     stage_logger().info("latent browser: %s (%d files, %.1f MB)", index, files, size / 1e6)
     return str(index)
 
