@@ -52,7 +52,7 @@ HEADLINES: tuple[Headline, ...] = (
              "mean test AUC of the top-k SAE probe (k picked on validation), against the baseline quiver"),
 )
 _PROBING_AUC = re.compile(r"^probing_([a-z]+)_auc$")
-_LABEL = re.compile(r"^#\d+ (?P<arch>\S+) w=(?P<width>\d+)(?: k=(?P<k>\d+))?(?: c=(?P<c>\S+))?$")
+_LABEL = re.compile(r"^#\d+ (?P<arch>\S+) w=(?P<width>\d+)(?: k=(?P<k>\d+))?(?: c=(?P<c>\S+))?(?: l0t=(?P<t>\S+))?$")
 _NAMED_LABEL = re.compile(r"^#\d+ (?P<name>.+)$")
 
 
@@ -62,7 +62,7 @@ def sae_names(core: pd.DataFrame) -> list[str]:
     if "sae" in core and core["sae"].notna().all():
         names = [str(x) for x in core["sae"]]
     else:
-        names = [sae_name(r.get("architecture"), r.get("width"), r.get("k"), r.get("coefficient"))
+        names = [sae_name(r.get("architecture"), r.get("width"), r.get("k"), r.get("coefficient"), r.get("target_l0"))
                  for r in core.to_dict("records")]
     counts = pd.Series(names).value_counts()
     if (counts > 1).any() and "sae_fingerprint" in core:
@@ -77,7 +77,7 @@ def label_name(label: Any) -> Any:
     if not m:
         named = _NAMED_LABEL.match(str(label).strip())  # an imported SAE with a name: ``#3 <name>``
         return named["name"] if named else label
-    return sae_name(m["arch"], m["width"], m["k"], m["c"])
+    return sae_name(m["arch"], m["width"], m["k"], m["c"], m["t"])
 
 
 def named_table(df: pd.DataFrame, core_names: dict[str, str], family_order: list[str],

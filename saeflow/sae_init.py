@@ -34,6 +34,7 @@ __all__ = [
     "b_dec_from_sample",
     "sample_rows",
     "resample_dead_latents",
+    "b_enc_for_target_l0",
     "MIN_INIT_ROWS",
 ]
 
@@ -108,6 +109,38 @@ def b_dec_from_sample(x: torch.Tensor, method: BDecInit) -> torch.Tensor | None:
     if method == "geometric_median":
         return geometric_median(xd)
     raise ValueError(f"unknown b_dec_init {method!r}; choose zeros, mean or geometric_median")
+
+
+@torch.no_grad()
+def b_enc_for_target_l0(sae: "BaseSAE", x: torch.Tensor, target_l0: float, block_elements: int = 1 << 26) -> torch.Tensor:
+    """``b_enc`` ``[d_sae]`` that makes every latent of ``sae`` fire on the same share of the rows ``x``
+    (``[n, d_in]``, already in the SAE's input space: normalised as training feeds it), ``target_l0 /
+    d_sae`` of them, so the initial L0 on ``x`` is ~``target_l0`` and no latent starts silent
+    [Anthropic, Circuits Updates January 2025, JumpReLU training: ``b_enc`` initialised so that each
+    feature is active ``10,000 / m`` of the time, ``m`` features].
+
+    Latent ``i`` fires where ``(x - b_dec) @ W_enc[:, i] + b_enc_i`` exceeds its threshold (θ_i for
+    JumpReLU, 0 for ReLU): ``b_enc_i = θ_i - (v_m + v_{m+1}) / 2`` with ``v_j`` the j-th largest
+    of ``(x - b_dec) @ W_enc[:, i]`` and ``m = round(n * target_l0 / d_sae)`` (clipped to
+    ``[1, n - 1]``), so exactly ``m`` rows fire barring ties. Computed in column blocks of at most
+    ``block_elements`` values.
+    """
+    n = int(x.shape[0])
+    if n < 2:
+        raise InitDataError(f"b_enc_init 'target_l0' needs >= 2 sample rows, got {n}")
+    width = int(sae.W_dec.shape[0])
+    m = min(max(int(round(n * float(target_l0) / width)), 1), n - 1)
+    theta = getattr(sae, "threshold", None)
+    xc = x.to(sae.W_enc.device, torch.float32) - sae.b_dec.detach().float()
+    out = torch.empty(width, dtype=torch.float32, device=sae.W_enc.device)
+    cols = max(1, block_elements // n)
+    for lo in range(0, width, cols):
+        h = xc @ sae.W_enc.detach()[:, lo:lo + cols].float()
+        top = h.topk(m + 1, dim=0).values  # [m + 1, cols], descending
+        cut = (top[m - 1] + top[m]) / 2
+        base = theta.detach()[lo:lo + cols].float() if theta is not None else torch.zeros_like(cut)
+        out[lo:lo + cols] = base - cut
+    return out
 
 
 def sample_rows(store: "ActivationStore", n_rows: int, seed: int) -> torch.Tensor:

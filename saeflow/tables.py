@@ -29,12 +29,15 @@ def _finite(x: Any) -> bool:
         return False
 
 
-def sae_name(architecture: Any, width: Any, k: Any = None, coefficient: Any = None) -> str:
+def sae_name(architecture: Any, width: Any, k: Any = None, coefficient: Any = None, target_l0: Any = None) -> str:
     """The results table's name of an SAE: ``topk-w4096-k32`` (architecture, width, ``k`` when it has
-    one, else ``-c<coefficient>`` when it has a sparsity coefficient)."""
+    one, else ``-l0t<target>`` when it trained to a target L0, else ``-c<coefficient>`` when it has a
+    sparsity coefficient)."""
     name = f"{architecture or 'sae'}" + (f"-w{int(width)}" if _finite(width) else "")
     if _finite(k):
         return name + f"-k{int(k)}"
+    if _finite(target_l0):
+        return name + f"-l0t{float(target_l0):g}"
     return name + (f"-c{float(coefficient):g}" if _finite(coefficient) else "")
 
 
@@ -43,8 +46,9 @@ def core_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
     Identity: ``sae`` (its name, :func:`sae_name`), ``architecture``, ``width``, ``k`` (TopK /
     BatchTopK / Matryoshka, else empty), ``coefficient`` (the sparsity coefficient:
-    ``l1_coefficient`` for ``relu``, ``l0_coefficient`` for ``jumprelu``, else empty),
-    ``sae_fingerprint`` and ``published`` (imported from a SAELens release). An imported SAE with
+    ``l1_coefficient`` for ``relu``, ``l0_coefficient`` for ``jumprelu``, else empty; with a target
+    L0, the L1 coefficient the controller started from), ``target_l0`` (relu / jumprelu trained to
+    an L0, else empty), ``sae_fingerprint`` and ``published`` (imported from a SAELens release). An imported SAE with
     a name (``import_saes``: ``name``, or ``<release>/<id>``) is listed under it.
     """
     records = []
@@ -53,9 +57,10 @@ def core_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
         arch = sae.get("architecture")
         coef = _COEFFICIENT.get(arch)
         k, c = sae.get("k") if arch in K_ARCHITECTURES else None, sae.get(coef) if coef else None
-        name = sae.get("label") or sae_name(arch, sae.get("width"), k, c)
+        t = sae.get("target_l0") if coef else None
+        name = sae.get("label") or sae_name(arch, sae.get("width"), k, c, t)
         rec = {"profile": r["profile"], "model": r["model"], "hook": r["hook"], "sae": name,
-               "architecture": arch, "width": sae.get("width"), "k": k, "coefficient": c,
+               "architecture": arch, "width": sae.get("width"), "k": k, "coefficient": c, "target_l0": t,
                "sae_fingerprint": r["sae_fingerprint"], "published": bool(sae.get("published"))}
         metrics = r["metrics"]
         rec.update({c: metrics.get(c) for c in CORE_COLUMNS})
@@ -65,6 +70,7 @@ def core_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
     if len(df):
         df["k"] = df["k"].astype("Int64")
         df["coefficient"] = df["coefficient"].astype("Float64")
+        df["target_l0"] = df["target_l0"].astype("Float64")
     return df
 
 

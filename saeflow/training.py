@@ -40,7 +40,7 @@ from saeflow.config import TrainConfig
 from saeflow.hostmem import reuse_freed_memory
 from saeflow.precision import matmul_dtype, resolve_field
 from saeflow.saes import BaseSAE, SAEConfig, build_sae, save_sae
-from saeflow.sae_init import b_dec_from_sample, resample_dead_latents
+from saeflow.sae_init import b_enc_for_target_l0, b_dec_from_sample, resample_dead_latents
 
 __all__ = [
     "BatchLoader",
@@ -299,6 +299,8 @@ class _Member:
             "tokens_per_s": (self.step - self.last_log_step) * batch_size / max(now - self.last_log_time, 1e-9),
             "resampled": self.n_resampled,
         }
+        if "l1_coefficient" in out:  # relu: the (steered, with target_l0) L1 coefficient of this step
+            entry["l1_coefficient"] = float(out["l1_coefficient"])
         self.last_log_time, self.last_log_step = now, self.step
         self.logs.append(entry)
         return entry
@@ -401,7 +403,9 @@ def train_saes(
       from the first ``ceil(train.init_sample_rows / batch_size)`` batches of a fresh loader (the
       same batches the normalisation estimate reads; training continues after them), then scaled by
       the member's normalisation factor and written into ``b_dec`` before step 0. Resumed members
-      keep theirs (it is in the checkpoint's weights).
+      keep theirs (it is in the checkpoint's weights). Members with ``b_enc_init: target_l0`` (and
+      a ``target_l0``) then get ``b_enc`` from the same rows, normalised, after their ``b_dec``
+      (:func:`saeflow.sae_init.b_enc_for_target_l0`; recorded as ``b_dec_init["b_enc"]``).
     - **Dead latents**: a latent is dead after :func:`dead_window` steps without firing (feeds the
       aux losses); at :func:`resample_steps` dead latents are resampled
       (:func:`saeflow.sae_init.resample_dead_latents`, on the step's batch, seeded by the step).
@@ -444,10 +448,10 @@ def train_saes(
             "(e.g. sqrt(d_in) / mean activation norm), or train them separately"
         )
 
-    data_init = [m[0].b_dec_init != "zeros" for m in members]
+    data_init = [m[0].b_dec_init != "zeros" or m[0].b_enc_from_sample for m in members]
     if init_sample is None and any(data_init) and not all(data_init):
         raise ValueError(
-            "these SAEs mix b_dec_init 'zeros' with a data-dependent b_dec_init: pass init_sample (e.g. "
+            "these SAEs mix b_dec_init 'zeros' with a data-dependent b_dec_init / b_enc_init: pass init_sample (e.g. "
             "saeflow.sae_init.sample_rows(store, ...)), or train them separately"
         )
     state = [_Member(i, cfg, out_dir, extra, train_cfg, d_in, device, total_steps) for i, (cfg, out_dir, extra) in enumerate(members)]
@@ -463,8 +467,9 @@ def train_saes(
         checkpoint.set_rng_state(lead.ckpt["rng"], device)
     batches = iter(loader)
     need_init = [m for m in active if m.ckpt is None and m.cfg.b_dec_init != "zeros"]
+    need_b_enc = [m for m in active if m.ckpt is None and m.cfg.b_enc_from_sample]
     # decided from the configs (not from which members have checkpoints), so a resume draws the same batches
-    from_loader = init_sample is None and any(cfg.b_dec_init != "zeros" for cfg, _, _ in members)
+    from_loader = init_sample is None and any(flag for flag in data_init)
     drawn: list[torch.Tensor] = []
     if lead.ckpt is None and (estimate or from_loader):
         n_drawn = max(NORM_ESTIMATE_BATCHES if estimate else 0,
@@ -496,6 +501,17 @@ def train_saes(
                 m.sae.b_dec.copy_((b * (m.scale if m.scale is not None else 1.0)).to(m.sae.b_dec.device))
             m.b_dec_init = {"method": method, "rows": int(sample.shape[0]), "norm": float(b.double().norm()),
                             "source": "loader" if from_loader else "sample"}
+    if need_b_enc:  # after b_dec: the bias is set on the pre-activations the member will train on
+        sample = torch.cat(drawn)[: train_cfg.init_sample_rows] if from_loader else init_sample
+        assert sample is not None
+        for m in need_b_enc:
+            x0 = sample.float().to(device) * (m.scale if m.scale is not None else 1.0)
+            target = float(m.cfg.target_l0)  # type: ignore[arg-type]  # the config requires it
+            with torch.no_grad():
+                m.sae.b_enc.copy_(b_enc_for_target_l0(m.sae, x0, target))
+            info = dict(m.b_dec_init or {})
+            info["b_enc"] = {"method": "target_l0", "target_l0": target, "rows": int(sample.shape[0])}
+            m.b_dec_init = info
 
     check_every_step = device.type == "cpu"  # a host sync is free on CPU; elsewhere check on log/checkpoint steps
     batch_size = train_cfg.batch_size

@@ -94,7 +94,8 @@ def _train_together(acts: ArtifactRef, members: list[SAEConfig], outs: list[Arti
     if any(members[i].normalize_activations == "expected_average_only_in" for i in idx):
         scaling = store.normalization_factor()
     init_sample = None
-    if any(members[i].b_dec_init != "zeros" for i in idx):  # once per family, from a seeded store sample
+    # once per family, from a seeded store sample
+    if any(members[i].b_dec_init != "zeros" or members[i].b_enc_from_sample for i in idx):
         init_sample = sample_rows(store, train_cfg.init_sample_rows, train_cfg.seed)
     for i in idx:
         begin(outs[i], {"sae": members[i].model_dump(mode="json"), "train": train_cfg.model_dump(mode="json")}, [acts])

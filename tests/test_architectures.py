@@ -92,7 +92,7 @@ def twin_of(sae: BaseSAE):
             twin = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
                 d_in=d_in, d_sae=d_sae, jumprelu_init_threshold=c.jumprelu_init_threshold,
                 jumprelu_bandwidth=c.jumprelu_bandwidth, jumprelu_sparsity_loss_mode=c.jumprelu_sparsity_loss_mode,
-                l0_coefficient=c.l0_coefficient, l0_warm_up_steps=c.l0_warm_up_steps,
+                target_l0=c.target_l0, l0_coefficient=c.l0_coefficient, l0_warm_up_steps=c.l0_warm_up_steps,
                 pre_act_loss_coefficient=c.pre_act_loss_coefficient, jumprelu_tanh_scale=c.jumprelu_tanh_scale,
                 jumprelu_ste_to_input=c.jumprelu_ste_to_input))
         elif c.architecture == "batchtopk":
@@ -106,7 +106,8 @@ def twin_of(sae: BaseSAE):
                 matryoshka_widths=list(c.matryoshka_widths or ()), use_matryoshka_aux_loss=c.use_matryoshka_aux_loss))
         else:  # pragma: no cover
             raise AssertionError(c.architecture)
-    twin.load_state_dict({k: v.detach().clone() for k, v in sae.state_dict().items()})
+    # saeflow-only state (the relu L1 controller's coefficient) has no SAELens counterpart
+    twin.load_state_dict({k: v.detach().clone() for k, v in sae.state_dict().items() if k != "l1_log_coefficient"})
     return twin
 
 
@@ -194,7 +195,8 @@ def test_decoder_init_norm_defaults_per_architecture():
     ({"l1_coefficient": 0.7, "l1_warm_up_steps": 10}, 4, 0),
     ({"l1_coefficient": 0.7, "l1_warm_up_steps": 10}, 25, 0),
     ({"l1_coefficient": 0.3, "lp_norm": 2.0}, 0, 30),
-], ids=["l1", "warm-up-step0", "warm-up-step4", "warm-up-done", "l2"])
+    ({"l1_coefficient": 0.7, "target_l0": 20.0}, 0, 0),  # the controller starts at l1_coefficient
+], ids=["l1", "warm-up-step0", "warm-up-step4", "warm-up-done", "l2", "target-l0-start"])
 def test_relu_matches_sae_lens(kw, step, n_dead):
     sae = make("relu", **kw)
     out, twin = assert_matches_sae_lens(sae, batch(sae.d_in), dead_mask(sae.d_sae, n_dead), step)
@@ -214,8 +216,11 @@ def test_relu_matches_sae_lens(kw, step, n_dead):
     ({"l0_coefficient": 0.3, "jumprelu_bandwidth": 0.2, "jumprelu_ste_to_input": True}, 0, 0),
     ({"l0_coefficient": 0.3, "jumprelu_bandwidth": 0.2, "jumprelu_ste_to_input": True,
       "jumprelu_sparsity_loss_mode": "tanh", "pre_act_loss_coefficient": 0.1}, 0, 100),
+    ({"l0_coefficient": 0.3, "jumprelu_bandwidth": 0.2, "jumprelu_sparsity_loss_mode": "quadratic", "target_l0": 20.0}, 0, 0),
+    ({"l0_coefficient": 0.3, "jumprelu_bandwidth": 0.2, "jumprelu_sparsity_loss_mode": "quadratic", "target_l0": 200.0,
+      "l0_warm_up_steps": 8}, 5, 0),
 ], ids=["step", "step-wide-band", "warm-up-pre-act-dead", "pre-act-none-dead", "tanh", "ste-to-input",
-        "tanh-ste-pre-act"])
+        "tanh-ste-pre-act", "quadratic-below-target", "quadratic-above-target-warm-up"])
 def test_jumprelu_matches_sae_lens(kw, step, n_dead):
     sae = make("jumprelu", **kw)
     out, twin = assert_matches_sae_lens(sae, batch(sae.d_in), dead_mask(sae.d_sae, n_dead), step)
@@ -489,11 +494,17 @@ RECOVERY = [
     ("relu", {"l1_coefficient": 1.0}, 0.97, 0.95),
     ("jumprelu", {"l0_coefficient": 1.0}, 0.98, 0.95),
     ("jumprelu", {"l0_coefficient": 0.3, "jumprelu_sparsity_loss_mode": "tanh"}, 0.97, 0.95),
+    # trained to the L0 of the l1 = 1 run (8) from a coefficient 20x too small (relu); the planted L0 (3) by the quadratic loss (jumprelu)
+    ("relu", {"l1_coefficient": 0.05, "target_l0": 8.0}, 0.97, 0.95),
+    ("jumprelu", {"l0_coefficient": 1.0, "jumprelu_sparsity_loss_mode": "quadratic", "target_l0": 3.0}, 0.97, 0.95),
+    ("jumprelu", {"l0_coefficient": 1.0, "jumprelu_sparsity_loss_mode": "quadratic", "target_l0": 3.0,
+                  "b_enc_init": "target_l0"}, 0.97, 0.95),
 ]
 
 
 @pytest.mark.parametrize("arch,kw,min_mean,min_found", RECOVERY,
-                         ids=["batchtopk", "matryoshka", "relu", "jumprelu-step", "jumprelu-tanh"])
+                         ids=["batchtopk", "matryoshka", "relu", "jumprelu-step", "jumprelu-tanh", "relu-target-l0",
+                              "jumprelu-quadratic", "jumprelu-quadratic-b-enc-init"])
 def test_recovers_planted_dictionary(tmp_path, arch, kw, min_mean, min_found):
     data, dictionary = planted_data(50_000, 32, 64, 3, seed=0)
     sae_cfg = SAEConfig(architecture=arch, width=128, dead_feature_window=50, **kw)
@@ -513,6 +524,8 @@ def test_recovers_planted_dictionary(tmp_path, arch, kw, min_mean, min_found):
         l0 = (f > 0).float().sum(-1).mean()
     assert fvu < 0.15, f"fraction of variance unexplained {fvu:.3f}"
     assert 1.5 <= l0 <= 10, f"inference L0 {l0:.2f}"
+    if sae_cfg.target_l0 is not None:  # held out from the training batches' view: within 20% of the target
+        assert abs(float(l0) / sae_cfg.target_l0 - 1) <= 0.2, f"inference L0 {l0:.2f} vs target {sae_cfg.target_l0}"
     if isinstance(sae, BatchTopKSAE):
         # the saved JumpReLU threshold reproduces the trained sparsity on raw activations
         assert float(sae.topk_threshold) > 0 and summary["final"]["l0"] == pytest.approx(3.0)
@@ -532,7 +545,7 @@ def test_negative_coefficients_are_refused(field, value):
 @pytest.mark.parametrize("field,value,message", [
     ("topk_threshold_lr", 1.5, "less than or equal to 1"), ("jumprelu_bandwidth", 0.0, "greater than 0"),
     ("lp_norm", 0.0, "greater than 0"), ("l1_warm_up_steps", -1, "greater than or equal to 0"),
-    ("l0_warm_up_steps", -1, "greater than or equal to 0"), ("jumprelu_sparsity_loss_mode", "quadratic", "'step' or 'tanh'"),
+    ("l0_warm_up_steps", -1, "greater than or equal to 0"), ("jumprelu_sparsity_loss_mode", "cubic", "'step', 'tanh' or 'quadratic'"),
 ])
 def test_other_out_of_range_fields_are_refused(field, value, message):
     with pytest.raises(ValidationError, match=message):

@@ -22,6 +22,40 @@ def test_grid_order_and_sparsity_fields():
     assert all(m.dead_feature_window == 7 for m in fam.expand())  # shared fields come from base
 
 
+def test_target_l0_grid_sweeps_relu_and_jumprelu_by_l0():
+    fam = FamilyConfig(base=SAEConfig(l1_coefficient=0.3, l0_coefficient=2.0), architectures=("topk", "relu", "jumprelu"),
+                       widths=(64,), ks=(8,), target_l0s=(4, 16))
+    members = fam.expand()
+    assert [describe_sae(m) for m in members] == [
+        "topk width=64 k=8", "relu width=64 target_l0=4", "relu width=64 target_l0=16",
+        "jumprelu width=64 target_l0=4", "jumprelu width=64 target_l0=16"]
+    relu, jump = members[1], members[3]
+    assert relu.l1_coefficient == 0.3 and relu.jumprelu_sparsity_loss_mode == "step"  # start value from base
+    assert jump.jumprelu_sparsity_loss_mode == "quadratic" and jump.l0_coefficient == 2.0 and jump.target_l0 == 4
+    assert members[0].target_l0 is None
+
+
+def test_target_l0_fields_leave_existing_fingerprints_alone():
+    """An SAE without target_l0 has the payload it had before the target-L0 fields existed."""
+    payload = SAEConfig(architecture="relu", width=64).fingerprint_payload()
+    assert "target_l0" not in payload and "l1_controller_gain" not in payload
+    with_target = SAEConfig(architecture="relu", width=64, target_l0=8).fingerprint_payload()
+    assert with_target["target_l0"] == 8 and with_target["l1_controller_gain"] == 0.02
+    assert SAEConfig(architecture="relu", width=64, target_l0=8, l1_controller_gain=0.05).fingerprint_payload() != with_target
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"architecture": "topk", "target_l0": 8}, r"target_l0 applies to relu, jumprelu, not 'topk' \(its sparsity is k: set k=8"),
+    ({"architecture": "relu", "width": 64, "target_l0": 65}, "target_l0=65 exceeds width=64"),
+    ({"architecture": "jumprelu", "jumprelu_sparsity_loss_mode": "quadratic"}, "'quadratic' needs target_l0"),
+    ({"architecture": "jumprelu", "target_l0": 8}, "jumprelu with target_l0 needs jumprelu_sparsity_loss_mode: quadratic"),
+    ({"architecture": "relu", "target_l0": 0}, "greater than 0"),
+])
+def test_bad_target_l0_is_refused(kw, message):
+    with pytest.raises(ValidationError, match=message):
+        SAEConfig.model_validate(kw)
+
+
 def test_empty_grid_fields_default_to_base():
     base = SAEConfig(width=256, k=16, aux_k=8)
     assert FamilyConfig(base=base).expand() == [base]
@@ -69,6 +103,9 @@ def test_explicit_members_are_merged_over_base():
     ({"architectures": ["topk", "gated"]}, "unknown SAE architecture 'gated'; registered architectures: batchtopk"),
     ({"members": [{"architecture": "gated"}]}, "unknown SAE architecture 'gated'"),
     ({"architectures": ["relu", "relu"]}, r"duplicate members: #1 and #2 are both 'relu width=4096 l1=1'"),
+    ({"architectures": ["topk"], "target_l0s": [8]}, r"family.target_l0s is set but no architecture .* relu, jumprelu"),
+    ({"architectures": ["relu"], "target_l0s": [8], "l1_coefficients": [1]}, "give target_l0s or l1_coefficients, not both"),
+    ({"architectures": ["relu"], "target_l0s": [0]}, "0 is not a positive finite L0"),
 ])
 def test_bad_families_are_refused(kw, message):
     with pytest.raises(ValidationError, match=message):

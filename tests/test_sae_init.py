@@ -26,6 +26,7 @@ from saeflow.sae_init import (
     MIN_INIT_ROWS,
     InitDataError,
     b_dec_from_sample,
+    b_enc_for_target_l0,
     geometric_median,
     resample_dead_latents,
     sample_rows,
@@ -299,6 +300,44 @@ def test_train_saes_uses_the_init_sample_in_raw_units(tmp_path):
     assert summary["b_dec_init"] == {"method": "geometric_median", "rows": 1000,
                                      "norm": pytest.approx(float(gm.double().norm())), "source": "sample"}
     torch.testing.assert_close(load_file(str(tmp_path / SAE_WEIGHTS_FILENAME))["b_dec"], gm, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,kw", [("jumprelu", {"jumprelu_sparsity_loss_mode": "quadratic"}), ("relu", {})])
+def test_b_enc_for_target_l0_makes_every_latent_fire_equally_often(arch, kw):
+    """Every latent fires on round(n * target / width) sample rows, so the L0 on the sample is the target
+    (JumpReLU thresholds included), whatever the data's offset; rows it was not fitted on land near it."""
+    x = torch.randn(4000, 16, generator=torch.Generator().manual_seed(0)) * 2 + 5.0  # a shared offset
+    sae = build_sae(SAEConfig(architecture=arch, width=64, target_l0=8, b_enc_init="target_l0", **kw), 16, seed=1)
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.full((16,), 1.0))
+        if arch == "jumprelu":
+            sae.threshold.copy_(torch.rand(64, generator=torch.Generator().manual_seed(2)))
+        sae.b_enc.copy_(b_enc_for_target_l0(sae, x[:2000], 8, block_elements=2000 * 7))  # 7-column blocks
+        fired = sae.encode(x[:2000]) > 0
+        held_out = (sae.encode(x[2000:]) > 0).float().sum(-1).mean()
+    assert (fired.sum(0) == 250).all()  # 2000 * 8 / 64 rows per latent
+    assert fired.float().sum(-1).mean() == pytest.approx(8.0)
+    assert abs(float(held_out) / 8 - 1) < 0.15
+    # without a target it has no effect (a family base may set it for every member): fingerprint unchanged
+    assert not SAEConfig(architecture=arch, b_enc_init="target_l0").b_enc_from_sample
+    assert SAEConfig(architecture=arch, b_enc_init="target_l0").fingerprint_payload() == \
+        SAEConfig(architecture=arch).fingerprint_payload()
+
+
+def test_train_saes_sets_b_enc_for_the_target_l0(tmp_path):
+    """In training, b_enc is set after b_dec on the normalised sample: the first step's L0 is the target."""
+    x = torch.randn(2000, 16, generator=torch.Generator().manual_seed(0)) + 3.0
+    cfg = SAEConfig(architecture="jumprelu", width=32, target_l0=4, jumprelu_sparsity_loss_mode="quadratic",
+                    b_enc_init="target_l0")
+    train_cfg = TrainConfig(training_tokens=64, batch_size=64, lr=1e-12, checkpoint_every=10**6, log_every=1)
+    [summary] = train_saes([(cfg, tmp_path, None)], train_cfg, InMemoryLoader(x, 64), 16, CPU,
+                           scaling_factor=0.37, init_sample=x[:1000])
+    assert summary["b_dec_init"]["b_enc"] == {"method": "target_l0", "target_l0": 4.0, "rows": 1000}
+    assert summary["final"]["l0"] == pytest.approx(4.0, rel=0.3)
+    untouched = SAEConfig(architecture="jumprelu", width=32, target_l0=4, jumprelu_sparsity_loss_mode="quadratic")
+    [plain] = train_saes([(untouched, tmp_path / "plain", None)], train_cfg, InMemoryLoader(x, 64), 16, CPU,
+                         scaling_factor=0.37, init_sample=x[:1000])
+    assert "b_enc" not in plain["b_dec_init"] and plain["final"]["l0"] > 8
 
 
 # =============================================================================================

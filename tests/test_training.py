@@ -236,6 +236,11 @@ OTHER_ARCHITECTURES = {
     "jumprelu": SAEConfig(architecture="jumprelu", width=64, dead_feature_window=3, dead_window_fraction=None, l0_coefficient=0.5,
                           l0_warm_up_steps=20, pre_act_loss_coefficient=1e-3),
     "relu": SAEConfig(architecture="relu", width=64, dead_feature_window=3, dead_window_fraction=None, l1_coefficient=0.5, l1_warm_up_steps=20),
+    # the L1 controller's coefficient (a buffer) must resume exactly; warm-up 5 so it moves before both stops
+    "relu-target-l0": SAEConfig(architecture="relu", width=64, dead_feature_window=3, dead_window_fraction=None,
+                                l1_coefficient=0.5, l1_warm_up_steps=5, target_l0=4.0, l1_controller_gain=0.1),
+    "jumprelu-quadratic": SAEConfig(architecture="jumprelu", width=64, dead_feature_window=3, dead_window_fraction=None,
+                                    l0_coefficient=0.5, jumprelu_sparsity_loss_mode="quadratic", target_l0=4.0),
 }
 
 
@@ -248,13 +253,15 @@ def test_resume_is_bit_exact_other_architectures(tmp_path, arch):
     for stop in (10, 25):  # checkpoints at 7 and 21: both resumes replay steps
         assert run(resumed, sae_cfg=sae_cfg, stop_after_steps=stop)["completed"] is False
     assert run(resumed, sae_cfg=sae_cfg)["resumed_from_step"] == 21
-    names = {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"} if arch != "relu" else set())
+    names = {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"} if not arch.startswith("relu") else set())
     assert_same_result(resumed, reference, names)
     weights, logs = final_state(reference)
     if arch in ("batchtopk", "matryoshka"):  # the moving threshold moved and is saved for every latent
         assert (weights["threshold"] > 0).all() and (weights["threshold"] == weights["threshold"][0]).all()
-    if arch == "jumprelu":
+    if arch.startswith("jumprelu"):
         assert (weights["threshold"] >= 0).all() and not torch.allclose(weights["threshold"], torch.tensor(0.01))
+    if arch == "relu-target-l0":  # the steered coefficient moved (and assert_same_result compared its logs)
+        assert logs[-1]["l1_coefficient"] != pytest.approx(0.5, rel=1e-3)
     assert any(e["aux"] > 0 for e in logs)
 
 

@@ -45,6 +45,8 @@ class SAEInfo:
     model: str | None
     path: str = ""
     description: str = ""
+    target_l0: float | None = None
+    """The L0 a ``relu`` / ``jumprelu`` SAE was trained to (``target_l0``), else ``None``."""
     name: str | None = None
     """The name an imported SAE was given (``import_saes``: its ``name``, or ``<release>/<id>`` for a
     published one; ``metadata.saeflow_source.label`` of its ``cfg.json``); ``None`` for the rest."""
@@ -57,6 +59,8 @@ class SAEInfo:
             return f"#{self.index} {self.name}"
         s = "" if self.sparsity is None else (f" k={int(self.sparsity)}" if self.architecture in K_ARCHITECTURES
                                                else f" c={self.sparsity:g}")
+        if self.target_l0 is not None:
+            s += f" l0t={self.target_l0:g}"
         return f"#{self.index} {self.architecture} w={self.width}{s}"
 
 
@@ -65,18 +69,20 @@ def sae_info(index: int, cfg_json: dict[str, Any], path: str = "") -> SAEInfo:
     ours = (cfg_json.get("saeflow") or {}).get("sae_config")
     meta = cfg_json.get("metadata") or {}
     cfg: SAEConfig | None
+    target: float | None = None
     if ours:
         cfg = SAEConfig.model_validate(ours)
         arch = cfg.architecture
         sparsity: float | None = (float(cfg.k) if arch in K_ARCHITECTURES else
                                   cfg.l1_coefficient if arch == "relu" else cfg.l0_coefficient if arch == "jumprelu" else None)
+        target = cfg.target_l0
     else:  # foreign: the architecture the loader maps it to, the config it loads with
         arch = FOREIGN_ARCHITECTURES.get(str(cfg_json.get("architecture")), str(cfg_json.get("architecture")))
         sparsity = float(cfg_json["k"]) if cfg_json.get("k") is not None else None
         cfg = REGISTRY[arch].config_from_sae_lens(cfg_json) if arch in REGISTRY else None
     return SAEInfo(index=index, architecture=arch, width=int(cfg_json["d_sae"]), d_in=int(cfg_json["d_in"]),
                    sparsity=sparsity, hook=meta.get("hook_name"), model=meta.get("model_name"), path=path,
-                   description=describe_sae(cfg) if cfg is not None else arch,
+                   description=describe_sae(cfg) if cfg is not None else arch, target_l0=target,
                    name=(meta.get("saeflow_source") or {}).get("label"))
 
 

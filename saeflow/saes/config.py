@@ -15,8 +15,8 @@ from pydantic import Field, ValidationError, model_validator
 from saeflow.frozen import Frozen
 from saeflow.saes.registry import K_ARCHITECTURES, REGISTRY
 
-__all__ = ["SAEConfig", "FamilyConfig", "SPARSITY_FIELDS", "K_ARCHITECTURES", "default_matryoshka_widths",
-           "describe_sae"]
+__all__ = ["SAEConfig", "FamilyConfig", "SPARSITY_FIELDS", "K_ARCHITECTURES", "TARGET_L0_ARCHITECTURES",
+           "default_matryoshka_widths", "describe_sae"]
 
 
 class SAEConfig(Frozen):
@@ -72,6 +72,15 @@ class SAEConfig(Frozen):
     ``train.init_sample_rows`` rows), their ``mean``, or ``zeros`` (SAELens 6.x). On a residual
     stream with a large shared offset ``zeros`` leaves most latents dead (docs/training.md)."""
 
+    b_enc_init: Literal["zeros", "target_l0"] = "zeros"
+    """Initial encoder bias of ``relu`` / ``jumprelu`` SAEs with a ``target_l0``: ``zeros``
+    (SAELens) or ``target_l0``: set from the train stage's activation sample (the one ``b_dec``
+    comes from) so that every latent fires on ``target_l0 / width`` of it, i.e. an initial L0 of
+    ~``target_l0`` with no silent latent [Anthropic, Circuits Updates January 2025: JumpReLU
+    ``b_enc`` set so each feature is active 10,000 / m of the time]
+    (:func:`saeflow.sae_init.b_enc_for_target_l0`). No effect on SAEs without a ``target_l0``
+    (so a family ``base`` can set it for its relu / jumprelu members)."""
+
     decoder_init_norm: float | None = Field(None, gt=0.0)
     """Decoder rows initialised to this norm, encoder = decoder transpose. ``None`` = per
     architecture (:meth:`effective_decoder_init_norm`): 1.0 (unit rows) for ``topk`` /
@@ -109,9 +118,11 @@ class SAEConfig(Frozen):
     jumprelu_init_threshold: float = Field(0.01, ge=0.0)
     """``jumprelu``: initial threshold of every latent."""
 
-    jumprelu_sparsity_loss_mode: Literal["step", "tanh"] = "step"
+    jumprelu_sparsity_loss_mode: Literal["step", "tanh", "quadratic"] = "step"
     """``jumprelu``: ``step`` = L0 through the step function's STE (DeepMind), ``tanh`` =
-    ``sum_i tanh(jumprelu_tanh_scale * f_i * ||W_dec_i||)`` (Anthropic)."""
+    ``sum_i tanh(jumprelu_tanh_scale * f_i * ||W_dec_i||)`` (Anthropic), ``quadratic`` =
+    ``2 / target_l0 * (L0_row - target_l0)^2`` per row with the step function's L0 (Gemma Scope 2;
+    SAELens' ``quadratic`` mode; needs ``target_l0``)."""
 
     jumprelu_tanh_scale: float = Field(4.0, gt=0.0)
     """``jumprelu`` with ``tanh`` sparsity loss: scale inside the tanh."""
@@ -132,6 +143,19 @@ class SAEConfig(Frozen):
     matryoshka_widths: tuple[int, ...] | None = None
     """``matryoshka``: strictly increasing nested prefix widths, each <= ``width``; ``width`` is
     appended when the last one is smaller. Required for ``matryoshka``."""
+
+    target_l0: float | None = Field(None, gt=0.0)
+    """``relu`` / ``jumprelu``: the L0 (active latents per token) to train to, instead of choosing a
+    coefficient. ``jumprelu``: the quadratic L0 loss around it (``jumprelu_sparsity_loss_mode:
+    quadratic``, Gemma Scope 2), weighted by ``l0_coefficient``. ``relu``: the L1 coefficient is
+    steered during the run (:attr:`l1_controller_gain`), starting from ``l1_coefficient``.
+    ``None`` = the coefficient alone sets the sparsity. Not for the k-based architectures (use ``k``)."""
+
+    l1_controller_gain: float = Field(0.02, gt=0.0, le=1.0)
+    """``relu`` with ``target_l0``: after every step past ``l1_warm_up_steps``, the L1 coefficient is
+    multiplied by ``(L0_batch / target_l0) ** gain`` (the log ratio clipped to ``[-1, 1]``): an
+    integral controller on the log coefficient, so the coefficient settles where the batch L0
+    equals the target. 0.02 doubles it in ~50 steps when L0 is twice the target."""
 
     use_matryoshka_aux_loss: bool = False
     """``matryoshka``: a separate TopK aux loss per nested level, each reconstructing the residual of
@@ -164,7 +188,37 @@ class SAEConfig(Frozen):
                 "architecture 'matryoshka' needs sae.matryoshka_widths (strictly increasing prefix widths, "
                 f"e.g. [{max(1, self.width // 8)}, {max(1, self.width // 2)}, {self.width}])"
             )
+        if self.target_l0 is not None:
+            if self.architecture not in TARGET_L0_ARCHITECTURES:
+                raise ValueError(f"target_l0 applies to {', '.join(TARGET_L0_ARCHITECTURES)}, not {self.architecture!r} "
+                                 f"(its sparsity is k: set k={self.target_l0:g} instead)")
+            if self.target_l0 > self.width:
+                raise ValueError(f"target_l0={self.target_l0:g} exceeds width={self.width}: choose target_l0 <= width")
+        quadratic = self.jumprelu_sparsity_loss_mode == "quadratic"
+        if self.architecture == "jumprelu" and quadratic and self.target_l0 is None:
+            raise ValueError("jumprelu_sparsity_loss_mode 'quadratic' needs target_l0 (the L0 its loss pulls toward)")
+        if self.architecture == "jumprelu" and self.target_l0 is not None and not quadratic:
+            raise ValueError(f"jumprelu with target_l0 needs jumprelu_sparsity_loss_mode: quadratic (the loss that "
+                             f"pulls L0 toward the target), not {self.jumprelu_sparsity_loss_mode!r}")
         return self
+
+    def fingerprint_payload(self) -> dict[str, Any]:
+        """As every config's, without the target-L0 fields while ``target_l0`` is unset (and
+        ``b_enc_init`` while it has no effect): SAEs trained before those fields existed keep their
+        fingerprints."""
+        out = super().fingerprint_payload()
+        if out.get("target_l0") is None:
+            out.pop("target_l0", None)
+            out.pop("l1_controller_gain", None)
+        if not self.b_enc_from_sample:
+            out.pop("b_enc_init", None)
+        return out
+
+    @property
+    def b_enc_from_sample(self) -> bool:
+        """Whether training sets ``b_enc`` from the activation sample (``b_enc_init: target_l0`` on an
+        SAE with a ``target_l0``)."""
+        return self.b_enc_init == "target_l0" and self.target_l0 is not None
 
     def effective_decoder_init_norm(self) -> float:
         """``decoder_init_norm``, or its per-architecture default when ``None``."""
@@ -177,6 +231,9 @@ class SAEConfig(Frozen):
         w = tuple(self.matryoshka_widths or ())
         return w if w and w[-1] == self.width else (*w, self.width)
 
+
+#: Architectures whose sparsity is a penalty, so they can train to a ``target_l0``.
+TARGET_L0_ARCHITECTURES: tuple[str, ...] = ("relu", "jumprelu")
 
 #: Sparsity grid field of :class:`FamilyConfig` used by each architecture, and the SAEConfig field it sets.
 SPARSITY_FIELDS: dict[str, tuple[str, str]] = {
@@ -204,6 +261,8 @@ def describe_sae(cfg: SAEConfig) -> str:
     label = f"{cfg.architecture} width={cfg.width}"
     if cfg.architecture in K_ARCHITECTURES:
         label += f" k={cfg.k}"
+    elif cfg.target_l0 is not None:
+        label += f" target_l0={cfg.target_l0:g}"
     elif cfg.architecture == "relu":
         label += f" l1={cfg.l1_coefficient:g}"
     elif cfg.architecture == "jumprelu":
@@ -250,6 +309,12 @@ class FamilyConfig(Frozen):
     l0_coefficients: tuple[float, ...] = ()
     """Grid, ``jumprelu`` members: values of ``l0_coefficient`` (>= 0). Empty = ``(base.l0_coefficient,)``."""
 
+    target_l0s: tuple[float, ...] = ()
+    """Grid, ``relu`` and ``jumprelu`` members: values of ``target_l0`` (> 0), instead of
+    ``l1_coefficients`` / ``l0_coefficients`` (a sparsity sweep at the L0s asked for; the
+    coefficients stay ``base``'s). ``jumprelu`` members get ``jumprelu_sparsity_loss_mode:
+    quadratic``. Empty = the coefficient grids."""
+
     members: tuple[SAEConfig, ...] | None = None
     """Explicit member list instead of the grid (then leave ``architectures``, ``widths``, ``ks``,
     ``l1_coefficients`` and ``l0_coefficients`` empty). In YAML each entry is a mapping merged over
@@ -284,7 +349,7 @@ class FamilyConfig(Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> "FamilyConfig":
-        grid_fields = ("architectures", "widths", "ks", "l1_coefficients", "l0_coefficients")
+        grid_fields = ("architectures", "widths", "ks", "l1_coefficients", "l0_coefficients", "target_l0s")
         if self.members is not None:
             given = [f for f in grid_fields if getattr(self, f)]
             if given:
@@ -307,7 +372,18 @@ class FamilyConfig(Frozen):
                 for c in getattr(self, name):
                     if not (c >= 0 and c != float("inf")):
                         raise ValueError(f"family.{name}: {c} is not a non-negative finite coefficient")
+            for t in self.target_l0s:
+                if not (t > 0 and t != float("inf")):
+                    raise ValueError(f"family.target_l0s: {t} is not a positive finite L0")
             archs = self.architectures or (self.base.architecture,)
+            if self.target_l0s:
+                if not any(a in TARGET_L0_ARCHITECTURES for a in archs):
+                    raise ValueError(f"family.target_l0s is set but no architecture in {list(archs)} uses it (it applies "
+                                     f"to {', '.join(TARGET_L0_ARCHITECTURES)}): remove it or add such an architecture")
+                both = [f for f in ("l1_coefficients", "l0_coefficients") if getattr(self, f)]
+                if both:
+                    raise ValueError(f"family: give target_l0s or {' / '.join(both)}, not both (target_l0s sweeps "
+                                     f"relu / jumprelu members by L0; their coefficients then come from base)")
             for field_name in ("ks", "l1_coefficients", "l0_coefficients"):
                 if getattr(self, field_name) and not any(SPARSITY_FIELDS.get(a, ("",))[0] == field_name for a in archs):
                     users = sorted(a for a, (f, _) in SPARSITY_FIELDS.items() if f == field_name)
@@ -331,6 +407,8 @@ class FamilyConfig(Frozen):
         out: list[SAEConfig] = []
         for arch in self.architectures or (self.base.architecture,):
             grid_field, sae_field = SPARSITY_FIELDS.get(arch, ("", ""))
+            if self.target_l0s and arch in TARGET_L0_ARCHITECTURES:
+                grid_field, sae_field = "target_l0s", "target_l0"
             values = getattr(self, grid_field, ()) if grid_field else ()
             values = values or ((base[sae_field],) if sae_field else (None,))
             for width in self.widths or (self.base.width,):
@@ -340,6 +418,8 @@ class FamilyConfig(Frozen):
                         update[sae_field] = v
                     if arch == "matryoshka" and base.get("matryoshka_widths") is None:
                         update["matryoshka_widths"] = default_matryoshka_widths(width)
+                    if arch == "jumprelu" and sae_field == "target_l0":
+                        update["jumprelu_sparsity_loss_mode"] = "quadratic"
                     label = f"{arch} width={width}" + (f" {sae_field}={v}" if sae_field else "")
                     try:
                         out.append(SAEConfig.model_validate({**base, **update}))

@@ -64,7 +64,8 @@ class JumpReLUSAE(BaseSAE):
     a rectangle kernel of width ``ε = jumprelu_bandwidth`` (to the pre-activations too when
     ``jumprelu_ste_to_input``). Loss: ``mse`` + ``c_t * mean_batch(sparsity)`` with
     ``c_t = l0_coefficient * min(t / l0_warm_up_steps, 1)`` and sparsity ``sum_i 1[h_i > θ_i]``
-    (``step``) or ``sum_i tanh(jumprelu_tanh_scale * f_i * ||W_dec_i||)`` (``tanh``); optionally
+    (``step``), ``2 / T * (sum_i 1[h_i > θ_i] - T)^2`` with ``T = target_l0`` (``quadratic``, Gemma
+    Scope 2) or ``sum_i tanh(jumprelu_tanh_scale * f_i * ||W_dec_i||)`` (``tanh``); optionally
     + ``pre_act_loss_coefficient * mean_batch sum_i relu(θ_i - h_i) * dead_i * ||W_dec_i||``.
 
     :meth:`after_step` projects θ onto ``>= 0`` (SAELens does it before each training forward;
@@ -104,8 +105,11 @@ class JumpReLUSAE(BaseSAE):
         mse = (x_hat - x).pow(2).sum(dim=-1).mean()
         w_norm = self.W_dec.norm(dim=1)
         coef = self.l0_coefficient_at(step)
-        if cfg.jumprelu_sparsity_loss_mode == "step":
+        if cfg.jumprelu_sparsity_loss_mode in ("step", "quadratic"):
             per_row = _StepFn.apply(h, theta, eps, ste_in).sum(dim=-1)
+            if cfg.jumprelu_sparsity_loss_mode == "quadratic":  # Gemma Scope 2: pulled toward target_l0
+                target = float(cfg.target_l0)  # type: ignore[arg-type]  # the config requires it
+                per_row = 2.0 / target * (per_row - target).pow(2)
         elif cfg.jumprelu_sparsity_loss_mode == "tanh":
             per_row = torch.tanh(cfg.jumprelu_tanh_scale * f * w_norm).sum(dim=-1)
         else:  # pragma: no cover - the config refuses other modes
