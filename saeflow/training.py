@@ -451,8 +451,9 @@ def train_saes(
     data_init = [m[0].b_dec_init != "zeros" or m[0].b_enc_from_sample for m in members]
     if init_sample is None and any(data_init) and not all(data_init):
         raise ValueError(
-            "these SAEs mix b_dec_init 'zeros' with a data-dependent b_dec_init / b_enc_init: pass init_sample (e.g. "
-            "saeflow.sae_init.sample_rows(store, ...)), or train them separately"
+            "these SAEs mix b_dec_init 'zeros' with a data-dependent b_dec_init: pass init_sample (e.g. "
+            "saeflow.sae_init.sample_rows(store, ...)), or train them separately (b_enc_init: target_l0 on an SAE "
+            "with a target_l0 counts as data-dependent too)"
         )
     state = [_Member(i, cfg, out_dir, extra, train_cfg, d_in, device, total_steps) for i, (cfg, out_dir, extra) in enumerate(members)]
     active = [m for m in state if m.done is None]
@@ -469,7 +470,7 @@ def train_saes(
     need_init = [m for m in active if m.ckpt is None and m.cfg.b_dec_init != "zeros"]
     need_b_enc = [m for m in active if m.ckpt is None and m.cfg.b_enc_from_sample]
     # decided from the configs (not from which members have checkpoints), so a resume draws the same batches
-    from_loader = init_sample is None and any(flag for flag in data_init)
+    from_loader = init_sample is None and any(data_init)
     drawn: list[torch.Tensor] = []
     if lead.ckpt is None and (estimate or from_loader):
         n_drawn = max(NORM_ESTIMATE_BATCHES if estimate else 0,
