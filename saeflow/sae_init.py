@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from saeflow.saes import BaseSAE
+    from saeflow.saes import BaseSAE, SAEConfig
     from saeflow.store import ActivationStore
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "sample_rows",
     "resample_dead_latents",
     "b_enc_for_target_l0",
+    "init_biases",
     "MIN_INIT_ROWS",
 ]
 
@@ -141,6 +142,31 @@ def b_enc_for_target_l0(sae: "BaseSAE", x: torch.Tensor, target_l0: float, block
         base = theta.detach()[lo:lo + cols].float() if theta is not None else torch.zeros_like(cut)
         out[lo:lo + cols] = base - cut
     return out
+
+
+@torch.no_grad()
+def init_biases(sae: "BaseSAE", cfg: "SAEConfig", sample: torch.Tensor, scale: float | None,
+                b_dec_cache: dict[str, torch.Tensor | None], source: str) -> dict | None:
+    """Write the data-dependent biases of a new SAE from ``sample`` (raw rows ``[n, d_in]``): ``b_dec``
+    by ``cfg.b_dec_init`` (computed once per method into ``b_dec_cache``, scaled by the member's
+    normalisation ``scale``), then ``b_enc`` by ``cfg.b_enc_init`` on the normalised rows (after
+    ``b_dec``: the bias is set on the pre-activations the SAE will train on). Returns the record
+    kept in ``cfg.json`` (``training_info.b_dec_init``, with ``b_enc`` inside), ``None`` when
+    neither applies."""
+    factor = scale if scale is not None else 1.0
+    info: dict | None = None
+    if cfg.b_dec_init != "zeros":
+        if cfg.b_dec_init not in b_dec_cache:
+            b_dec_cache[cfg.b_dec_init] = b_dec_from_sample(sample.float(), cfg.b_dec_init)
+        b = b_dec_cache[cfg.b_dec_init]
+        assert b is not None
+        sae.b_dec.copy_((b * factor).to(sae.b_dec.device))
+        info = {"method": cfg.b_dec_init, "rows": int(sample.shape[0]), "norm": float(b.double().norm()), "source": source}
+    if cfg.b_enc_from_sample:
+        target = float(cfg.target_l0)  # type: ignore[arg-type]  # b_enc_from_sample implies it
+        sae.b_enc.copy_(b_enc_for_target_l0(sae, sample.float().to(sae.W_enc.device) * factor, target))
+        info = {**(info or {}), "b_enc": {"method": "target_l0", "target_l0": target, "rows": int(sample.shape[0])}}
+    return info
 
 
 def sample_rows(store: "ActivationStore", n_rows: int, seed: int) -> torch.Tensor:

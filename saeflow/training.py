@@ -40,7 +40,7 @@ from saeflow.config import TrainConfig
 from saeflow.hostmem import reuse_freed_memory
 from saeflow.precision import matmul_dtype, resolve_field
 from saeflow.saes import BaseSAE, SAEConfig, build_sae, save_sae
-from saeflow.sae_init import b_enc_for_target_l0, b_dec_from_sample, resample_dead_latents
+from saeflow.sae_init import init_biases, resample_dead_latents
 
 __all__ = [
     "BatchLoader",
@@ -486,33 +486,14 @@ def train_saes(
     for m in active:
         if m.ckpt is None:
             m.scale = float(scaling_factor) if (m.normalizes and scaling_factor is not None) else None
-    if need_init:
+    if need_init or need_b_enc:
         sample = torch.cat(drawn)[: train_cfg.init_sample_rows] if from_loader else init_sample
         assert sample is not None
         if sample.ndim != 2 or sample.shape[1] != d_in:
             raise ValueError(f"init_sample must be [rows, {d_in}], got {tuple(sample.shape)}")
-        computed: dict[str, torch.Tensor | None] = {}
-        for m in need_init:
-            method = m.cfg.b_dec_init
-            if method not in computed:
-                computed[method] = b_dec_from_sample(sample.float(), method)
-            b = computed[method]
-            assert b is not None
-            with torch.no_grad():
-                m.sae.b_dec.copy_((b * (m.scale if m.scale is not None else 1.0)).to(m.sae.b_dec.device))
-            m.b_dec_init = {"method": method, "rows": int(sample.shape[0]), "norm": float(b.double().norm()),
-                            "source": "loader" if from_loader else "sample"}
-    if need_b_enc:  # after b_dec: the bias is set on the pre-activations the member will train on
-        sample = torch.cat(drawn)[: train_cfg.init_sample_rows] if from_loader else init_sample
-        assert sample is not None
-        for m in need_b_enc:
-            x0 = sample.float().to(device) * (m.scale if m.scale is not None else 1.0)
-            target = float(m.cfg.target_l0)  # type: ignore[arg-type]  # the config requires it
-            with torch.no_grad():
-                m.sae.b_enc.copy_(b_enc_for_target_l0(m.sae, x0, target))
-            info = dict(m.b_dec_init or {})
-            info["b_enc"] = {"method": "target_l0", "target_l0": target, "rows": int(sample.shape[0])}
-            m.b_dec_init = info
+        medians: dict[str, torch.Tensor | None] = {}  # one b_dec per method for the whole family
+        for m in [m for m in active if m in need_init or m in need_b_enc]:
+            m.b_dec_init = init_biases(m.sae, m.cfg, sample, m.scale, medians, "loader" if from_loader else "sample")
 
     check_every_step = device.type == "cpu"  # a host sync is free on CPU; elsewhere check on log/checkpoint steps
     batch_size = train_cfg.batch_size
