@@ -19,9 +19,11 @@ import pytest
 from scipy.stats import spearmanr
 
 from saeflow.artifacts import COMPLETE_MARKER
+from saeflow.evals.common import sae_info
 from saeflow.plots import plt, save_figure
 from saeflow.report import PNG_MAGIC, build_report, named_tables, report_page
 from saeflow.report_card import label_name, rank_correlations, sae_name, sae_names
+from saeflow.saes import SAEConfig
 from saeflow.tables import core_table, write_table
 
 NAMES = ["topk-w1024-k16", "topk-w1024-k64", "topk-w4096-k16", "topk-w4096-k64"]
@@ -146,8 +148,6 @@ def test_names():
              "sae": {"architecture": a, "width": 4096, "k": 32, "l1_coefficient": 0.5}} for a in ("topk", "relu")]
     assert list(core_table(rows)["sae"]) == ["topk-w4096-k32", "relu-w4096-c0.5"]  # the results table's names
     # members trained to a target L0 are named by it (their coefficients may all be base's)
-    from saeflow.evals.common import sae_info
-    from saeflow.saes import SAEConfig
     cfg = SAEConfig(architecture="jumprelu", width=64, jumprelu_sparsity_loss_mode="quadratic", target_l0=16)
     info = sae_info(2, {"d_sae": 64, "d_in": 8, "saeflow": {"sae_config": cfg.model_dump(mode="json")}})
     assert info.label == "#2 jumprelu w=64 c=1 l0t=16" and label_name(info.label) == "jumprelu-w64-l0t16"
