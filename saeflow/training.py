@@ -448,7 +448,7 @@ def train_saes(
             "(e.g. sqrt(d_in) / mean activation norm), or train them separately"
         )
 
-    data_init = [m[0].b_dec_init != "zeros" or m[0].b_enc_from_sample for m in members]
+    data_init = [m[0].needs_init_sample for m in members]
     if init_sample is None and any(data_init) and not all(data_init):
         raise ValueError(
             "these SAEs mix b_dec_init 'zeros' with a data-dependent b_dec_init: pass init_sample (e.g. "
@@ -467,8 +467,7 @@ def train_saes(
         loader.load_state_dict(json.loads(lead.ckpt["loader"]))
         checkpoint.set_rng_state(lead.ckpt["rng"], device)
     batches = iter(loader)
-    need_init = [m for m in active if m.ckpt is None and m.cfg.b_dec_init != "zeros"]
-    need_b_enc = [m for m in active if m.ckpt is None and m.cfg.b_enc_from_sample]
+    need_init = [m for m in active if m.ckpt is None and m.cfg.needs_init_sample]
     # decided from the configs (not from which members have checkpoints), so a resume draws the same batches
     from_loader = init_sample is None and any(data_init)
     drawn: list[torch.Tensor] = []
@@ -486,13 +485,13 @@ def train_saes(
     for m in active:
         if m.ckpt is None:
             m.scale = float(scaling_factor) if (m.normalizes and scaling_factor is not None) else None
-    if need_init or need_b_enc:
+    if need_init:
         sample = torch.cat(drawn)[: train_cfg.init_sample_rows] if from_loader else init_sample
         assert sample is not None
         if sample.ndim != 2 or sample.shape[1] != d_in:
             raise ValueError(f"init_sample must be [rows, {d_in}], got {tuple(sample.shape)}")
         medians: dict[str, torch.Tensor | None] = {}  # one b_dec per method for the whole family
-        for m in [m for m in active if m in need_init or m in need_b_enc]:
+        for m in need_init:
             m.b_dec_init = init_biases(m.sae, m.cfg, sample, m.scale, medians, "loader" if from_loader else "sample")
 
     check_every_step = device.type == "cpu"  # a host sync is free on CPU; elsewhere check on log/checkpoint steps

@@ -95,7 +95,7 @@ def _train_together(acts: ArtifactRef, members: list[SAEConfig], outs: list[Arti
         scaling = store.normalization_factor()
     init_sample = None
     # once per family, from a seeded store sample
-    if any(members[i].b_dec_init != "zeros" or members[i].b_enc_from_sample for i in idx):
+    if any(members[i].needs_init_sample for i in idx):
         init_sample = sample_rows(store, train_cfg.init_sample_rows, train_cfg.seed)
     for i in idx:
         begin(outs[i], {"sae": members[i].model_dump(mode="json"), "train": train_cfg.model_dump(mode="json")}, [acts])

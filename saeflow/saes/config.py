@@ -220,6 +220,12 @@ class SAEConfig(Frozen):
         SAE with a ``target_l0``)."""
         return self.b_enc_init == "target_l0" and self.target_l0 is not None
 
+    @property
+    def needs_init_sample(self) -> bool:
+        """Whether training initialises a bias from an activation sample (a data-dependent
+        ``b_dec_init``, or :attr:`b_enc_from_sample`)."""
+        return self.b_dec_init != "zeros" or self.b_enc_from_sample
+
     def effective_decoder_init_norm(self) -> float:
         """``decoder_init_norm``, or its per-architecture default when ``None``."""
         if self.decoder_init_norm is not None:
