@@ -1,4 +1,5 @@
-"""SAE quality: saeflow's trainer vs SAELens' ``SAETrainer`` on the same activations and token budget.
+"""SAE quality: saeflow's trainer vs SAELens' ``SAETrainer`` (and, with ``--peers``, dictionary_learning
+and EleutherAI sparsify) on the same activations and token budget.
 
 For each architecture (TopK and BatchTopK by default, width 4096, k 32) one SAE is trained by each
 side, once, on the quick profile's activation store (``configs/quick.yaml``; extract it first with
@@ -23,9 +24,26 @@ reconstruction_metrics` on every held-out row of the store (``store.train_rows``
 least ``--eval-rows``) gives frac_dead (never fires there), explained variance (SAELens' formula)
 and L0; :func:`saeflow.metrics.ce_metrics` the CE loss score on the corpus' held-out contexts (as
 ``tasks/metrics.py``). Wall time covers the whole training call of each side (saeflow: store
-statistics, b_dec init, checkpoints and final save included). Prints a table, the EV difference,
-and last ``ratio: ours/SAELens frac_dead = <topk> (topk), <batchtopk> (batchtopk)``; writes the
-table into docs/benchmarks.md (section ``quality``) unless ``--no-write``.
+statistics, b_dec init, checkpoints and final save included). Prints a table, per peer the EV difference
+and ``ratio: ours/<peer> frac_dead = <topk> (topk), ...``, per architecture the best peer at matched
+L0 (held-out L0 within 10% of saeflow's), and last issue #28's acceptance figures
+``worst dead fraction: X; min EV margin over best peer: Y``; writes the table into
+docs/benchmarks.md (section ``quality``) unless ``--no-write``.
+
+Peers (``--peers saelens,dictionary_learning,sparsify``; default ``saelens``, as before) and
+architectures (``--archs topk,batchtopk,matryoshka,relu,jumprelu``; default ``topk,batchtopk``):
+the saeflow side trains every architecture (``relu`` / ``jumprelu`` with ``target_l0`` = k,
+jumprelu's quadratic target loss; ``matryoshka`` with ``matryoshka_widths`` width/8, /4, /2, width
+unless the profile sets them). SAELens trains topk, batchtopk, matryoshka
+(``MatryoshkaBatchTopKTrainingSAE``, same widths) and jumprelu (``jumprelu_sparsity_loss_mode``
+quadratic with ``target_l0`` = k); its standard ReLU SAE has no L0 target, so relu is not compared
+on its side. dictionary_learning trains all five in its own venv, sparsify TopK only (see
+``benchmarks/_peers.py`` and ``benchmarks/peer_train.py``: both train on the stream above,
+exported to a float32 ``.npy`` after normalisation, fold the factor back into the saved SAE, which
+is converted with ``saeflow.saes.foreign.convert`` and evaluated like the others; a peer's wall
+time is its training loop). An architecture a side does not implement is skipped with a printed
+line. dictionary_learning's relu uses its ``l1_penalty`` (``--dl-l1-penalty``, default the
+package's 0.1): its L0 is not matched.
 
 Run (about 25 minutes on 2 CPU cores, mostly SAELens)::
 
@@ -50,12 +68,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks import _peers  # noqa: E402
 from benchmarks._common import machine, write_section  # noqa: E402
 from flows.extract import expected_activations  # noqa: E402
 from flows.runner import load_profile, resolve_root  # noqa: E402
 from saeflow.artifacts import ArtifactRef, completion_meta, require_complete  # noqa: E402
 from saeflow.config import PipelineConfig, TrainConfig  # noqa: E402
 from saeflow.saes import SAEConfig  # noqa: E402
+from saeflow.saes.config import default_matryoshka_widths  # noqa: E402
 from saeflow.corpus import special_token_ids  # noqa: E402
 from saeflow.device import pick_device  # noqa: E402
 from saeflow.metrics import CEReference, ce_metrics, ce_reference, reconstruction_metrics  # noqa: E402
@@ -66,8 +86,10 @@ from tasks import corpus, model  # noqa: E402
 from tasks.corpus import load_tokens  # noqa: E402
 from tasks.train import train_members  # noqa: E402
 
-ARCHITECTURES = ("topk", "batchtopk")
-SIDES = ("saeflow", "SAELens")
+ARCHITECTURES = ("topk", "batchtopk", "matryoshka", "relu", "jumprelu")
+DEFAULT_ARCHITECTURES = ("topk", "batchtopk")
+SAE_LENS_ARCHITECTURES = ("topk", "batchtopk", "matryoshka", "jumprelu")  # relu: SAELens has no L0 target
+SIDES = ("saeflow", "SAELens", "dictionary_learning", "sparsify")
 #: Max |x_hat(saeflow's reader) - x_hat(SAELens' reader)| / mean ||x|| tolerated for a saved SAELens SAE.
 LOAD_CHECK_TOL = 1e-4
 
@@ -121,9 +143,19 @@ def n_steps(train_cfg: TrainConfig) -> int:
 
 
 def our_sae_config(config: PipelineConfig, arch: str, width: int, k: int) -> SAEConfig:
-    """The profile's SAE defaults (``family.base``, or ``sae`` without a family) at this architecture/size, validated."""
+    """The profile's SAE defaults (``family.base``, or ``sae`` without a family) at this architecture/size,
+    validated; relu / jumprelu train to ``target_l0`` = k (jumprelu with the quadratic target loss),
+    matryoshka gets the default nested widths unless the profile sets them (and they fit)."""
     base = config.family.base if config.family is not None else config.sae
-    return SAEConfig.model_validate({**base.model_dump(), "architecture": arch, "width": width, "k": k})
+    fields: dict[str, Any] = {**base.model_dump(), "architecture": arch, "width": width, "k": k}
+    if arch in ("relu", "jumprelu"):
+        fields["target_l0"] = float(k)
+    if arch == "jumprelu":
+        fields["jumprelu_sparsity_loss_mode"] = "quadratic"
+    widths = fields.get("matryoshka_widths")
+    if arch == "matryoshka" and (not widths or widths[-1] > width):
+        fields["matryoshka_widths"] = default_matryoshka_widths(width)
+    return SAEConfig.model_validate(fields)
 
 
 def scaling_factor(store: ActivationStore) -> float:
@@ -142,15 +174,26 @@ def train_ours(acts: ArtifactRef, sae_cfg: SAEConfig, train_cfg: TrainConfig, ro
 
 
 # ---------------------------------------------------------------------------------------- SAELens
-def sae_lens_sae(arch: str, d_in: int, width: int, k: int, device: torch.device):
-    """A SAELens training SAE with SAELens' defaults (only size, k, dtype, device and normalisation set)."""
+def sae_lens_sae(arch: str, d_in: int, width: int, k: int, device: torch.device,
+                 matryoshka_widths: tuple[int, ...] | None = None):
+    """A SAELens training SAE with SAELens' defaults (only size, k / target L0, matryoshka widths, dtype,
+    device and normalisation set; jumprelu: the quadratic sparsity loss, the one that takes a target L0)."""
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+    from sae_lens.saes.matryoshka_batchtopk_sae import MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
+    common: dict[str, Any] = dict(d_in=d_in, d_sae=width, dtype="float32", device=str(device),
+                                  normalize_activations="expected_average_only_in")
+    if arch == "jumprelu":
+        return JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(**common, jumprelu_sparsity_loss_mode="quadratic",
+                                                             target_l0=float(k)))
+    if arch == "matryoshka":
+        return MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
+            **common, k=k, matryoshka_widths=list(matryoshka_widths or default_matryoshka_widths(width))))
     kinds = {"topk": (TopKTrainingSAE, TopKTrainingSAEConfig), "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig)}
     sae_cls, cfg_cls = kinds[arch]
-    return sae_cls(cfg_cls(d_in=d_in, d_sae=width, k=k, dtype="float32", device=str(device),
-                           normalize_activations="expected_average_only_in"))
+    return sae_cls(cfg_cls(**common, k=k))
 
 
 def sae_lens_trainer_config(train_cfg: TrainConfig, device: torch.device):
@@ -163,14 +206,14 @@ def sae_lens_trainer_config(train_cfg: TrainConfig, device: torch.device):
 
 
 def train_sae_lens(arch: str, width: int, k: int, store: ActivationStore, train_cfg: TrainConfig, factor: float,
-                   device: torch.device, out_dir: Path) -> Run:
+                   device: torch.device, out_dir: Path, matryoshka_widths: tuple[int, ...] | None = None) -> Run:
     """SAELens' trainer on the pipeline's batch stream; the trained SAE saved (inference form) to ``out_dir``."""
     from sae_lens.training.sae_trainer import SAETrainer
 
     seed_everything(train_cfg.seed)
     loader = ShuffledLoader(store, train_cfg.batch_size, train_cfg.seed, train_cfg.buffer_chunks, 0, store.train_rows)
     t0 = time.perf_counter()
-    sae = sae_lens_sae(arch, store.d_model, width, k, device)
+    sae = sae_lens_sae(arch, store.d_model, width, k, device, matryoshka_widths)
     trainer = SAETrainer(cfg=sae_lens_trainer_config(train_cfg, device), sae=sae, data_provider=iter(loader))
     trainer.activation_scaler.scaling_factor = factor  # set, so fit() does not estimate it from the stream
     trainer.fit()  # folds the factor into the weights: the SAE now reads raw activations
@@ -249,23 +292,72 @@ def table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
-def pairs(runs: list[Run]) -> dict[str, tuple[Run, Run]]:
+def pairs(runs: list[Run], side: str = "SAELens") -> dict[str, tuple[Run, Run]]:
+    """Architecture -> (saeflow's run, ``side``'s run), for the architectures both trained."""
     by = {(r.arch, r.side): r for r in runs}
-    return {a: (by[a, "saeflow"], by[a, "SAELens"]) for a in dict.fromkeys(r.arch for r in runs)}
+    return {a: (by[a, "saeflow"], by[a, side]) for a in dict.fromkeys(r.arch for r in runs)
+            if (a, "saeflow") in by and (a, side) in by}
 
 
-def ev_line(runs: list[Run]) -> str:
-    parts = [f"{o.metrics['explained_variance'] - t.metrics['explained_variance']:+.4f} ({a})" for a, (o, t) in pairs(runs).items()]
-    return "EV difference ours - SAELens = " + ", ".join(parts)
+def peer_sides(runs: list[Run]) -> list[str]:
+    return [s for s in SIDES[1:] if any(r.side == s for r in runs)]
 
 
-def ratio_line(runs: list[Run]) -> str:
-    parts = [f"{ratio(o.metrics['frac_dead'], t.metrics['frac_dead']):.3f} ({a})" for a, (o, t) in pairs(runs).items()]
-    return "ratio: ours/SAELens frac_dead = " + ", ".join(parts)
+def ev_line(runs: list[Run], side: str = "SAELens") -> str:
+    parts = [f"{o.metrics['explained_variance'] - t.metrics['explained_variance']:+.4f} ({a})"
+             for a, (o, t) in pairs(runs, side).items()]
+    return f"EV difference ours - {side} = " + ", ".join(parts)
+
+
+def ratio_line(runs: list[Run], side: str = "SAELens") -> str:
+    parts = [f"{ratio(o.metrics['frac_dead'], t.metrics['frac_dead']):.3f} ({a})" for a, (o, t) in pairs(runs, side).items()]
+    return f"ratio: ours/{side} frac_dead = " + ", ".join(parts)
+
+
+def summary_lines(runs: list[Run]) -> list[str]:
+    """EV difference and frac_dead ratio against every peer side (SAELens' last), then the matched-L0
+    comparison and, last, issue #28's acceptance line (:func:`acceptance_lines`)."""
+    sides = sorted(peer_sides(runs), key=lambda s: s == "SAELens")
+    return [line for s in sides for line in (ev_line(runs, s), ratio_line(runs, s))] + acceptance_lines(runs)
+
+
+#: Peer runs count as "at matched L0" when their held-out L0 is within this fraction of saeflow's (issue #28).
+MATCHED_L0 = 0.10
+
+
+def acceptance_lines(runs: list[Run]) -> list[str]:
+    """Per architecture, the best peer at matched L0 (held-out L0 within :data:`MATCHED_L0` of saeflow's):
+    saeflow's EV minus the best peer EV there, and saeflow's dead fraction against the lowest peer dead
+    fraction there; peers off the matched L0 are named and left out. Last:
+    ``worst dead fraction: X; min EV margin over best peer: Y`` (X over saeflow's runs, Y over the
+    architectures with a matched peer; ``n/a`` when none has one)."""
+    lines, margins = [], []
+    ours = {r.arch: r for r in runs if r.side == "saeflow"}
+    for arch, o in ours.items():
+        l0 = o.metrics["l0"]
+        peers = [r for r in runs if r.arch == arch and r.side != "saeflow"]
+        matched = [r for r in peers if l0 > 0 and abs(r.metrics["l0"] / l0 - 1) <= MATCHED_L0]
+        off = ", ".join(f"{r.side} (L0 {r.metrics['l0']:.1f})" for r in peers if r not in matched)
+        off_text = f"; off the matched L0, left out: {off}" if off else ""
+        if not matched:
+            lines.append(f"{arch}: saeflow L0 {l0:.1f}, dead {o.metrics['frac_dead']:.4f}; no peer at matched L0{off_text}")
+            continue
+        best = max(matched, key=lambda r: r.metrics["explained_variance"])
+        least_dead = min(r.metrics["frac_dead"] for r in matched)
+        margin = o.metrics["explained_variance"] - best.metrics["explained_variance"]
+        margins.append(margin)
+        lines.append(f"{arch}: saeflow EV {o.metrics['explained_variance']:.4f} (L0 {l0:.1f}) - best peer {best.side} "
+                     f"{best.metrics['explained_variance']:.4f} (L0 {best.metrics['l0']:.1f}) = {margin:+.4f}; dead "
+                     f"{o.metrics['frac_dead']:.4f} vs lowest peer {least_dead:.4f} "
+                     f"({'<=' if o.metrics['frac_dead'] <= least_dead else '>'}){off_text}")
+    worst = max(ours.values(), key=lambda r: r.metrics["frac_dead"], default=None)
+    worst_text = f"{worst.metrics['frac_dead']:.4f} ({worst.arch})" if worst else "n/a"
+    min_margin = f"{min(margins):+.4f}" if margins else "n/a"
+    return lines + [f"worst dead fraction: {worst_text}; min EV margin over best peer: {min_margin}"]
 
 
 def settings(ours_cfg: SAEConfig, train_cfg: TrainConfig, store: ActivationStore, factor: float) -> tuple[str, str]:
-    """Human-readable settings of both sides (SAELens' read off its own default config objects)."""
+    """Human-readable settings of saeflow and SAELens (SAELens' read off its own default config objects)."""
     from sae_lens import __version__
     from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainerConfig
@@ -280,7 +372,8 @@ def settings(ours_cfg: SAEConfig, train_cfg: TrainConfig, store: ActivationStore
             f"init_sample_rows {train_cfg.init_sample_rows}, checkpoint every {train_cfg.checkpoint_every} steps)")
     d = TopKTrainingSAEConfig(d_in=store.d_model, d_sae=8, k=1)
     t = SAETrainerConfig(total_training_samples=1, train_batch_size_samples=1)
-    theirs = (f"SAELens {__version__} `SAETrainer` + `TopKTrainingSAE` / `BatchTopKTrainingSAE` with SAELens defaults "
+    theirs = (f"SAELens {__version__} `SAETrainer` + `TopKTrainingSAE` / `BatchTopKTrainingSAE` / `MatryoshkaBatchTopK"
+              f"TrainingSAE` / `JumpReLUTrainingSAE` (quadratic sparsity loss, target_l0 = k) with SAELens defaults "
               f"(b_dec 0, decoder_init_norm {d.decoder_init_norm}, aux_loss_coefficient {d.aux_loss_coefficient}, "
               f"rescale_acts_by_decoder_norm {d.rescale_acts_by_decoder_norm}, dead_feature_window "
               f"{t.dead_feature_window} steps, lr schedule {t.lr_scheduler_name}, Adam({t.adam_beta1}, {t.adam_beta2}), "
@@ -291,11 +384,15 @@ def settings(ours_cfg: SAEConfig, train_cfg: TrainConfig, store: ActivationStore
 
 
 def doc_body(runs: list[Run], command: str, ours: str, theirs: str, train_cfg: TrainConfig, store: ActivationStore,
-             rows: tuple[int, int], ce: CEEval | None, width: int, k: int) -> str:
+             rows: tuple[int, int], ce: CEEval | None, width: int, k: int, peers: dict[str, str] | None = None) -> str:
     ce_desc = (f"`ce_metrics` on {ce.tokens.shape[0]} held-out corpus contexts x {ce.tokens.shape[1]} tokens "
                f"({ce.batch_size} per batch), as tasks/metrics.py" if ce is not None else "not measured (`--ce-batches 0`)")
+    sides = peer_sides(runs)
+    peer_text = "".join(f"\n- {side}: {desc}." for side, desc in (peers or {}).items() if side in sides)
+    lens_text = f"\n- SAELens: {theirs}." if "SAELens" in sides else ""
+    summary = "\n\n".join(summary_lines(runs))
     return f"""
-## SAE quality vs SAELens (`benchmarks/quality.py`)
+## SAE quality vs {' / '.join(sides) or 'SAELens'} (`benchmarks/quality.py`)
 
 Command: `{command}`. Machine: {machine()}.
 
@@ -304,18 +401,16 @@ k {k}, {n_steps(train_cfg)} steps x batch {train_cfg.batch_size} = {n_steps(trai
 tokens, lr {train_cfg.lr}, the same shuffled batch stream (`ShuffledLoader`, seed {train_cfg.seed}), one run per side
 and architecture, float32, {pick_device(train_cfg.device)}.
 
-- saeflow: {ours}.
-- SAELens: {theirs}.
-- Evaluation (identical code for both, raw activations): `saeflow.metrics.reconstruction_metrics` on the
+- saeflow: {ours}.{lens_text}{peer_text}
+- Evaluation (identical code for every side, raw activations): `saeflow.metrics.reconstruction_metrics` on the
   {rows[1] - rows[0]:,} held-out rows {rows[0]:,}-{rows[1]:,} of the store (frac_dead = never fires there; EV =
   SAELens' `1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2)`; L0 on the same rows; BatchTopK at inference =
-  its threshold); CE loss score: {ce_desc}. Wall time = the whole training call per SAE.
+  its threshold); CE loss score: {ce_desc}. Wall time = the whole training call per SAE (dictionary_learning /
+  sparsify: their training loop in their venv, without imports, export or save).
 
 {table(runs)}
 
-{ev_line(runs)}
-
-{ratio_line(runs)}
+{summary}
 
 Goals: our dead fraction <= 0.25x SAELens', explained variance not lower.
 """
@@ -330,11 +425,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=None, help="training tokens (default config.train.training_tokens)")
     ap.add_argument("--eval-rows", type=int, default=50_000, help="minimum held-out rows for frac_dead / EV / L0")
-    ap.add_argument("--architectures", nargs="+", default=list(ARCHITECTURES), choices=ARCHITECTURES)
+    ap.add_argument("--archs", "--architectures", dest="archs", nargs="+", default=[",".join(DEFAULT_ARCHITECTURES)],
+                    help=f"comma- or space-separated, of {', '.join(ARCHITECTURES)} (default topk,batchtopk)")
+    ap.add_argument("--peers", default="saelens", help="comma-separated sides to compare with saeflow, of "
+                    f"{', '.join(_peers.SIDE_NAMES)} (default saelens)")
+    ap.add_argument("--dl-l1-penalty", type=float, default=None,
+                    help="dictionary_learning relu: l1_penalty (default the package's, 0.1; its L0 is not matched)")
     ap.add_argument("--ce-batches", type=int, default=None, help="CE batches (default config.metrics.ce_batches; 0 skips CE)")
     ap.add_argument("--ce-batch-size", type=int, default=None, help="contexts per CE batch (default config.metrics.ce_batch_size)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.architectures = list(dict.fromkeys(a.strip() for v in args.archs for a in v.split(",") if a.strip()))
+    bad = [a for a in args.architectures if a not in ARCHITECTURES]
+    if bad or not args.architectures:
+        ap.error(f"--archs: unknown {bad}; choose from {', '.join(ARCHITECTURES)}")
+    try:
+        args.peers = _peers.parse_peers(args.peers)
+        for peer in args.peers:
+            if peer != "saelens":
+                _peers.peer_python(peer)
+    except (ValueError, _peers.PeerUnavailable) as exc:
+        ap.error(str(exc))
+    return args
+
+
+def implements(side: str, arch: str) -> bool:
+    return arch in (SAE_LENS_ARCHITECTURES if side == "saelens" else _peers.PEER_ARCHS[side])
+
+
+def train_peer(peer: str, arch: str, cfg: SAEConfig, store: ActivationStore, train_cfg: TrainConfig, factor: float,
+               stream: Path, out_dir: Path, l1_penalty: float | None, probe: Path) -> tuple[Run, dict[str, Any]]:
+    """``peer``'s own trainer (its venv, benchmarks/peer_train.py) on the exported stream, converted to SAELens layout."""
+    res = _peers.train_peer(peer, arch, stream, store.d_model, cfg.width, cfg.k, train_cfg.lr, train_cfg.batch_size,
+                            n_steps(train_cfg), train_cfg.seed, factor, store.attrs["hook"], out_dir,
+                            model_name=store.attrs.get("model"), l1_penalty=l1_penalty,
+                            matryoshka_widths=cfg.effective_matryoshka_widths() if arch == "matryoshka" else None,
+                            probe=probe)
+    return Run(arch, _peers.SIDE_NAMES[peer], res.sae_dir, res.seconds, res.rows), res.info
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -352,19 +479,44 @@ def main(argv: list[str] | None = None) -> None:
     ce_batch_size = args.ce_batch_size or config.metrics.ce_batch_size
     scratch = Path(tempfile.mkdtemp(prefix="bench-quality-"))
     runs: list[Run] = []
+    peer_infos: dict[str, list[dict[str, Any]]] = {}
+    stream: Path | None = None
     try:
         ours_cfgs = {a: our_sae_config(config, a, args.width, args.k) for a in args.architectures}
         for arch in args.architectures:
             print(f"training {arch} width {args.width} k {args.k}: saeflow ...", flush=True)
             runs.append(train_ours(acts, ours_cfgs[arch], train_cfg, scratch / "artifacts", str(device)))
-            print(f"  saeflow {runs[-1].seconds:,.1f} s; SAELens ...", flush=True)
-            runs.append(train_sae_lens(arch, args.width, args.k, store, train_cfg, factor, device, scratch / f"sae_lens-{arch}"))
-            print(f"  SAELens {runs[-1].seconds:,.1f} s", flush=True)
+            print(f"  saeflow {runs[-1].seconds:,.1f} s", flush=True)
+            for peer in args.peers:
+                if not implements(peer, arch):
+                    print(f"  {_peers.SIDE_NAMES[peer]} has no {arch} trainer here: not compared", flush=True)
+                    continue
+                print(f"  {_peers.SIDE_NAMES[peer]} ...", flush=True)
+                if peer == "saelens":
+                    runs.append(train_sae_lens(arch, args.width, args.k, store, train_cfg, factor, device,
+                                               scratch / f"sae_lens-{arch}", ours_cfgs[arch].effective_matryoshka_widths()
+                                               if arch == "matryoshka" else None))
+                else:
+                    if stream is None:
+                        print(f"  exporting the stream ({n_steps(train_cfg) * train_cfg.batch_size:,} normalised rows)",
+                              flush=True)
+                        stream = _peers.export_stream(store, train_cfg.batch_size, train_cfg.seed, train_cfg.buffer_chunks,
+                                                      n_steps(train_cfg), factor, scratch / "stream.npy")
+                        np.save(scratch / "probe.npy", store.read(rows[0], min(rows[1], rows[0] + 256)).astype(np.float32))
+                    run, info = train_peer(peer, arch, ours_cfgs[arch], store, train_cfg, factor, stream,
+                                           scratch / f"{peer}-{arch}", args.dl_l1_penalty, scratch / "probe.npy")
+                    runs.append(run)
+                    peer_infos.setdefault(run.side, []).append(info)
+                print(f"  {runs[-1].side} {runs[-1].seconds:,.1f} s", flush=True)
         probe = next(iter(store.iter_rows(rows[0], min(rows[1], rows[0] + 1024), 1024)))
         for r in runs:
             if r.side == "SAELens":
                 print(f"{r.arch}: saeflow reads the SAELens-saved SAE like SAELens does (max deviation "
                       f"{check_sae_lens_load(r, probe):.1e} of the mean norm)", flush=True)
+        for side, infos in peer_infos.items():
+            for info in infos:
+                print(f"{info['arch']}: saeflow reads the converted {side} SAE like {side} does (deviation "
+                      f"{info['load_deviation']:.1e} of the mean norm, 99% of the rows)", flush=True)
         ce = ce_eval(config, root, store, ce_batches, ce_batch_size, device) if ce_batches > 0 else None
         for r in runs:
             r.metrics = evaluate(load_sae(r.sae_dir, device=device), store, rows, config.metrics.dense_threshold, ce, device)
@@ -377,10 +529,12 @@ def main(argv: list[str] | None = None) -> None:
           f"{train_cfg.batch_size}; normalisation factor {factor:.6g}\n")
     print(table(runs))
     if not args.no_write:
-        write_section("quality", doc_body(runs, command, ours, theirs, train_cfg, store, rows, ce, args.width, args.k))
+        peers = {side: _peers.describe(side, infos) for side, infos in peer_infos.items()}
+        write_section("quality", doc_body(runs, command, ours, theirs, train_cfg, store, rows, ce, args.width, args.k,
+                                          peers))
         print("\nwrote the quality section of docs/benchmarks.md")
-    print(ev_line(runs))
-    print(ratio_line(runs))
+    for line in summary_lines(runs):
+        print(line)
 
 
 if __name__ == "__main__":

@@ -157,9 +157,12 @@ class SAEConfig(Frozen):
     integral controller on the log coefficient, so the coefficient settles where the batch L0
     equals the target. 0.02 doubles it in ~50 steps when L0 is twice the target."""
 
-    use_matryoshka_aux_loss: bool = False
+    use_matryoshka_aux_loss: bool = True
     """``matryoshka``: a separate TopK aux loss per nested level, each reconstructing the residual of
-    its own prefix (SAELens ``use_matryoshka_aux_loss``); ``False`` uses the plain TopK aux loss."""
+    its own prefix (SAELens ``use_matryoshka_aux_loss``); ``False`` (SAELens' default) uses the plain
+    TopK aux loss. Default ``True`` (measured: width 4096, k 32 on the quick store and budget, 8.3%
+    of latents dead on held-out rows with ``False``, 2.2% with ``True``, EV 0.970 both;
+    docs/training.md)."""
 
     @model_validator(mode="after")
     def _check(self) -> "SAEConfig":
