@@ -139,3 +139,15 @@ def test_every_shipped_profile_loads(profile):
         assert (cfg.model, cfg.corpus, cfg.activations, cfg.family, cfg.train) == \
                (quick.model, quick.corpus, quick.activations, quick.family, quick.train)
         assert all(getattr(cfg, e) is not None for e in ("absorption", "stitching", "meta_sae", "probing"))
+
+
+def test_the_matryoshka_aux_flag_keys_only_matryoshka_fingerprints():
+    """Its default changed to True (issue #28): matryoshka members get a new fingerprint payload, every
+    other architecture (on which the flag does nothing) keeps the one it had with the old default."""
+    mat = {"architecture": "matryoshka", "width": 64, "k": 4, "matryoshka_widths": (16, 64)}
+    assert SAEConfig(**mat).use_matryoshka_aux_loss is True
+    assert SAEConfig(**mat).fingerprint_payload() != SAEConfig(**mat, use_matryoshka_aux_loss=False).fingerprint_payload()
+    for arch in ("topk", "batchtopk", "relu", "jumprelu"):
+        payload = SAEConfig(architecture=arch, width=64, k=4).fingerprint_payload()
+        assert payload == SAEConfig(architecture=arch, width=64, k=4, use_matryoshka_aux_loss=False).fingerprint_payload()
+        assert payload["use_matryoshka_aux_loss"] is False

@@ -208,13 +208,17 @@ class SAEConfig(Frozen):
     def fingerprint_payload(self) -> dict[str, Any]:
         """As every config's, without the target-L0 fields while ``target_l0`` is unset (and
         ``b_enc_init`` while it has no effect): SAEs trained before those fields existed keep their
-        fingerprints."""
+        fingerprints. ``use_matryoshka_aux_loss`` only acts on ``matryoshka``: every other
+        architecture records ``False``, its default before it became ``True`` (issue #28), so their
+        fingerprints did not change with it."""
         out = super().fingerprint_payload()
         if out.get("target_l0") is None:
             out.pop("target_l0", None)
             out.pop("l1_controller_gain", None)
         if not self.b_enc_from_sample:
             out.pop("b_enc_init", None)
+        if self.architecture != "matryoshka":
+            out["use_matryoshka_aux_loss"] = False
         return out
 
     @property
