@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from saeflow.extract import hook_layer
 from saeflow.saes import load_sae
 from saeflow.saes.foreign import convert
 from saeflow.store import ActivationStore, ShuffledLoader
@@ -83,11 +83,6 @@ def parse_peers(text: str) -> list[str]:
     return list(dict.fromkeys(peers))
 
 
-def layer_of(hook: str) -> int:
-    m = re.match(r"^blocks\.(\d+)\.", hook or "")
-    return int(m[1]) if m else 0
-
-
 def export_stream(store: ActivationStore, batch_size: int, seed: int, buffer_chunks: int, steps: int, factor: float,
                   path: Path) -> Path:
     """The first ``steps`` batches of the SAELens side's stream, normalised as SAELens scales them,
@@ -124,7 +119,7 @@ def train_peer(peer: str, arch: str, stream: Path, d_in: int, width: int, k: int
     python = peer_python(peer)
     cmd = [str(python), str(PEER_TRAIN), "--peer", peer, "--arch", arch, "--batches", str(stream), "--d-in", str(d_in),
            "--width", str(width), "--lr", repr(lr), "--batch-size", str(batch_size), "--steps", str(steps),
-           "--seed", str(seed), "--fold-factor", repr(float(factor)), "--layer", str(layer_of(hook)),
+           "--seed", str(seed), "--fold-factor", repr(float(factor)), "--layer", str(hook_layer(hook or "") or 0),
            "--lm-name", model_name or "unknown", "--device", device, "--out", str(out_dir / "native")]
     if arch in ("topk", "batchtopk", "matryoshka"):
         cmd += ["--k", str(k)]
